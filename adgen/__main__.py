@@ -1,0 +1,5 @@
+import sys
+
+from adgen.cli import main
+
+sys.exit(main())

