@@ -1,14 +1,96 @@
-"""`adgen score` (not implemented yet)."""
+"""`adgen score PRED.jsonl [--json]`: the field's ROUGE / BLEU-4 (+ faithfulness) on a prediction file.
+
+The file holds JSON lines with a prediction and a reference (LLaMA-Factory's
+generated_predictions.jsonl: `predict`, `label`); with the input too (`content`, or `prompt`)
+the attribute-faithfulness figures are added. Definitions: docs/METRICS.md.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+from typing import Any
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("score", help="(not implemented yet)")
+    p = subparsers.add_parser(
+        "score",
+        help="ROUGE-1/2/L + BLEU-4 (the field's protocol) and faithfulness of a predictions file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("predictions", help="JSON lines with the prediction and the reference (e.g. generated_predictions.jsonl)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--pred-field", default="predict", help="field holding the prediction (default: %(default)s)")
+    p.add_argument("--label-field", default="label", help="field holding the reference (default: %(default)s)")
+    p.add_argument("--vocab", default=None, help="attribute vocabulary JSON for faithfulness (default: built-in, AdGen train)")
+    p.add_argument("--per-example", metavar="OUT.jsonl", default=None, help="also write each line's scores here")
+    p.add_argument("--workers", type=int, default=1, help="processes to score with (same numbers; default: %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from adgen.errors import AdgenError
+    from adgen.metrics import AttributeVocab, aggregate, read_predictions, score_all
 
-    raise AdgenError("adgen score is not implemented yet")
+    if args.workers < 1:
+        raise AdgenError(f"--workers must be >= 1, got {args.workers}")
+    rows = read_predictions(args.predictions, pred_field=args.pred_field, label_field=args.label_field)
+    vocab = AttributeVocab.load(args.vocab) if args.vocab else None
+    per_example = score_all(rows, vocab, workers=args.workers, progress=not args.json)
+    summary = aggregate(per_example)
+    if args.per_example:
+        _write_per_example(args.per_example, rows, per_example)
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        _print_table(summary, args.predictions)
+    return 0
+
+
+def _write_per_example(path: str, rows, per_example: list[dict[str, Any]]) -> None:
+    from adgen.io import atomic_write_jsonl
+
+    atomic_write_jsonl(path, ({"line": r.line, **s} for r, s in zip(rows, per_example)))
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if key in ("n", "n_with_attributes"):
+        return str(value)
+    if key == "length_chars":
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("protocol (jieba ROUGE F x100, char BLEU-4 x100)", ("rouge-1", "rouge-2", "rouge-l", "bleu-4")),
+    ("text", ("chinese_share", "repetition_rate", "distinct-1", "distinct-2", "length_chars")),
+    (
+        "attribute faithfulness",
+        ("n_with_attributes", "attr_coverage", "attr_contradiction_rate", "contradictions_per_example", "hallucinated_per_example"),
+    ),
+)
+
+
+def _print_table(summary: dict[str, Any], source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{source}: {summary['n']} examples", title_justify="left")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    for title, keys in _SECTIONS:
+        present = [k for k in keys if k in summary]
+        if not present:
+            continue
+        table.add_section()
+        table.add_row(f"[bold]{title}[/bold]", "")
+        for key in present:
+            table.add_row(key, _fmt(key, summary[key]))
+    console = Console()
+    console.print(table)
+    if "n_with_attributes" not in summary:
+        console.print("no input attributes in the file (a `content` or `prompt` field): faithfulness not scored")
+    console.print("means over examples, not rounded; published AdGen tables use this protocol (docs/METRICS.md)")
