@@ -85,6 +85,15 @@ def _gguf_cache_dir(gguf: Path, cache_dir: str | Path | None) -> Path:
     return cache_root(cache_dir) / f"{slug}-{stat.st_size}"
 
 
+def _is_converted(out_dir: Path) -> bool:
+    """A finished conversion (published atomically): config, weights and tokenizer are all there."""
+    return (
+        (out_dir / "config.json").is_file()
+        and any(out_dir.glob("*.safetensors"))
+        and (out_dir / "tokenizer_config.json").is_file()
+    )
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into a safetensors HF directory (fp32, exact values), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,10 +115,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "adgen_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-        if out_dir.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
+        if out_dir.exists() and not _is_converted(out_dir):
+            shutil.rmtree(out_dir)  # a broken cache entry (e.g. files deleted by hand): replace it
+        try:
             os.replace(tmp, out_dir)
+        except OSError:
+            if not _is_converted(out_dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,16 +137,17 @@ def resolve_model(spec: str, *, cache_dir: str | Path | None = None) -> Resolved
     """Turn a spec into something `from_pretrained` can load, converting GGUF/built-ins once."""
     spec = str(spec)
     if spec in BUILTIN_MODELS:
-        out = _gguf_cache_dir(_builtin_gguf(spec), cache_dir)
-        if not (out / "config.json").is_file():
-            convert_gguf(_builtin_gguf(spec), out)
+        gguf = _builtin_gguf(spec)
+        out = _gguf_cache_dir(gguf, cache_dir)
+        if not _is_converted(out):
+            convert_gguf(gguf, out)
         return ResolvedModel(spec, out, "builtin")
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         out = _gguf_cache_dir(path.resolve(), cache_dir)
-        if not (out / "config.json").is_file():
+        if not _is_converted(out):
             convert_gguf(path.resolve(), out)
         return ResolvedModel(spec, out, "gguf")
     if path.is_dir():
@@ -154,12 +168,52 @@ def resolve_model(spec: str, *, cache_dir: str | Path | None = None) -> Resolved
     )
 
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set (read now, not at import time)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so that no network means one clear error at once instead of
+    a minute of retries (huggingface_hub retries each file several times)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(resolved: ResolvedModel) -> dict:
+    """from_pretrained kwargs for a hub id: only the local HF cache when the hub cannot be reached."""
+    if resolved.kind != "hub" or _hub_offline():
+        return {}  # offline mode: transformers itself looks only in the local cache
+    if not _hub_reachable():
+        log.warning("the Hugging Face hub is not reachable: looking for '%s' in the local cache only", resolved.spec)
+        return {"local_files_only": True}
+    return {}
+
+
 def _hub_error(spec: str, err: Exception) -> ModelError:
+    offline = _hub_offline()
+    why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub is not reachable or refused it"
     return ModelError(
-        f"could not load '{spec}' from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-        "Without network access, download it elsewhere and pass the local directory, or use the built-in "
-        f"model ({', '.join(BUILTIN_MODELS)})"
+        f"'{spec}' is not a local path, and could not be loaded from the Hugging Face hub: {why}, and it is not "
+        f"in the local cache ({type(err).__name__}: {str(err).splitlines()[0][:200]}). Offline, download it "
+        f"elsewhere and pass its local directory (or a .gguf file), or use the built-in model "
+        f"({', '.join(BUILTIN_MODELS)})"
     )
+
+
+# What from_pretrained raises for a missing / incomplete / unrecognised checkpoint (a user problem, not a bug).
+_LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
 def load_tokenizer(spec: str | ResolvedModel, *, trust_remote_code: bool = False):
@@ -170,12 +224,18 @@ def load_tokenizer(spec: str | ResolvedModel, *, trust_remote_code: bool = False
     try:
         # clean_up_tokenization_spaces would strip spaces before punctuation in decoded BPE text.
         tok = AutoTokenizer.from_pretrained(
-            str(resolved.path), trust_remote_code=trust_remote_code, clean_up_tokenization_spaces=False
+            str(resolved.path),
+            trust_remote_code=trust_remote_code,
+            clean_up_tokenization_spaces=False,
+            **_hub_kwargs(resolved),
         )
-    except OSError as e:
+    except _LOAD_ERRORS as e:
         if resolved.kind == "hub":
             raise _hub_error(resolved.spec, e) from None
-        raise ModelError(f"could not load a tokenizer from {resolved.path}: {e}") from None
+        raise ModelError(
+            f"could not load a tokenizer from {resolved.path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+            "the directory needs tokenizer.json (or the slow tokenizer files) and tokenizer_config.json"
+        ) from None
     if tok.pad_token_id is None:
         # Padding is always masked (attention mask / labels -100), so any id works; eos is the usual choice.
         tok.pad_token = tok.eos_token
@@ -190,9 +250,12 @@ def select_device(device: str | None = "auto"):
             return torch.device("cuda")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise ModelError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' was asked for, but no CUDA GPU is available here (use --device cpu)")
+    return dev
 
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
@@ -244,11 +307,14 @@ def load_model(
         kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs)
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs, **_hub_kwargs(resolved))
+    except _LOAD_ERRORS as e:
         if resolved.kind == "hub":
             raise _hub_error(resolved.spec, e) from None
-        raise ModelError(f"could not load model weights from {resolved.path}: {e}") from None
+        raise ModelError(
+            f"could not load model weights from {resolved.path} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}): it needs config.json and model.safetensors (or pytorch_model.bin)"
+        ) from None
     if quantization is None:
         model.to(dev)
     if adapter is not None:

@@ -10,12 +10,26 @@ Truncation policy (stated, counted): the prompt is never cut; when prompt + resp
 exceed `max_length`, the response is cut from the end and the end-of-turn id is left out (the copy did
 not end there, so the model must not learn to stop there); when the prompt alone leaves no room for a
 single response token, the example is dropped.
+
+System prompt: `system_prompt=None` (or "") means adgen adds no system turn. Some templates then add their
+own default system turn (SmolLM2: "You are a helpful AI assistant named SmolLM..."; Qwen2.5 likewise):
+that is what those models were trained with, so it is kept, and the prompt shows it.
+
+Models without a chat template (base models) use the plain format: [BOS] `{content}\n` + `{summary}` +
+eos, with no system prompt; a warning says so. The BOS is the tokenizer's own when it adds one, else
+its `bos_token` when that differs from eos (Llama-3 base: `<|begin_of_text|>`), else none (GPT-2 style,
+where bos == eos == `<|endoftext|>`, and Qwen, which has no BOS).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
+
+from adgen.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -75,6 +89,12 @@ class ChatFormatter:
         self.loss_on = loss_on
         self.max_length = max_length
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        if not self.has_chat_template:
+            log.warning(
+                "%s has no chat template: using the plain base-model format '{content}\\n{summary}' + eos "
+                "(no system prompt). Use an Instruct/chat model for chat-formatted training.",
+                getattr(tokenizer, "name_or_path", None) or "this tokenizer",
+            )
         self.end_of_turn_id = self._find_end_of_turn_id()
         self._extra_eos = [int(i) for i in generation_eos_ids]
 
@@ -112,6 +132,11 @@ class ChatFormatter:
             eos = self.tokenizer.eos_token_id
             if eos is not None and ids and ids[-1] == eos:  # tokenizers that append eos to every text
                 ids = ids[:-1]
+            bos = self.tokenizer.bos_token_id
+            # Tokenizers whose post-processor adds no BOS (e.g. some Llama-3 tokenizer.json files): a base
+            # model still saw one at the start of every document.
+            if bos is not None and bos != eos and (not ids or ids[0] != bos):
+                ids = [bos] + list(ids)
         bos = self.tokenizer.bos_token_id
         while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]
@@ -156,7 +181,11 @@ class ChatFormatter:
         tok = self.tokenizer
         if not self.has_chat_template:
             if tok.eos_token_id is None:
-                raise ValueError("the tokenizer has neither a chat template nor an eos token")
+                raise ModelError(
+                    f"{getattr(tok, 'name_or_path', '') or 'the tokenizer'} has neither a chat template nor an eos "
+                    "token, so adgen cannot tell where a response ends: use a chat model, or set eos_token in "
+                    "its tokenizer_config.json"
+                )
             return tok.eos_token_id
         vocab = tok.get_vocab()
         template = tok.chat_template if isinstance(tok.chat_template, str) else str(tok.chat_template)
@@ -170,13 +199,19 @@ class ChatFormatter:
             )
             tail = text.split(_SENTINEL, 1)[1]
             special = set(tok.all_special_ids)
+            # Added tokens marked special (e.g. Llama-3's reserved tokens) are not all in all_special_ids.
+            special.update(i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
             for i in tok(tail, add_special_tokens=False)["input_ids"]:
                 if i in special:
                     return i
         except Exception:
             pass
         if tok.eos_token_id is None:
-            raise ValueError("cannot tell this model's end-of-turn token (no eos token either)")
+            raise ModelError(
+                f"cannot tell the end-of-turn token of {getattr(tok, 'name_or_path', '') or 'this tokenizer'}: its "
+                "chat template ends an assistant turn with no special token, and it has no eos token"
+            )
+        log.warning("could not find the chat template's end-of-turn token: using eos %r", tok.eos_token)
         return tok.eos_token_id
 
 
