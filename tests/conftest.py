@@ -97,3 +97,18 @@ def smollm2_tokenizer(smollm2_dir):
 def tiny_chatml_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """Tiny random Llama weights + the real SmolLM2 (ChatML) tokenizer."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-chatml"), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_lora_dir(tmp_path_factory, tiny_llama3_dir) -> Path:
+    """A PEFT LoRA adapter for tiny_llama3_dir with random (non-zero) weights: adapter on != off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("tiny-llama3-lora")
+    get_peft_model(base, config).save_pretrained(out)
+    return out

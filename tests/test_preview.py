@@ -91,13 +91,10 @@ def test_preview_defaults_n_loss_on_and_truncation(five_records_path, tiny_llama
 
 
 def _parse_records(out: str) -> list[dict]:
-    """The CLI's --json output: one JSON object per record (a JSON array, or one object per line)."""
-    out = out.strip()
-    try:
-        data = json.loads(out)
-        return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+    """The CLI's --json output: JSON lines, one object per record."""
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert all(isinstance(r, dict) for r in rows)
+    return rows
 
 
 def test_cli_preview_json(record_path, llama3_tokenizer_dir, llama3_tokenizer, capsys):

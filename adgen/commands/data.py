@@ -72,7 +72,7 @@ def register(subparsers) -> None:
     pre.add_argument("path", metavar="PATH")
     pre.add_argument("--model", required=True, help="the model whose tokenizer and chat template to use")
     pre.add_argument("-n", type=int, default=3, help="how many records (default 3)")
-    pre.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pre.add_argument("--json", action="store_true", help="print one JSON object per record, one per line")
     pre.add_argument("--system-prompt", default=None, help="system prompt (default: adgen's; '' for none)")
     pre.add_argument("--loss-on", choices=["response", "all"], default="response", help="which tokens carry loss")
     pre.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
@@ -122,5 +122,9 @@ def run_preview(args: argparse.Namespace) -> int:
         **system,
         **read_options(args),
     )
-    print(json.dumps(rows, ensure_ascii=False, indent=2) if args.json else format_preview_text(rows))
+    if args.json:
+        # JSON lines: one object per record, so `| head -n 1 | jq` works on big files.
+        print("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
+    else:
+        print(format_preview_text(rows))
     return 0

@@ -1,14 +1,216 @@
-"""`adgen generate` (not implemented yet)."""
+"""`adgen generate`: ad copy for one attribute string, or for a whole catalog file (resumable).
+
+    adgen generate --content "类型#裙*颜色#黑色*风格#简约"
+    adgen generate --attributes '{"类型": "裙", "版型": ["宽松", "显瘦"]}' --stream
+    adgen generate --input catalog.jsonl --output ads.jsonl --batch-size 16
+    adgen generate --content "..." -n 4 --do-sample --temperature 0.95 --top-p 0.7 --best-of coverage
+
+The logic lives in `adgen.generation` (engine) and `adgen.generation.bulk` (resumable files).
+`add_model_arguments` / `add_decoding_arguments` / `decoding_config` are reusable by other commands.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, default_model: str | None = DEFAULT_MODEL) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default_model, required=default_model is None,
+                   help=f"built-in alias, local HF directory, .gguf file or hub id (default: {default_model})")
+    g.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT (LoRA) adapter directory to apply on the model")
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend (vllm needs `pip install vllm`)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), bf16, fp32, fp16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    g.add_argument("--system-prompt", default=None,
+                   help="system prompt (default: adgen's Chinese copywriter prompt; '' for none)")
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (greedy unless sampling is asked for)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do-sample; 0 = greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies --do-sample)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (implies --do-sample)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (default)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+
+
+def decoding_config(args: argparse.Namespace):
+    """A DecodingConfig from the options of `add_decoding_arguments`."""
+    from adgen.generation import DecodingConfig
+
+    sampling_asked = any(getattr(args, k) is not None for k in ("temperature", "top_p", "top_k"))
+    do_sample = bool(args.do_sample or sampling_asked)
+    return DecodingConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=do_sample,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        top_k=0 if args.top_k is None else args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="(not implemented yet)")
+    from adgen.commands.data import add_read_arguments
+
+    p = subparsers.add_parser(
+        "generate",
+        help="write ad copy for an attribute string or a whole catalog file",
+        description="Write ad copy from product attributes, for one input (--content / --attributes) "
+        "or a whole file (--input/--output: progress bar, resumable after a kill).",
+    )
+    src = p.add_argument_group("input")
+    x = src.add_mutually_exclusive_group(required=True)
+    x.add_argument("--content", help='an AdGen attribute string, e.g. "类型#裙*颜色#黑色"')
+    x.add_argument("--attributes", help='a JSON object, e.g. \'{"类型": "裙", "版型": ["宽松", "显瘦"]}\'')
+    x.add_argument("--input", metavar="FILE", help="a JSON lines / JSON array file of records with `content`")
+    src.add_argument("--output", "-o", metavar="FILE", help="with --input: the JSON lines file to write (resumed if it exists)")
+    src.add_argument("--overwrite", action="store_true", help="with --input: start the output afresh instead of resuming")
+    add_model_arguments(p)
+    add_decoding_arguments(p)
+    c = p.add_argument_group("candidates and output")
+    c.add_argument("-n", type=int, default=1, metavar="K", help="make K candidates per input (needs sampling)")
+    c.add_argument("--best-of", choices=["first", "coverage"], default="first",
+                   help="which candidate to keep as `predict`: the first, or the best attribute coverage")
+    c.add_argument("--vocab", default=None, metavar="FILE", help="attribute vocabulary for --best-of coverage (default: built-in)")
+    c.add_argument("--stream", action="store_true", help="with --content: print the text as it is generated")
+    c.add_argument("--json", action="store_true", help="with --content: print one JSON object")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_read_arguments(p)
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def content_from_args(args: argparse.Namespace) -> str | None:
+    from adgen.data.attributes import format_attributes, parse_attributes
     from adgen.errors import AdgenError
 
-    raise AdgenError("adgen generate is not implemented yet")
+    if args.attributes is not None:
+        try:
+            obj = json.loads(args.attributes)
+        except json.JSONDecodeError as e:
+            raise AdgenError(f"--attributes: not valid JSON ({e.msg}, column {e.colno}); "
+                             'give an object like \'{"类型": "裙", "颜色": "黑色"}\'') from None
+        if not isinstance(obj, dict) or not all(
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)) for v in obj.values()
+        ):
+            raise AdgenError('--attributes: give a JSON object of strings or lists of strings, e.g. '
+                             '\'{"类型": "裙", "版型": ["宽松", "显瘦"]}\'')
+        try:
+            return format_attributes(obj)
+        except ValueError as e:
+            raise AdgenError(f"--attributes: {e}") from None
+    if args.content is not None:
+        content = args.content.strip()
+        if not content:
+            raise AdgenError("--content is empty; give attributes like \"类型#裙*颜色#黑色\"")
+        try:
+            parse_attributes(content)
+        except ValueError as e:  # still usable as a free-form prompt: warn, don't refuse
+            print(f"adgen: warning: --content is not a clean attribute string ({e}); using it as is", file=sys.stderr)
+        return content
+    return None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from adgen.errors import AdgenError
+
+    if args.input is not None and not args.output:
+        raise AdgenError("--input needs --output FILE (the JSON lines file to write; an existing one is resumed)")
+    if args.input is None and args.output:
+        raise AdgenError("--output goes with --input FILE; for a single input the text is printed")
+    if args.n < 1:
+        raise AdgenError(f"-n must be >= 1, not {args.n}")
+    if args.batch_size < 1:
+        raise AdgenError(f"--batch-size must be >= 1, not {args.batch_size}")
+    if args.stream and (args.input is not None or args.n > 1 or args.json):
+        raise AdgenError("--stream works with one input and one candidate, without --json")
+
+
+def run(args: argparse.Namespace) -> int:
+    from adgen.errors import AdgenError
+
+    _check_args(args)
+    config = decoding_config(args)
+    if args.n > 1 and config.greedy:
+        raise AdgenError(f"-n {args.n} with greedy decoding gives {args.n} identical candidates: "
+                         "add --do-sample (e.g. --temperature 0.95 --top-p 0.7)")
+    content = content_from_args(args)
+    data = None
+    if args.input is not None:  # read (and report bad lines) before the slow model load
+        from adgen.commands.data import read_data
+
+        data = read_data(args.input, args, require_summary=False)
+    vocab = None
+    if args.best_of == "coverage" and args.vocab:
+        from adgen.metrics import AttributeVocab
+
+        vocab = AttributeVocab.load(args.vocab)
+
+    from adgen.generation import load_generator
+
+    kw = {}
+    if args.system_prompt is not None:
+        kw["system_prompt"] = args.system_prompt or None
+    generator = load_generator(
+        args.model, adapter=args.adapter, backend=args.backend, dtype=args.dtype, device=args.device,
+        batch_size=args.batch_size, **kw,
+    )
+    if data is not None:
+        return _run_bulk(args, generator, data, config, vocab)
+    return _run_single(args, generator, content, config, vocab)
+
+
+def _run_single(args, generator, content: str, config, vocab) -> int:
+    from adgen.generation.bulk import _attributes, pick_best
+
+    if args.stream:
+        stream = generator.stream(content, config)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    cands = generator.generate([content] * args.n, config)
+    best, faith = pick_best(_attributes(content), cands, args.best_of, vocab) if args.n > 1 else (0, None)
+    if args.json:
+        obj = {"content": content, "predict": cands[best].text, "finish_reason": cands[best].finish_reason,
+               "prompt_tokens": cands[best].prompt_tokens, "completion_tokens": cands[best].completion_tokens}
+        if args.n > 1:
+            obj.update(candidates=[c.text for c in cands], chosen=best)
+        if faith is not None:
+            obj["attr_coverage"] = faith["attr_coverage"]
+        print(json.dumps(obj, ensure_ascii=False))
+        return 0
+    if args.n == 1:
+        print(cands[0].text)
+        return 0
+    for i, c in enumerate(cands):
+        mark = "*" if i == best else " "
+        print(f"{mark}[{i + 1}] {c.text}")
+    if faith is not None:
+        cov = faith["attr_coverage"]
+        print(f"(* kept: best attribute coverage {cov:.0%})" if cov is not None else "(* kept)", file=sys.stderr)
+    return 0
+
+
+def _run_bulk(args, generator, data, config, vocab) -> int:
+    from adgen.generation.bulk import generate_bulk
+
+    summary = generate_bulk(
+        generator, data.records, args.output, config, n=args.n, best_of=args.best_of, vocab=vocab,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    summary.bad_lines = list(data.errors)
+    print(f"{args.output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
+    return 0

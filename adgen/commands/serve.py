@@ -1,14 +1,114 @@
-"""`adgen serve` (not implemented yet)."""
+"""`adgen serve`: the OpenAI-compatible API (+ /v1/adcopy) and the web UI in one process.
+
+Safe by default: binds 127.0.0.1; a non-loopback bind needs --api-key (or $ADGEN_API_KEY), or
+--insecure. The logic lives in adgen.serve.
+"""
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="(not implemented yet)")
+    from adgen.serve.settings import API_KEY_ENV, Limits
+
+    lim = Limits()
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model: OpenAI-compatible API, /v1/adcopy, web UI at /ui (streaming)",
+        description=(
+            "Serve a model over HTTP: POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, "
+            "streaming), POST /v1/adcopy (attributes -> copy + faithfulness figures), GET /health, "
+            "and the web UI at /ui."
+        ),
+    )
+    p.add_argument("--model", required=True, help="hub id, local HF dir, .gguf file, or built-in alias (smollm2-135m)")
+    p.add_argument("--adapter", default=None, help="PEFT adapter directory (the UI can compare with it switched off)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on the API (and KEY as the UI password); "
+        f"prefer ${API_KEY_ENV}, which does not show in the process list",
+    )
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an API key")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from this origin (repeatable; CORS is off by default)")
+    p.add_argument("--served-model-name", default=None, help="model id shown in /v1/models (default: the model's name)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), bf16, fp32, fp16")
+    p.add_argument("--batch-size", type=int, default=8, help="most prompts run together in one batch")
+    p.add_argument("--no-ui", action="store_true", help="API only, no web UI at /ui")
+    p.add_argument("--vocab", default=None, help="attribute vocabulary JSON for the faithfulness figures (default: built-in)")
+    p.add_argument("--examples", default=None, help="AdGen file whose first contents are the UI's example products")
+    g = p.add_argument_group("limits (per request; 4xx above them)")
+    g.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="cap on max_tokens")
+    g.add_argument("--default-max-tokens", type=int, default=lim.default_max_tokens)
+    g.add_argument("--max-n", type=int, default=lim.max_n, help="cap on n (choices per request)")
+    g.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens)
+    g.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars)
+    g.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body size (413 above)")
+    g.add_argument("--max-queue", type=int, default=lim.max_queue, help="waiting requests (429 above)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from adgen.errors import AdgenError
+def settings_from_args(args: argparse.Namespace):
+    from adgen.serve.settings import Limits, ServeSettings
 
-    raise AdgenError("adgen serve is not implemented yet")
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens_limit,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+        max_n=args.max_n,
+        max_queue=args.max_queue,
+    )
+    limits.validate()
+    return ServeSettings(
+        model=args.model,
+        adapter=args.adapter,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        insecure=args.insecure,
+        cors_origins=list(args.cors_origin),
+        served_model_name=args.served_model_name,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        ui=not args.no_ui,
+        vocab=args.vocab,
+        examples=args.examples,
+        limits=limits,
+    )
+
+
+def run(args) -> int:
+    import os
+    import sys
+
+    from adgen.serve.server import serve_forever
+    from adgen.serve.settings import check_bind, is_loopback
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    settings = settings_from_args(args)
+    key = settings.resolved_api_key()
+    check_bind(settings.host, key, settings.insecure)  # before loading the model
+    if not is_loopback(settings.host) and not key:
+        print(f"adgen serve: WARNING: {settings.host} is exposed without an API key (--insecure)", file=sys.stderr)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(
+        f"adgen serve: loading {settings.model}" + (f" + adapter {settings.adapter}" if settings.adapter else ""),
+        file=sys.stderr,
+    )
+    print(
+        f"adgen serve: API http://{host}:{settings.port}/v1  health /health"
+        + ("" if args.no_ui else f"  UI http://{host}:{settings.port}/ui")
+        + ("  (API key required)" if key else ""),
+        file=sys.stderr,
+    )
+    serve_forever(settings, log_level=args.log_level)
+    return 0

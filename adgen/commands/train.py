@@ -1,14 +1,111 @@
-"""`adgen train` (not implemented yet)."""
+"""`adgen train`: fine-tune with LoRA / QLoRA / DoRA / P-Tuning v2 / full SFT (logic in adgen.train)."""
 
 from __future__ import annotations
 
+import argparse
+
+# flag -> config key (the common options; everything else is `key=value` overrides)
+FLAG_KEYS = {
+    "model": "model",
+    "train_data": "train_data",
+    "eval_data": "eval_data",
+    "method": "method",
+    "output_dir": "output_dir",
+    "max_steps": "max_steps",
+    "epochs": "epochs",
+    "max_samples": "max_samples",
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "precision": "precision",
+    "batching": "batching",
+    "seed": "seed",
+}
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="(not implemented yet)")
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model (LoRA, QLoRA, DoRA, P-Tuning v2, full)",
+        description=(
+            "Fine-tune a chat model on AdGen data. Options come from --config FILE.yaml (see configs/), "
+            "then `key=value` overrides (e.g. lora.r=16 lr=1e-4), then the flags below. Runs as is on one "
+            "CPU/GPU, and under `accelerate launch` / `torchrun` on several."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=16 max_samples=200")
+    p.add_argument("--config", "-c", default=None, help="YAML recipe (configs/llama3-8b-lora.yaml, ...)")
+    p.add_argument("--model", help="hub id, local HF directory, .gguf file or built-in alias (smollm2-135m)")
+    p.add_argument("--train-data", help="AdGen training file (JSON lines or array; UTF-8 / GBK)")
+    p.add_argument("--eval-data", help="AdGen file for the periodic eval loss")
+    p.add_argument("--method", choices=["lora", "qlora", "dora", "prefix", "full"])
+    p.add_argument("--output-dir", "-o", help="run directory (default runs/adgen)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-samples", type=int, help="train on the first N records only")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="examples per micro-batch per process")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-frozen", "fp16"])
+    p.add_argument("--batching", choices=["packed", "grouped", "padded"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (ChatGLM-style)")
+    p.add_argument("--force-fp16", action="store_true", help="allow precision=fp16 despite its NaN risk")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --output-dir (or from CHECKPOINT); without --config the "
+        "run's own config.yaml is used",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from adgen.errors import AdgenError
+def build_config(args):
+    """TrainConfig from --config, overrides and flags (later wins); --resume alone reuses the run's config."""
+    from pathlib import Path
 
-    raise AdgenError("adgen train is not implemented yet")
+    from adgen.config import parse_overrides
+    from adgen.train.config import load_train_config
+
+    overrides = parse_overrides(args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if args.trust_remote_code:
+        overrides["trust_remote_code"] = True
+    if args.force_fp16:
+        overrides["allow_fp16"] = True
+    if args.no_progress:
+        overrides["progress"] = False
+    config_path = args.config
+    if config_path is None and args.resume is not None:
+        out = overrides.get("output_dir")
+        if out and (Path(out) / "config.yaml").is_file():
+            config_path = str(Path(out) / "config.yaml")
+    return load_train_config(config_path, overrides)
+
+
+def _quiet(args) -> None:
+    """Hide known, harmless library noise unless -v (bitsandbytes' optional-kernel notice, deprecations)."""
+    import logging
+    import warnings
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+
+
+def run(args) -> int:
+    _quiet(args)
+    from adgen.train.trainer import train
+
+    cfg = build_config(args)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    from adgen.train.report import print_summary
+
+    print_summary(result.summary)
+    return 0
