@@ -207,10 +207,15 @@ def _run_single(args, generator, content: str, config, vocab) -> int:
 def _run_bulk(args, generator, data, config, vocab) -> int:
     from adgen.generation.bulk import generate_bulk
 
-    summary = generate_bulk(
-        generator, data.records, args.output, config, n=args.n, best_of=args.best_of, vocab=vocab,
-        overwrite=args.overwrite, progress=not args.no_progress,
-    )
+    try:
+        summary = generate_bulk(
+            generator, data.records, args.output, config, n=args.n, best_of=args.best_of, vocab=vocab,
+            overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"adgen: interrupted; every finished record is in {args.output}: "
+              "run the same command again to resume", file=sys.stderr)
+        raise
     summary.bad_lines = list(data.errors)
     print(f"{args.output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
     return 0

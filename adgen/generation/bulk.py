@@ -1,0 +1,275 @@
+"""Resumable generation over a whole file: one JSON line per input record, written the moment it is done.
+
+Output lines: `{"line": <input line>, "content": ..., "predict": ..., "finish_reason": ...}` plus the
+input's `summary` and other fields when it has them, and `candidates` (all K texts) with `n > 1`.
+
+Resume: on start the existing output is read; inputs whose key (input line number + a hash of the
+content) is already there are skipped. A kill can leave at most one partial last line (each record
+is one `write` + flush + fsync); it is cut off (the file is truncated to its last complete line) and
+that record is generated again. So a killed and rerun job has every input exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from adgen.errors import AdgenError
+from adgen.generation.config import DecodingConfig, Generation
+
+log = logging.getLogger(__name__)
+
+BEST_OF = ("first", "coverage")
+
+
+def record_key(line: int, content: str) -> str:
+    """Identity of an input record for resuming: its line number and a hash of its content."""
+    return f"{int(line)}:{hashlib.sha1(content.encode('utf-8')).hexdigest()[:16]}"
+
+
+@dataclass
+class OutputState:
+    done: set[str] = field(default_factory=set)
+    records: int = 0  # complete records found
+    truncated_bytes: int = 0  # bytes of a partial last line that were cut off
+
+
+def scan_output(path: str | Path, *, repair: bool = True) -> OutputState:
+    """Keys of the records already in `path`; cut a partial trailing line (a kill mid-write).
+
+    A complete line that is not a JSON record with `line` and `content` is an error: that file was
+    not written by us (or was edited), and appending to it would mix two things.
+    """
+    path = Path(path)
+    state = OutputState()
+    if not path.exists():
+        return state
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # 0 when there is no complete line
+    if end < len(data):
+        state.truncated_bytes = len(data) - end
+        if repair:
+            log.warning("%s: cutting a partial last line (%d bytes) left by an interrupted run", path, len(data) - end)
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+    for lineno, raw in enumerate(data[:end].split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            key = record_key(obj["line"], obj["content"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise AdgenError(
+                f"{path}:{lineno}: the existing output file has a line that is not an adgen generate record; "
+                "give another --output, or pass --overwrite to start it afresh"
+            ) from None
+        state.done.add(key)
+        state.records += 1
+    return state
+
+
+class JsonlAppender:
+    """Append JSON lines durably: each record is one write, then flush + fsync."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab")
+
+    def write(self, obj: dict) -> None:
+        self._f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class BulkSummary:
+    total: int = 0  # records read from the input
+    generated: int = 0  # written by this run
+    already_done: int = 0  # found in the output from an earlier run
+    bad_lines: list = field(default_factory=list)  # RecordError of skipped input lines
+    seconds: float = 0.0
+    completion_tokens: int = 0
+    length_cut: int = 0  # records whose text hit max_new_tokens (finish_reason "length")
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        s = (
+            f"{self.generated} generated, {self.already_done} already done (resumed), "
+            f"{len(self.bad_lines)} bad input line(s) skipped; {self.seconds:.1f} s, "
+            f"{self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.1f} tokens/s"
+        )
+        if self.length_cut:
+            s += f"; {self.length_cut} hit max_new_tokens"
+        return s
+
+
+def pick_best(
+    attributes: Sequence[tuple[str, str]], candidates: Sequence[Generation], best_of: str = "first", vocab=None
+) -> tuple[int, dict[str, Any] | None]:
+    """Index of the candidate to keep, and its faithfulness figures (None for best_of="first").
+
+    "coverage": the highest attribute coverage; ties go to fewer contradictions, then fewer
+    hallucinated attributes, then the earlier candidate.
+    """
+    if best_of == "first":
+        return 0, None
+    if best_of != "coverage":
+        raise AdgenError(f"unknown --best-of '{best_of}' (use {' or '.join(BEST_OF)})")
+    from adgen.metrics import AttributeVocab, faithfulness
+
+    vocab = vocab or AttributeVocab.default()
+    scores = [faithfulness(attributes, c.text, vocab) for c in candidates]
+
+    def rank(i: int):
+        f = scores[i]
+        return (-(f["attr_coverage"] or 0.0), f["n_contradictions"], f["n_hallucinated"], i)
+
+    best = min(range(len(candidates)), key=rank)
+    return best, scores[best]
+
+
+def _attributes(content: str) -> list[tuple[str, str]]:
+    from adgen.data.attributes import parse_attributes
+
+    try:
+        return parse_attributes(content)
+    except ValueError:
+        return []
+
+
+def make_output_record(record, candidates: Sequence[Generation], best: int, faith: dict | None) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in (getattr(record, "extra", None) or {}).items():
+        out[k] = v
+    chosen = candidates[best]
+    out.update(line=record.line, content=record.content)
+    if record.summary is not None:
+        out["summary"] = record.summary
+    out["predict"] = chosen.text
+    out["finish_reason"] = chosen.finish_reason
+    if len(candidates) > 1:
+        out["candidates"] = [c.text for c in candidates]
+        out["chosen"] = best
+    if faith is not None:
+        out["attr_coverage"] = faith["attr_coverage"]
+    return out
+
+
+def generate_bulk(
+    generator,
+    records: Sequence,
+    output: str | Path,
+    config: DecodingConfig | None = None,
+    *,
+    n: int = 1,
+    best_of: str = "first",
+    vocab=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_size: int | None = None,
+    on_write: Callable[[dict], None] | None = None,
+) -> BulkSummary:
+    """Generate for every record (objects with `.line`, `.content`, `.summary`, `.extra`) into `output`.
+
+    Records are taken in input order, `chunk_size` (default: the generator's batch size) at a time;
+    each chunk's records are appended as soon as the chunk is done. `n > 1` makes K candidates per
+    record (needs sampling) and keeps `best_of` ("first" or "coverage").
+    """
+    config = config or DecodingConfig()
+    if n < 1:
+        raise AdgenError(f"-n must be >= 1, not {n}")
+    if n > 1 and config.greedy:
+        raise AdgenError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample (and e.g. --temperature 0.95 --top-p 0.7)")
+    if best_of not in BEST_OF:
+        raise AdgenError(f"unknown --best-of '{best_of}' (use {' or '.join(BEST_OF)})")
+    output = Path(output)
+    if overwrite and output.exists():
+        output.unlink()
+    state = scan_output(output)
+    keys = [record_key(r.line, r.content) for r in records]
+    input_keys = set(keys)
+    if len(input_keys) < len(keys):  # the same line twice cannot happen with read_records; be safe
+        raise AdgenError("the input has two records with the same line number and content")
+    stale = len(state.done - input_keys)
+    if stale:
+        log.warning("%s holds %d record(s) that are not in this input (another input file?)", output, stale)
+    todo = [r for r, k in zip(records, keys) if k not in state.done]
+    summary = BulkSummary(total=len(records), already_done=len(records) - len(todo))
+    chunk = chunk_size or max(1, getattr(generator, "batch_size", 8))
+    bar = _progress(len(records), summary.already_done, progress)
+    start = time.perf_counter()
+    try:
+        with JsonlAppender(output) as out:
+            for i in range(0, len(todo), chunk):
+                part = todo[i : i + chunk]
+                gens = generator.generate([r.content for r in part for _ in range(n)], config)
+                for j, rec in enumerate(part):
+                    cands = gens[j * n : (j + 1) * n]
+                    best, faith = pick_best(_attributes(rec.content), cands, best_of, vocab) if n > 1 else (0, None)
+                    obj = make_output_record(rec, cands, best, faith)
+                    out.write(obj)
+                    summary.generated += 1
+                    summary.completion_tokens += sum(c.completion_tokens for c in cands)
+                    summary.length_cut += cands[best].finish_reason == "length"
+                    if on_write:
+                        on_write(obj)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        summary.seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="rec", desc="generate", dynamic_ncols=True)
+
+
+def read_input(path: str | Path, on_error: str = "fail", columns=None) -> Any:
+    """The catalog to generate for (summary optional). Bad lines: fail, or skip and report."""
+    from adgen.data.records import read_records
+
+    return read_records(path, require_summary=False, on_error=on_error, columns=columns)
+
+
+__all__: Iterable[str] = [
+    "BulkSummary",
+    "JsonlAppender",
+    "OutputState",
+    "generate_bulk",
+    "make_output_record",
+    "pick_best",
+    "read_input",
+    "record_key",
+    "scan_output",
+]

@@ -1,0 +1,435 @@
+"""Hugging Face generation backend: batched (left padding, length-sorted batches, KV cache) and streaming.
+
+Thread safety: one `HFGenerator` may be shared by many threads (the API server does). Every use of
+the model -- one batch of `generate()`, or one whole `stream()` -- holds `generator.lock` (an RLock),
+so calls never interleave on the model; they queue on the lock in turn. A long `generate()` call
+releases the lock between batches, which lets streams of other requests in. A stream's model thread
+never waits for its reader (tokens go to an unbounded queue), so a slow client does not hold the
+model; a client that goes away must `close()` the stream (or set its `cancel` event), which stops
+the model after its current step. A seeded sampling call holds the lock for the whole call (the RNG
+is global).
+
+Stopping: `eos_token_id` passed to `model.generate` is the formatter's `stop_token_ids` -- every
+end-of-turn id of the model (Llama-3: 128001 `<|end_of_text|>` *and* 128009 `<|eot_id|>`). The
+model's own generation_config is not trusted for this, nor for sampling defaults: a
+`DecodingConfig` says everything (greedy unless asked otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from typing import Callable, Iterator, Sequence
+
+from adgen.generation.config import DecodingConfig, FinishReason, Generation
+from adgen.generation.text import (
+    IncrementalDecoder,
+    clean_text,
+    cut_at_stop,
+    decode,
+    find_stop,
+    stop_prefix_len,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _check_prompts(prompts) -> list:
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)
+    ):
+        raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list: generate([prompt], config)")
+    return list(prompts)
+
+
+class HFGenerator:
+    """Generation with a transformers model (base, or a PeftModel = base + adapter).
+
+    Prompts: a `str` is an AdGen content string ("类型#裙*颜色#黑色"), rendered through
+    `formatter.messages` (system prompt + user turn); a list of `{"role", "content"}` dicts is a chat
+    used as is. Both go through `formatter.prompt_ids` (the chat template with the generation prompt,
+    never a doubled BOS).
+    """
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        formatter=None,
+        batch_size: int = 8,
+        *,
+        model_name: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        from adgen.data.chat import ChatFormatter
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = formatter if formatter is not None else ChatFormatter(tokenizer)
+        self.batch_size = int(batch_size)
+        self.model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or "model"
+        self.adapter = str(adapter) if adapter is not None else None
+        self.lock = threading.RLock()
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def device(self):
+        try:
+            return self.model.device
+        except AttributeError:
+            return next(self.model.parameters()).device
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self.formatter.stop_token_ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.stop_token_ids[0]
+
+    def prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.formatter.prompt_ids(prompt)
+        if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+            return self.formatter.prompt_ids(list(prompt))
+        raise TypeError(f"a prompt is an AdGen content string or a list of message dicts, not {type(prompt).__name__}")
+
+    # ---- batched ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence,
+        config: DecodingConfig | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """One `Generation` per prompt, in the order given.
+
+        Prompts are sorted by length (longest first) and cut into batches of `batch_size`; each
+        batch is left-padded, so every row's new tokens start at the same column and the KV cache
+        is shared by the batch. With `config.seed`, sampling is reproducible for the same call.
+        `progress(k)` is called after each batch with the number of prompts it finished.
+        """
+        prompts = _check_prompts(prompts)
+        config = config or DecodingConfig()
+        if not prompts:
+            return []
+        encoded = [self.prompt_ids(p) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        results: list[Generation | None] = [None] * len(encoded)
+        with self._seeded(config):
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                outs = self._generate_batch([encoded[i] for i in idx], config)
+                for i, out in zip(idx, outs):
+                    results[i] = out
+                if progress is not None:
+                    progress(len(idx))
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[list[int]], config: DecodingConfig) -> list[Generation]:
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        pad = self.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], dtype=torch.long)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
+        stop_strings = _StopStringCriteria(self.tokenizer, config.stop, width) if config.stop else None
+        criteria = [stop_strings] if stop_strings else []
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                generation_config=self._generation_config(config),
+                stopping_criteria=_criteria_list(criteria),
+            )
+        new = out[:, width:].tolist()
+        stops = set(self.stop_token_ids)
+        results = []
+        for row, (ids, gen) in enumerate(zip(batch, new)):
+            n = next((j for j, t in enumerate(gen) if t in stops), len(gen))
+            hit = stop_strings is not None and stop_strings.hit[row]
+            emitted_eos = n < len(gen) and not hit  # after a stop-string hit, the stop id is HF's padding
+            text, cut = cut_at_stop(clean_text(decode(self.tokenizer, gen[:n])), config.stop)
+            finish: FinishReason = "stop" if emitted_eos or cut else "length"
+            token_ids = gen[: n + 1] if emitted_eos else gen[:n]
+            results.append(Generation(text, len(ids), len(token_ids), finish, token_ids))
+        return results
+
+    def _generation_config(self, config: DecodingConfig):
+        from transformers import GenerationConfig
+
+        kwargs = dict(
+            max_new_tokens=config.max_new_tokens,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.stop_token_ids[0],  # finished rows are filled with a stop id
+            bos_token_id=self.tokenizer.bos_token_id,
+            repetition_penalty=config.repetition_penalty,
+        )
+        if config.greedy:
+            # Set explicitly: the model's own generation_config (e.g. Llama-3: temperature 0.6,
+            # top_p 0.9, do_sample) would otherwise fill in whatever is left unset.
+            kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)  # the neutral defaults
+        else:
+            kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+        return GenerationConfig(**kwargs)
+
+    @contextlib.contextmanager
+    def _seeded(self, config: DecodingConfig):
+        """Seed sampling without disturbing the caller's global RNG state."""
+        if config.greedy or config.seed is None:
+            yield
+            return
+        import torch
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self.lock, torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            yield
+
+    # ---- streaming -------------------------------------------------------------------------
+    def stream(self, prompt, config: DecodingConfig | None = None, *, cancel: threading.Event | None = None) -> "TextStream":
+        """Stream the completion of one prompt as text pieces, as the model makes them.
+
+        Returns a `TextStream`: iterate it for `str` pieces (each a whole number of characters, no
+        special tokens, nothing past a stop string); concatenated they equal `generate([prompt])[0].text`
+        for greedy decoding. Stop early with `stream.close()` (or by setting the `cancel` event from
+        any thread): the model thread stops after its current step and the lock is released. After
+        the iteration ends, `stream.finish_reason`, `stream.prompt_tokens`, `stream.completion_tokens`
+        and `stream.generation` say how it ended.
+        """
+        return TextStream(self, prompt, config or DecodingConfig(), cancel)
+
+
+class TextStream:
+    """Iterator of text pieces from one generation running in a background thread.
+
+    - `close()` stops generation promptly (one model step) and waits for the thread; also called when
+      the stream is garbage-collected or used as a context manager.
+    - `cancel` (a `threading.Event`) may be set from any thread to stop it the same way.
+    - When done: `finish_reason` ("stop" | "length" | "cancelled"), `prompt_tokens`,
+      `completion_tokens`, `text`, `generation` (a `Generation`). `finish_reason` is None while running.
+    The model thread starts on the first `next()`; until then no lock is held.
+    """
+
+    def __init__(self, generator: HFGenerator, prompt, config: DecodingConfig, cancel: threading.Event | None) -> None:
+        self._gen = generator
+        self.config = config
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.prompt_ids = generator.prompt_ids(prompt)
+        self.prompt_tokens = len(self.prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.text = ""
+        self.token_ids: list[int] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._it = self._run()
+
+    # iterator protocol
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def generation(self) -> Generation | None:
+        if self.finish_reason is None:
+            return None
+        return Generation(self.text, self.prompt_tokens, self.completion_tokens, self.finish_reason, list(self.token_ids))
+
+    def close(self) -> None:
+        """Stop generating (if still running) and wait for the model thread to end."""
+        self.cancel.set()
+        with contextlib.suppress(ValueError):  # "generator already executing": closed from another thread
+            self._it.close()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join()
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    # the model thread
+    def _start(self) -> None:
+        # The thread gets no reference to the stream: a stream dropped without close() is still
+        # collected, and its finalizer cancels the generation.
+        self._thread = threading.Thread(
+            target=_stream_worker, args=(self._gen, self.prompt_ids, self.config, self.cancel, self._queue),
+            name="adgen-generate", daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self) -> Iterator[str]:
+        gen = self._gen
+        stops = set(gen.stop_token_ids)
+        stop_strings = self.config.stop
+        decoder = IncrementalDecoder(gen.tokenizer)
+        sent = 0  # characters of decoder.text already yielded
+        found = False
+        self._start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if found or self.cancel.is_set():
+                    continue  # tokens made after we decided to stop: drain, don't count
+                for tok in item:
+                    self.completion_tokens += 1
+                    self.token_ids.append(tok)
+                    if tok in stops:
+                        self.finish_reason = "stop"
+                        break
+                    decoder.push([tok])
+                if self.finish_reason == "stop":
+                    continue
+                text = decoder.text
+                if stop_strings:
+                    i = find_stop(text, stop_strings, max(0, sent - max(len(s) for s in stop_strings)))
+                    if i != -1:
+                        found = True
+                        self.finish_reason = "stop"
+                        self.cancel.set()
+                        piece, sent = text[sent:i], i
+                        self.text = text[:i]
+                        if piece:
+                            yield piece
+                        continue
+                    safe = len(text) - stop_prefix_len(text, stop_strings)
+                else:
+                    safe = len(text)
+                if safe > sent:
+                    piece, sent = text[sent:safe], safe
+                    self.text = text[:sent]
+                    yield piece
+            if not found and self.finish_reason != "stop" and self.cancel.is_set():
+                self.finish_reason = "cancelled"  # stopped from outside: nothing more to say
+            elif not found:
+                decoder.flush()
+                text, cut = cut_at_stop(decoder.text, stop_strings)
+                if cut:
+                    self.finish_reason = "stop"
+                if len(text) > sent:
+                    self.text = text
+                    yield text[sent:]
+                self.text = text
+                if self.finish_reason is None:
+                    if self.cancel.is_set():
+                        self.finish_reason = "cancelled"
+                    else:
+                        self.finish_reason = "length"
+        finally:
+            self.cancel.set()
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"
+
+
+def _stream_worker(gen: HFGenerator, prompt_ids: list[int], config: DecodingConfig, cancel: threading.Event,
+                   q: queue.Queue) -> None:
+    """Run one generation, putting each step's token ids on `q`, then None (an exception first, if any).
+
+    The queue is unbounded: the model never waits for a slow reader, so the lock is held only for
+    model time, and a cancelled generation ends after its current step.
+    """
+    import torch
+
+    try:
+        with gen._seeded(config), gen.lock, torch.inference_mode():
+            if cancel.is_set():
+                return
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=gen.device)
+            gen.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=gen._generation_config(config),
+                streamer=_QueueStreamer(q),
+                stopping_criteria=_criteria_list([_CancelCriteria(cancel)]),
+            )
+    except BaseException as e:  # handed to the consumer, re-raised there
+        q.put(e)
+    finally:
+        q.put(None)
+
+
+def _criteria_list(criteria):
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList(criteria)
+
+
+def _QueueStreamer(q: queue.Queue):
+    """A transformers streamer that puts each step's new token ids (a list) on a queue."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class QueueStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if not self.prompt_seen:  # generate() first hands over the prompt
+                self.prompt_seen = True
+                return
+            q.put([int(t) for t in value.reshape(-1).tolist()])
+
+        def end(self) -> None:
+            pass  # the worker thread signals the end itself (also on errors)
+
+    return QueueStreamer()
+
+
+def _CancelCriteria(event: threading.Event):
+    import torch
+    from transformers import StoppingCriteria
+
+    class CancelCriteria(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return CancelCriteria()
+
+
+def _StopStringCriteria(tokenizer, stops: Sequence[str], prompt_width: int):
+    """Per-row stop: the row's newest tokens complete a stop string. Records which rows hit one."""
+    import torch
+    from transformers import StoppingCriteria
+
+    # A token carries at least one byte, so a stop string of B bytes spans at most B + 1 tokens.
+    window = max(len(s.encode("utf-8")) for s in stops) + 2
+
+    class StopStringCriteria(StoppingCriteria):
+        def __init__(self) -> None:
+            self.hit: list[bool] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if not self.hit:
+                self.hit = [False] * input_ids.shape[0]
+            done = []
+            for row in range(input_ids.shape[0]):
+                if not self.hit[row]:
+                    tail = input_ids[row, max(prompt_width, input_ids.shape[1] - window) :].tolist()
+                    self.hit[row] = find_stop(decode(tokenizer, tail), stops) != -1
+                done.append(self.hit[row])
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStringCriteria()
