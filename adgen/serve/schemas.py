@@ -1,0 +1,164 @@
+"""Request bodies of the API, validated strictly (a string is not a number, a dict is not a list).
+
+Unknown fields are ignored (OpenAI clients send many), except the few whose meaning we cannot honour
+(tools, logprobs, non-zero penalties, JSON mode): those are refused rather than silently dropped.
+Limits that depend on the server's settings (max_tokens, n, prompt length) are checked in api.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adgen.serve.security import ApiError
+
+_STRICT = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def as_template_message(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class DecodingFields(BaseModel):
+    """Sampling options shared by both endpoints. temperature 0 (or none given) = greedy."""
+
+    model_config = _STRICT
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, v):
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(not s for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling(self) -> bool:
+        if self.temperature is not None:
+            return self.temperature > 0
+        return self.top_p is not None and self.top_p < 1.0 or bool(self.top_k)
+
+
+class ChatCompletionRequest(DecodingFields):
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    n: Annotated[int, Field(ge=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # accepted only at their no-op values
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name} is not supported by this server (use repetition_penalty)", param=name)
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+        if self.tools:
+            raise ApiError(400, "tools / function calling are not supported by this server", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
+        return self
+
+
+AttributeValue = str | list[str]
+
+
+class AdcopyRequest(DecodingFields):
+    """`attributes`: {"类型": "裙", "颜色": ["黑色", "白色"]}, [["类型", "裙"], ...], or "类型#裙*颜色#黑色"."""
+
+    attributes: dict[str, AttributeValue] | list[Annotated[list[str], Field(min_length=2, max_length=2)]] | str
+    style: Annotated[str, Field(max_length=64)] | None = None
+    length: Annotated[int, Field(ge=10, le=2000)] | None = None  # approximate characters
+    model: str | None = None
+    use_adapter: bool = True
+    stream: bool = False
+
+
+def parse_body(model_cls: type[BaseModel], body: bytes) -> Any:
+    """Validate a raw JSON body; every failure becomes a 400 in OpenAI's error shape."""
+    if not body.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        return model_cls.model_validate_json(body)
+    except ApiError:
+        raise
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"malformed JSON in the request body: {first['msg']}", code="invalid_json") from None
+        if first["type"] == "model_type":
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_type") from None
+        param = _param(first["loc"])
+        # A union (str | list[...]) fails once per member: report them as one problem.
+        same = [e for e in errors if _param(e["loc"]) == param]
+        others = len(errors) - len(same)
+        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
+        if first["type"] == "missing":
+            message = f"'{param}' is a required field{more}"
+            code = "missing_required_parameter"
+        else:
+            reasons = "; or ".join(dict.fromkeys(e["msg"] for e in same))
+            message = f"invalid value for '{param}': {reasons}{more}"
+            code = "invalid_type" if all(e["type"].endswith("_type") for e in same) else "invalid_value"
+        raise ApiError(400, message, param=param, code=code) from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart", "ChatMessage", "StreamOptions"}
+
+
+def _param(loc) -> str | None:
+    """`messages.0.content` from pydantic's loc, without the union-member tags it adds ('str', 'list[...]')."""
+    parts = [
+        str(p) for p in loc
+        if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS or p.startswith(("function-", "constrained-"))))
+    ]
+    return ".".join(parts) or None

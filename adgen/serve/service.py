@@ -1,0 +1,241 @@
+"""What the API and the web UI share: the loaded model, its names, prompt building and checks.
+
+`ServeState.load(settings)` loads the generator once; `ServeState(generator, settings)` wraps one
+that is already loaded (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from adgen.serve.scheduler import Scheduler
+from adgen.serve.security import ApiError
+from adgen.serve.settings import Limits, ServeSettings
+
+log = logging.getLogger(__name__)
+
+STYLE_HINT = "文案风格：{style}。"
+LENGTH_HINT = "篇幅约{length}字。"
+
+
+def display_name(spec: str | None) -> str | None:
+    """A model/adapter name that is safe to show: the last path component, never a full path."""
+    if spec is None:
+        return None
+    s = str(spec).rstrip("/\\")
+    p = Path(s)
+    if p.exists() or s.startswith((".", "/", "~")):
+        return p.name or s
+    return s  # built-in alias or hub id
+
+
+class ServeState:
+    def __init__(self, generator, settings: ServeSettings, *, vocab=None, examples: list[str] | None = None) -> None:
+        settings.limits.validate()
+        self.generator = generator
+        self.settings = settings
+        self.limits: Limits = settings.limits
+        self.started = time.time()
+        self.scheduler = Scheduler(generator, max_queue=settings.limits.max_queue, max_batch=settings.batch_size)
+        base = settings.served_model_name or display_name(settings.model) or "model"
+        self.base_id = base
+        self.adapter_name = display_name(settings.adapter)
+        self.model_id = f"{base}+{self.adapter_name}" if self.adapter_name else base
+        self._vocab = vocab
+        self.examples = examples if examples is not None else load_examples(settings.examples)
+
+    @classmethod
+    def load(cls, settings: ServeSettings) -> "ServeState":
+        from adgen.generation import load_generator
+
+        generator = load_generator(
+            settings.model,
+            adapter=settings.adapter,
+            backend="hf",
+            dtype=settings.dtype,
+            device=settings.device,
+            batch_size=settings.batch_size,
+        )
+        state = cls(generator, settings)
+        _ = state.vocab  # load it now: a bad --vocab file is a startup error, not a failed request
+        return state
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    # ---- names --------------------------------------------------------------------------------
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_name is not None
+
+    @property
+    def can_compare(self) -> bool:
+        return self.scheduler.can_disable_adapter
+
+    def model_ids(self) -> list[str]:
+        return [self.model_id, self.base_id] if self.can_compare else [self.model_id]
+
+    def use_adapter_for(self, model: str | None) -> bool:
+        """The `model` field picks adapter on (the served id) or off (the base id). Never a path."""
+        if model is None or model == self.model_id:
+            return True
+        if self.can_compare and model == self.base_id:
+            return False
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist on this server; available: {', '.join(self.model_ids())}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def health(self) -> dict[str, Any]:
+        gen = self.generator
+        try:
+            device = str(gen.device)
+        except Exception:
+            device = "unknown"
+        return {
+            "status": "ok",
+            "model": self.base_id,
+            "adapter": self.adapter_name,
+            "model_id": self.model_id,
+            "device": device,
+            "backend": getattr(gen, "backend", "hf"),
+            "uptime_s": round(time.time() - self.started, 3),
+            **self.scheduler.stats(),
+        }
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def adcopy_messages(self, content: str, style: str | None = None, length: int | None = None) -> list[dict]:
+        """The training-time prompt (system + attributes), with optional style / length hints
+        appended to the system turn so the user turn stays exactly what the model was tuned on."""
+        messages = self.generator.formatter.messages(content)
+        hints = ""
+        if style and style.strip():
+            hints += STYLE_HINT.format(style=style.strip())
+        if length:
+            hints += LENGTH_HINT.format(length=int(length))
+        if hints:
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": messages[0]["content"] + hints}
+            else:
+                messages.insert(0, {"role": "system", "content": hints})
+        return messages
+
+    def check_prompt(self, messages: list[dict], param: str = "messages") -> int:
+        """Prompt length in tokens; 400 above the caps (characters first: cheap, before tokenizing)."""
+        chars = sum(len(m.get("content") or "") for m in messages)
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt is {chars} characters long; this server accepts at most {self.limits.max_prompt_chars}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        try:
+            n = len(self.generator.prompt_ids(messages))
+        except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
+            raise ApiError(400, f"the chat template cannot render these messages: {e}", param=param) from None
+        if n > self.limits.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt is {n} tokens long; this server accepts at most {self.limits.max_prompt_tokens}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return n
+
+    def decoding_config(self, req, n: int = 1):
+        """A DecodingConfig from the request's decoding fields, within the server's caps."""
+        from adgen.generation import DecodingConfig
+
+        lim = self.limits
+        max_tokens = req.requested_max_tokens()
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is not None and max_tokens > lim.max_tokens:
+            raise ApiError(
+                400, f"{param} is {max_tokens}; this server allows at most {lim.max_tokens}", param=param,
+                code="max_tokens_too_large",
+            )
+        if n > lim.max_n:
+            raise ApiError(400, f"n is {n}; this server allows at most {lim.max_n}", param="n", code="n_too_large")
+        stop = req.stop_list()
+        if len(stop) > lim.max_stop:
+            raise ApiError(400, f"at most {lim.max_stop} stop strings are allowed", param="stop")
+        if any(len(s) > 64 for s in stop):
+            raise ApiError(400, "a stop string may be at most 64 characters", param="stop")
+        sampling = req.sampling()
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_tokens or lim.default_max_tokens,
+            do_sample=sampling,
+            stop=tuple(stop),
+            seed=req.seed,
+        )
+        if sampling:
+            kwargs.update(
+                temperature=req.temperature if req.temperature is not None else 1.0,
+                top_p=req.top_p if req.top_p is not None else 1.0,
+                top_k=req.top_k or 0,
+            )
+        if req.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = req.repetition_penalty
+        return DecodingConfig(**kwargs)
+
+    # ---- attributes and figures ---------------------------------------------------------------
+    @staticmethod
+    def content_of(attributes: Any) -> tuple[str, list[tuple[str, str]]]:
+        """AdGen content string and pairs from a mapping, a list of [key, value] pairs or a string."""
+        from adgen.data.attributes import format_attributes, parse_attributes
+
+        try:
+            if isinstance(attributes, str):
+                pairs = parse_attributes(attributes)
+            elif isinstance(attributes, Mapping):
+                if not attributes or any(isinstance(v, list) and not v for v in attributes.values()):
+                    raise ValueError("every attribute needs at least one value")
+                pairs = parse_attributes(format_attributes(attributes))
+            else:
+                pairs = parse_attributes(format_attributes([(k, v) for k, v in attributes]))
+        except ValueError as e:
+            raise ApiError(400, f"invalid attributes: {e}", param="attributes", code="invalid_value") from None
+        return format_attributes(pairs), pairs
+
+    @property
+    def vocab(self):
+        if self._vocab is None:
+            from adgen.metrics import AttributeVocab
+
+            self._vocab = AttributeVocab.load(self.settings.vocab) if self.settings.vocab else AttributeVocab.default()
+        return self._vocab
+
+    def figures(self, pairs: list[tuple[str, str]], text: str) -> dict[str, Any]:
+        """Faithfulness (coverage, contradictions, hallucinated values) and surface statistics."""
+        from adgen.metrics import faithfulness, text_stats
+
+        out = dict(faithfulness(pairs, text, self.vocab))
+        stats = text_stats(text)
+        for key in ("chinese_share", "repetition_rate", "length_chars"):
+            if key in stats:
+                out[key] = stats[key]
+        return out
+
+
+def load_examples(path: str | None, limit: int = 12) -> list[str]:
+    """Example products for the UI: the built-in AdGen dev contents, or the first ones of a file."""
+    if path is None:
+        from adgen.serve.examples import EXAMPLE_CONTENTS
+
+        return list(EXAMPLE_CONTENTS)
+    from adgen.data.records import read_records
+
+    data = read_records(path, on_error="skip", require_summary=False)
+    seen: dict[str, None] = {}
+    for rec in data.records:
+        seen.setdefault(rec.content, None)
+        if len(seen) >= limit:
+            break
+    return list(seen)

@@ -1,0 +1,82 @@
+"""Server options: what `adgen serve` binds to, which model it serves, and the limits it enforces.
+
+Every limit has a safe default; none of them comes from a request. Paths here (model, adapter,
+vocab, examples) are set by whoever starts the server, never by a client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from adgen.errors import ConfigError
+
+API_KEY_ENV = "ADGEN_API_KEY"
+
+
+@dataclass
+class Limits:
+    """Caps on what one request may ask for; anything above is a 4xx, never a crash."""
+
+    max_body_bytes: int = 1_000_000  # whole request body (413 above)
+    max_prompt_chars: int = 16_000  # cheap check before tokenizing
+    max_prompt_tokens: int = 2048  # rendered prompt, in the model's tokens
+    max_tokens: int = 1024  # cap on max_tokens / max_completion_tokens
+    default_max_tokens: int = 256  # when a request gives none
+    max_n: int = 4  # choices per request
+    max_stop: int = 4  # stop strings per request (OpenAI's own cap)
+    max_queue: int = 256  # waiting requests; 429 above
+
+    def validate(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"serve limit {name} must be a positive integer, not {value!r}")
+        if self.default_max_tokens > self.max_tokens:
+            raise ConfigError(
+                f"default max_tokens ({self.default_max_tokens}) is above the max_tokens cap ({self.max_tokens})"
+            )
+
+
+@dataclass
+class ServeSettings:
+    model: str
+    adapter: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    insecure: bool = False  # allow a non-loopback bind without an API key
+    cors_origins: list[str] = field(default_factory=list)  # CORS off when empty
+    served_model_name: str | None = None
+    device: str | None = "auto"
+    dtype: str | None = "auto"
+    batch_size: int = 8
+    ui: bool = True
+    vocab: str | None = None  # attribute vocabulary file for the faithfulness figures
+    examples: str | None = None  # AdGen file whose contents become the UI's example products
+    limits: Limits = field(default_factory=Limits)
+
+    def resolved_api_key(self) -> str | None:
+        key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
+        return key or None
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; every other name or address counts as exposed."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything: treat it as public
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to expose the model beyond this machine without a key, unless explicitly told to."""
+    if is_loopback(host) or api_key or insecure:
+        return
+    raise ConfigError(
+        f"refusing to bind to {host} without an API key: anyone who can reach this address could use the model. "
+        f"Set --api-key (or ${API_KEY_ENV}), bind to 127.0.0.1, or pass --insecure if this network is trusted"
+    )

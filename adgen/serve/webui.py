@@ -1,0 +1,278 @@
+"""The web UI (Gradio, mounted at /ui on the API's app): attributes in, streamed copy out.
+
+- a form: category + attribute rows (a value cell may hold several values: "宽松，显瘦"), or a raw
+  AdGen content string that overrides the form;
+- style / length hints and decoding controls;
+- example products from the AdGen dev set (click to fill the form);
+- "compare with the base model": the same prompt with the adapter switched off, side by side
+  (disabled, with the reason, when no adapter is loaded);
+- the faithfulness figures of each answer (coverage, missing values, contradictions, invented values).
+
+Generation goes through the same scheduler as the API (same queue, same limits). Nothing here
+reaches the internet: analytics off, no share links, local fonts only, SSR off.
+"""
+
+# No `from __future__ import annotations` here: Gradio reads the `gr.Request` annotations below at
+# run time, and `gr` is imported inside build_ui.
+import asyncio
+import os
+import re
+from typing import Any
+
+from adgen.serve.security import check_ui_login
+from adgen.serve.service import ServeState
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+UI_PATH = "/ui"
+N_ROWS = 8
+CATEGORY_KEY = "类型"
+_VALUE_SEP = re.compile(r"[,，、;；]")
+
+CSS = """
+#adgen-title h1 { margin-bottom: 0; }
+.adgen-figures { font-size: 0.92em; }
+.adgen-attr-row { gap: 6px !important; }
+"""
+
+
+# ---- form <-> content string (pure functions, tested without a browser) -------------------------
+def form_to_content(category: str, rows: list[tuple[str, str]], raw: str = "") -> tuple[str, list[tuple[str, str]]]:
+    """The AdGen content string for the form; `raw` (if not blank) wins. Raises ValueError."""
+    from adgen.data.attributes import format_attributes, parse_attributes
+
+    if raw and raw.strip():
+        pairs = parse_attributes(raw)
+        return format_attributes(pairs), pairs
+    pairs: list[tuple[str, str]] = []
+    if category and category.strip():
+        pairs.append((CATEGORY_KEY, category.strip()))
+    for key, value in rows:
+        key, value = (key or "").strip(), (value or "").strip()
+        if not key and not value:
+            continue
+        if not key or not value:
+            raise ValueError(f"attribute row '{key or value}' needs both a name and a value")
+        pairs.extend((key, v.strip()) for v in _VALUE_SEP.split(value) if v.strip())
+    if not pairs:
+        raise ValueError("give a category and at least one attribute (or an AdGen content string)")
+    content = format_attributes(pairs)  # rejects '#' / '*' inside keys and values
+    return content, pairs
+
+
+def content_to_form(content: str, n_rows: int = N_ROWS) -> tuple[str, list[tuple[str, str]]]:
+    """Category and rows for an AdGen string (a repeated key becomes one row: "宽松，显瘦")."""
+    from adgen.data.attributes import parse_attributes
+
+    category, grouped = "", {}
+    for key, value in parse_attributes(content):
+        if key == CATEGORY_KEY and not category:
+            category = value
+        else:
+            grouped.setdefault(key, []).append(value)
+    rows = [(k, "，".join(vs)) for k, vs in grouped.items()][:n_rows]
+    rows += [("", "")] * (n_rows - len(rows))
+    return category, rows
+
+
+def format_figures(fig: dict[str, Any] | None, result=None) -> str:
+    """Markdown for one answer's faithfulness figures."""
+    if not fig:
+        return ""
+    cov = fig.get("attr_coverage")
+    parts = [
+        f"**覆盖率 coverage** {'—' if cov is None else f'{cov:.0%}'}",
+        f"**矛盾 contradictions** {fig.get('n_contradictions', 0)}",
+        f"**编造 invented** {fig.get('n_hallucinated', 0)}",
+    ]
+    if fig.get("chinese_share") is not None:
+        parts.append(f"**中文占比** {fig['chinese_share']:.0%}")
+    if fig.get("length_chars") is not None:
+        parts.append(f"**长度** {fig['length_chars']} 字")
+    lines = [" · ".join(parts)]
+    if fig.get("attr_missing"):
+        lines.append("缺失 missing: " + "、".join(fig["attr_missing"]))
+    for c in fig.get("contradictions", []):
+        lines.append(f"矛盾: {c['key']} 写成「{c['value']}」，输入为 {'、'.join(c['input'])}")
+    for h in fig.get("hallucinated", []):
+        lines.append(f"编造: {'/'.join(h['keys'])}「{h['value']}」")
+    if result is not None:
+        lines.append(
+            f"<small>tokens: {result.prompt_tokens} prompt + {result.completion_tokens} completion · "
+            f"finish: {result.finish_reason}</small>"
+        )
+    return "\n\n".join(lines)
+
+
+# ---- the app ----------------------------------------------------------------------------------
+def build_ui(state: ServeState):
+    import gradio as gr
+
+    limits = state.limits
+    compare_ok = state.can_compare
+    if compare_ok:
+        compare_info = f"同一提示词，关闭 adapter（{state.adapter_name}）后的基座模型输出并排显示"
+    elif state.has_adapter:
+        compare_info = "此后端不能临时关闭 adapter，无法对比"
+    else:
+        compare_info = "未加载 adapter（adgen serve --adapter DIR），没有可对比的基座模型"
+
+    with gr.Blocks(title="adgen · 广告文案生成", analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# adgen 广告文案生成\n模型 **{state.model_id}** · 设备 {state.health()['device']}",
+            elem_id="adgen-title",
+        )
+        with gr.Row():
+            with gr.Column(scale=4, min_width=360):
+                category = gr.Textbox(label="类型 category", placeholder="如：裙 / 上衣 / 裤", elem_id="attr-category")
+                keys, values = [], []
+                for i in range(N_ROWS):
+                    with gr.Row(elem_classes="adgen-attr-row"):
+                        keys.append(gr.Textbox(show_label=False, placeholder=f"属性 {i + 1}（如：颜色）",
+                                               container=False, elem_id=f"attr-key-{i}", scale=2))
+                        values.append(gr.Textbox(show_label=False, placeholder="取值（多个用，分隔）",
+                                                 container=False, elem_id=f"attr-value-{i}", scale=3))
+                raw = gr.Textbox(label="或：AdGen 属性串（填写后优先于上面的表单）",
+                                 placeholder="类型#裙*颜色#黑色*风格#简约", elem_id="raw-content",
+                                 max_length=limits.max_prompt_chars)
+                with gr.Row():
+                    style = gr.Textbox(label="风格提示 style（可选）", placeholder="如：活泼 / 文艺 / 高端",
+                                       max_length=64, elem_id="style-hint")
+                    length = gr.Slider(0, 300, value=0, step=10, label="篇幅提示（字，0 = 不提示）",
+                                       elem_id="length-hint")
+                with gr.Accordion("解码设置 decoding", open=False):
+                    max_tokens = gr.Slider(8, limits.max_tokens, value=min(limits.default_max_tokens, limits.max_tokens),
+                                           step=8, label="max_tokens", elem_id="max-tokens")
+                    sampling = gr.Checkbox(value=False, label="采样 sampling（关闭 = greedy，结果可复现）")
+                    temperature = gr.Slider(0.05, 2.0, value=0.95, step=0.05, label="temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="top_p")
+                    seed = gr.Number(value=-1, precision=0, label="seed（采样时使用，-1 = 随机）")
+                compare = gr.Checkbox(value=False, label="对比基座模型（关闭 adapter）", info=compare_info,
+                                      interactive=compare_ok, elem_id="compare-base")
+                with gr.Row():
+                    go = gr.Button("生成 Generate", variant="primary", elem_id="generate-btn")
+                    stop = gr.Button("停止 Stop", elem_id="stop-btn")
+            with gr.Column(scale=7):
+                with gr.Row(equal_height=False):
+                    with gr.Column(min_width=240):
+                        out_label = f"微调模型 {state.model_id}" if state.has_adapter else f"模型 {state.model_id}"
+                        out_main = gr.Textbox(label=out_label, lines=10, interactive=False, elem_id="output-main",
+                                              buttons=["copy"])
+                        fig_main = gr.Markdown(elem_id="figures-main", elem_classes="adgen-figures")
+                    with gr.Column(visible=False, min_width=240) as base_col:
+                        out_base = gr.Textbox(label=f"基座模型 {state.base_id}（adapter off）", lines=10,
+                                              interactive=False, elem_id="output-base", buttons=["copy"])
+                        fig_base = gr.Markdown(elem_id="figures-base", elem_classes="adgen-figures")
+                status = gr.Markdown(elem_id="status")
+
+        example_rows, labels = [], []
+        for content in state.examples:
+            try:
+                cat, rows = content_to_form(content)
+            except ValueError:
+                continue
+            example_rows.append([cat, *[x for kv in rows for x in kv], ""])
+            labels.append(content)
+        form_inputs = [category, *[x for kv in zip(keys, values) for x in kv], raw]
+        if example_rows:
+            gr.Examples(example_rows, inputs=form_inputs, label="示例商品（AdGen dev）",
+                        example_labels=labels, examples_per_page=len(labels))
+
+        compare.change(lambda on: gr.update(visible=bool(on)), inputs=compare, outputs=base_col,
+                       api_visibility="private", queue=False)
+
+        running: dict[str, list] = {}  # session -> its stream handles, for Stop and page close
+
+        async def cancel_session(request: gr.Request):
+            for handle in running.pop(getattr(request, "session_hash", None) or "", []):
+                handle.cancel()
+
+        async def generate(request: gr.Request, *args):
+            (cat, *kv), rest = args[: 1 + 2 * N_ROWS], args[1 + 2 * N_ROWS :]
+            raw_s, style_s, length_v, max_t, samp, temp, topp, seed_v, cmp = rest
+            rows = list(zip(kv[0::2], kv[1::2]))
+            try:
+                content, pairs = form_to_content(cat, rows, raw_s)
+                messages = state.adcopy_messages(content, style_s, int(length_v or 0) or None)
+                state.check_prompt(messages, param="attributes")
+                config = _ui_config(limits, max_t, samp, temp, topp, seed_v)
+            except Exception as e:  # ValueError, ApiError: shown, never raised into Gradio
+                yield "", "", "", "", f"⚠️ {getattr(e, 'message', None) or e}"
+                return
+            runs = [True] + ([False] if cmp and compare_ok else [])
+            handles = []
+            try:
+                for use_adapter in runs:
+                    handles.append(state.scheduler.open_stream([messages], config, use_adapter=use_adapter))
+            except Exception as e:
+                for h in handles:
+                    h.cancel()
+                yield "", "", "", "", f"⚠️ 服务器忙 server busy: {e}"
+                return
+            session = getattr(request, "session_hash", None) or ""
+            await cancel_session(request)  # a new click replaces this session's previous run
+            running[session] = handles
+            texts, figs = ["", ""], ["", ""]
+            yield "", "", "", "", f"生成中… `{content}`"
+            try:
+                for slot, handle in enumerate(handles):
+                    async for kind, _i, payload in handle:
+                        if kind == "piece":
+                            texts[slot] += payload
+                        elif kind == "done":
+                            texts[slot] = payload.text
+                            fig = await asyncio.to_thread(state.figures, pairs, payload.text)
+                            figs[slot] = format_figures(fig, payload)
+                        yield texts[0], figs[0], texts[1], figs[1], f"生成中… `{content}`"
+                yield texts[0], figs[0], texts[1], figs[1], f"完成 · `{content}`"
+            finally:
+                for h in handles:
+                    h.cancel()  # page closed / stop pressed: the model stops after its current step
+                if running.get(session) is handles:
+                    del running[session]
+
+        event = go.click(
+            generate,
+            inputs=[*form_inputs, style, length, max_tokens, sampling, temperature, top_p, seed, compare],
+            outputs=[out_main, fig_main, out_base, fig_base, status],
+            api_visibility="private",
+            concurrency_limit=8,
+        )
+        # Gradio's `cancels` stops the event on the page, but does not always close the generator
+        # on the server: cancel this session's streams ourselves, and again when the page is closed.
+        stop.click(cancel_session, None, None, api_visibility="private", queue=False)
+        stop.click(None, cancels=[event], api_visibility="private", queue=False)
+        demo.unload(cancel_session)
+    demo.queue(max_size=min(64, limits.max_queue))
+    return demo
+
+
+def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed):
+    from adgen.generation import DecodingConfig
+
+    max_tokens = max(1, min(int(max_tokens or limits.default_max_tokens), limits.max_tokens))
+    if not sampling:
+        return DecodingConfig(max_new_tokens=max_tokens)
+    return DecodingConfig(
+        max_new_tokens=max_tokens, do_sample=True, temperature=float(temperature), top_p=float(top_p),
+        seed=int(seed) if seed not in (None, "") and int(seed) >= 0 else None,
+    )
+
+
+def mount_ui(app, state: ServeState) -> None:
+    import gradio as gr
+
+    api_key = state.settings.resolved_api_key()
+    gr.mount_gradio_app(
+        app,
+        build_ui(state),
+        path=UI_PATH,
+        auth=check_ui_login(api_key) if api_key else None,
+        auth_message="输入 API key 作为密码（用户名任意） / Enter the server's API key as the password" if api_key else None,
+        footer_links=[],
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        theme=gr.themes.Default(),  # local fonts only: nothing is fetched from a CDN
+        css=CSS,
+    )
