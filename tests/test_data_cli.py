@@ -155,7 +155,7 @@ def test_preview_passes_every_option_to_the_library(capsys, monkeypatch, tmp_pat
             ),  # fmt: skip
         )
     ]
-    rc, out, _ = run_cli(capsys, "preview", "f.json", "--model", "m", "--json")
+    assert [json.loads(line) for line in out.strip().splitlines()] == rows  # JSON lines, one per record
     assert json.loads(out) == rows
     # Without --system-prompt the library's default (adgen's prompt) must apply: nothing is passed.
     assert calls[-1][2]["n"] == 3 and "system_prompt" not in calls[-1][2] and calls[-1][2]["loss_on"] == "response"
