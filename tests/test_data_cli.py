@@ -155,8 +155,8 @@ def test_preview_passes_every_option_to_the_library(capsys, monkeypatch, tmp_pat
             ),  # fmt: skip
         )
     ]
+    rc, out, _ = run_cli(capsys, "preview", "f.json", "--model", "m", "--json")
     assert [json.loads(line) for line in out.strip().splitlines()] == rows  # JSON lines, one per record
-    assert json.loads(out) == rows
     # Without --system-prompt the library's default (adgen's prompt) must apply: nothing is passed.
     assert calls[-1][2]["n"] == 3 and "system_prompt" not in calls[-1][2] and calls[-1][2]["loss_on"] == "response"
 
@@ -170,8 +170,8 @@ def test_preview_end_to_end_keeps_the_default_system_prompt(capsys, adgen_train_
     from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
 
     rc, out, _ = run_cli(capsys, "preview", adgen_train_path, "--model", llama3_tokenizer_dir, "-n", "2", "--json")
-    rows = json.loads(out)
+    rows = [json.loads(line) for line in out.strip().splitlines()]
     assert rc == 0 and [r["line"] for r in rows] == [1, 2]
     assert DEFAULT_SYSTEM_PROMPT in rows[0]["prompt"] and "类型#裤*版型#宽松" in rows[0]["prompt"]
     rc, out, _ = run_cli(capsys, "preview", adgen_train_path, "--model", llama3_tokenizer_dir, "-n", "1", "--json", "--system-prompt", "")
-    assert rc == 0 and "system" not in json.loads(out)[0]["prompt"]
+    assert rc == 0 and "system" not in json.loads(out.splitlines()[0])["prompt"]
