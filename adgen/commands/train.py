@@ -23,6 +23,21 @@ FLAG_KEYS = {
 }
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets `key=value` overrides come anywhere, also after options (`--max-steps 5 lora.r=16`)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
@@ -34,6 +49,7 @@ def register(subparsers) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.__class__ = _IntermixedParser  # same parser, overrides allowed between options
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=16 max_samples=200")
     p.add_argument("--config", "-c", default=None, help="YAML recipe (configs/llama3-8b-lora.yaml, ...)")
     p.add_argument("--model", help="hub id, local HF directory, .gguf file or built-in alias (smollm2-135m)")
@@ -69,6 +85,9 @@ def build_config(args):
     from adgen.config import parse_overrides
     from adgen.train.config import load_train_config
 
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.append(args.resume)  # `--resume key=value`: an override, not a checkpoint path
+        args.resume = "latest"
     overrides = parse_overrides(args.overrides)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)

@@ -1,0 +1,197 @@
+"""Batches: padding-free packing, length-grouped padding, and the deterministic data order.
+
+Targets are shifted *per example* before anything is concatenated: `targets[t]` is the label of
+token t+1 of the same example, and the last token of every example has no target. So a packed row
+never asks one example to predict the first token of the next, and the loss only needs the positions
+where `targets != -100` (the LM head runs on those alone, see `adgen.train.loss`).
+
+Packed rows: the `batch_size` examples of a micro-batch are concatenated into one row, with
+`position_ids` restarting at 0 for each example and *no* attention mask. transformers (>= 5) reads the
+restarts as packed-sequence boundaries: sdpa / eager / flex attention get a block-diagonal causal mask,
+flash-attention its varlen kernel, so no token attends across examples (`test_packing_matches_padding`
+checks the losses equal those of padded batches). Packing changes the layout only, never which
+examples form a step, so `batching` does not change what is optimised.
+
+Data order: an endless stream of per-epoch permutations (seeded by `seed` + epoch); optimizer step s
+uses stream positions [s*G, (s+1)*G) with G = batch_size * grad_accum * world_size. The position in
+the data is therefore a function of the step alone, which makes resume exact.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from adgen.data.chat import IGNORE_INDEX, Example
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [rows, T]
+    targets: torch.Tensor  # [rows, T], next-token labels, -100 where no loss
+    position_ids: torch.Tensor | None  # packed rows: restarts per example
+    attention_mask: torch.Tensor | None  # padded rows: 1 = real token
+    num_examples: int
+    num_tokens: int  # real (non-pad) tokens
+    num_padded: int  # slots in the tensor (rows * T)
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "Batch":
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(
+            mv(self.input_ids), mv(self.targets), mv(self.position_ids), mv(self.attention_mask),
+            self.num_examples, self.num_tokens, self.num_padded,
+        )
+
+    def model_inputs(self) -> dict:
+        out = {"input_ids": self.input_ids}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        return out
+
+
+def shifted_targets(labels: Sequence[int]) -> list[int]:
+    """labels[1:] + [-100]: the target of each position within one example."""
+    return list(labels[1:]) + [IGNORE_INDEX]
+
+
+def pack(examples: Sequence[Example]) -> Batch:
+    """One row holding every example back to back; position ids restart per example; no padding."""
+    ids: list[int] = []
+    tgt: list[int] = []
+    pos: list[int] = []
+    for ex in examples:
+        ids.extend(ex.input_ids)
+        tgt.extend(shifted_targets(ex.labels))
+        pos.extend(range(len(ex.input_ids)))
+    n = len(ids)
+    return Batch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        targets=torch.tensor([tgt], dtype=torch.long),
+        position_ids=torch.tensor([pos], dtype=torch.long),
+        attention_mask=None,
+        num_examples=len(examples),
+        num_tokens=n,
+        num_padded=n,
+    )
+
+
+def pad(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:
+    """Right-padded rows with an attention mask (pad positions have target -100)."""
+    longest = max(len(ex.input_ids) for ex in examples)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    rows = len(examples)
+    input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+    targets = torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((rows, longest), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[i, :n] = torch.tensor(ex.input_ids)
+        targets[i, :n] = torch.tensor(shifted_targets(ex.labels))
+        mask[i, :n] = 1
+    tokens = sum(len(ex.input_ids) for ex in examples)
+    return Batch(input_ids, targets, None, mask, rows, tokens, rows * longest)
+
+
+def collate(examples: Sequence[Example], batching: str, pad_id: int) -> Batch:
+    if batching == "packed":
+        return pack(examples)
+    return pad(examples, pad_id)
+
+
+class DataOrder:
+    """Which examples each optimizer step / micro-batch / process gets; a pure function of the step.
+
+    `grouped` sorts by length inside mega-batches of 64 micro-batches (then shuffles the micro-batches),
+    so padded batches hold similar lengths while the order stays random at the batch level.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        batch_size: int,
+        grad_accum: int,
+        world_size: int = 1,
+        seed: int = 0,
+        batching: str = "packed",
+        group_size: int = 64,
+    ) -> None:
+        if not lengths:
+            raise ValueError("no examples to train on")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.seed = seed
+        self.batching = batching
+        self.group_size = group_size
+        self._epochs: dict[int, list[int]] = {}
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            order = list(range(self.num_examples))
+            rng.shuffle(order)
+            if self.batching == "grouped":
+                order = self._group(order, rng)
+            self._epochs[epoch] = order
+            for old in [e for e in self._epochs if e < epoch - 1]:
+                del self._epochs[old]
+        return self._epochs[epoch]
+
+    def _group(self, order: list[int], rng: random.Random) -> list[int]:
+        micro = self.batch_size * self.world_size  # what one micro-step consumes over all processes
+        mega = micro * self.group_size
+        chunks: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            block = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            chunks.extend(block[j : j + micro] for j in range(0, len(block), micro))
+        full = [c for c in chunks if len(c) == micro]
+        rest = [i for c in chunks if len(c) != micro for i in c]
+        rng.shuffle(full)
+        return [i for c in full for i in c] + rest
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_examples)
+        return self.epoch_order(epoch)[offset]
+
+    def step_indices(self, step: int, rank: int = 0) -> list[list[int]]:
+        """The micro-batches (lists of example indices) that process `rank` trains on at `step` (0-based)."""
+        base = step * self.examples_per_step
+        micro = self.batch_size * self.world_size
+        out = []
+        for m in range(self.grad_accum):
+            start = base + m * micro + rank * self.batch_size
+            out.append([self.index(p) for p in range(start, start + self.batch_size)])
+        return out
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.examples_per_step / self.num_examples
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, batching: str, pad_id: int, rank: int = 0, world: int = 1):
+    """Eval micro-batches for this process: length-sorted (least padding), sharded across processes."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    mine = order[rank::world]
+    for start in range(0, len(mine), batch_size):
+        yield collate([examples[i] for i in mine[start : start + batch_size]], batching, pad_id)

@@ -1,0 +1,173 @@
+"""`TrainConfig`: every option of `adgen train`, one typed dataclass filled from YAML + overrides.
+
+Load with `load_train_config(path, overrides)`; `validate()` turns impossible combinations into a
+`ConfigError` that names the option and the fix. Recipes live in `configs/*.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from adgen.errors import ConfigError
+
+Method = Literal["lora", "qlora", "dora", "prefix", "full"]
+Precision = Literal["auto", "fp32", "bf16", "bf16-frozen", "fp16"]
+Batching = Literal["packed", "grouped", "padded"]
+Scheduler = Literal["cosine", "linear", "constant"]
+
+# Sentinel for "the built-in Chinese ad-copy system prompt" (adgen.data.chat.DEFAULT_SYSTEM_PROMPT).
+DEFAULT_PROMPT = "default"
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # A list of module names, or "all-linear" (every linear layer except the LM head).
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None  # e.g. [embed_tokens, lm_head] when new tokens are trained
+
+    def __post_init__(self) -> None:
+        # YAML/CLI give "all-linear" as a one-item list (the loader splits strings into lists)
+        if self.target_modules in (["all-linear"], ["all_linear"], "all_linear"):
+            self.target_modules = "all-linear"
+        elif isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+
+
+@dataclass
+class PrefixSection:
+    """P-Tuning v2 (PEFT prefix tuning): trained key/value prefixes in every layer."""
+
+    num_virtual_tokens: int = 128  # ChatGLM-6B ptuning's PRE_SEQ_LEN
+    prefix_projection: bool = False  # reparametrise through an MLP (ChatGLM's --prefix_projection)
+    encoder_hidden_size: int | None = None  # MLP width when prefix_projection (default: hidden size)
+
+
+@dataclass
+class TrainConfig:
+    # ---- model -------------------------------------------------------------------------------
+    model: str = "smollm2-135m"  # hub id, local HF dir, .gguf file or built-in alias
+    trust_remote_code: bool = False  # needed by ChatGLM-style checkpoints; only for code you trust
+    method: Method = "lora"
+    load_in_4bit: bool = False  # NF4 base (implied by method=qlora; also allowed with prefix)
+    attn_implementation: str | None = None  # None = transformers' default (sdpa); flash_attention_2 on GPUs
+    gradient_checkpointing: bool = False
+    precision: Precision = "auto"
+    allow_fp16: bool = False  # fp16 is refused unless this is set (NaN risk)
+    lora: LoraSection = field(default_factory=LoraSection)
+    prefix: PrefixSection = field(default_factory=PrefixSection)
+
+    # ---- data --------------------------------------------------------------------------------
+    train_data: str | None = None
+    eval_data: str | None = None
+    encoding: str | None = None  # default: detect UTF-8 / UTF-8-BOM / GBK
+    on_error: Literal["fail", "skip"] = "fail"
+    columns: str | None = None  # e.g. "content=instruction,summary=output" or "alpaca"
+    max_samples: int | None = None  # use the first N training records
+    max_eval_samples: int | None = 200  # eval loss on the first N eval records
+    system_prompt: str | None = DEFAULT_PROMPT  # "default", a custom prompt, or null for none
+    loss_on: Literal["response", "all"] = "response"
+    max_length: int = 512  # tokens per example (prompt + response); the response is cut past it
+
+    # ---- batching / optimisation ------------------------------------------------------------
+    batching: Batching = "packed"
+    batch_size: int = 2  # examples per micro-batch per process
+    grad_accum: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 2e-4
+    lr_scheduler: Scheduler = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+
+    # ---- output ------------------------------------------------------------------------------
+    output_dir: str = "runs/adgen"
+    log_every: int = 1  # steps between metrics.jsonl rows
+    eval_every: int = 50  # steps between eval losses (0: only at the end)
+    eval_on_start: bool = False  # also the eval loss of the untrained model (step 0)
+    save_every: int = 50  # steps between checkpoints (0: only the final artefacts)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    plot: bool = True
+    progress: bool = True
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (ignored under accelerate launch/torchrun)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.method == "qlora" or self.load_in_4bit
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method != "full"
+
+    def validate(self) -> "TrainConfig":
+        if not self.train_data:
+            raise ConfigError("no training data: set train_data in the config or pass --train-data FILE")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"config key 'max_steps' must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"config key 'epochs' must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
+        if self.max_length < 8:
+            raise ConfigError(f"config key 'max_length' is too small ({self.max_length})")
+        if self.method == "full" and self.load_in_4bit:
+            raise ConfigError(
+                "method=full with load_in_4bit: 4-bit weights cannot be trained directly; "
+                "use method=qlora (LoRA over a 4-bit base) or drop load_in_4bit"
+            )
+        if self.method == "full" and self.precision == "bf16-frozen":
+            raise ConfigError(
+                "precision=bf16-frozen keeps frozen base weights in bf16 and trainable ones in fp32; with "
+                "method=full every weight is trainable: use precision=bf16 or fp32"
+            )
+        if self.precision == "fp16" and not self.allow_fp16:
+            raise ConfigError(
+                "fp16 training is refused: Llama-3 (and most modern LLMs) overflow in fp16 and the loss turns NaN. "
+                "Use precision=bf16 (GPUs since Ampere) or fp32; if you really must, set allow_fp16=true "
+                "(--force-fp16), which also enables loss scaling"
+            )
+        if self.lora.r < 1:
+            raise ConfigError(f"config key 'lora.r' must be >= 1, got {self.lora.r}")
+        self.lora.__post_init__()
+        if self.prefix.num_virtual_tokens < 1:
+            raise ConfigError("config key 'prefix.num_virtual_tokens' must be >= 1")
+        for name in ("log_every",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{name}' must be >= 1")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name}' must be >= 0 (0 = off)")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("config key 'keep_checkpoints' must be >= 1")
+        return self
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    from adgen.config import load_config
+
+    return load_config(TrainConfig, path, overrides)
+
+
+# Keys that may change between a run and its --resume without changing what is computed up to the
+# checkpoint (anything else that differs is reported).
+RESUME_MUTABLE_KEYS = {
+    "max_steps", "epochs", "output_dir", "log_every", "eval_every", "save_every", "keep_checkpoints",
+    "plot", "progress", "device", "eval_data", "max_eval_samples",
+}

@@ -1,0 +1,529 @@
+"""The SFT loop: one readable function on top of accelerate.
+
+    train(cfg) = prepare run dir -> tokenize data -> load model + method -> optimizer, schedule
+                 -> [resume] -> for each optimizer step: grad_accum micro-batches, clip, step,
+                    log / eval / NaN guard / checkpoint -> final eval -> artefacts + summary
+
+accelerate supplies the process group (DDP over gloo/NCCL, FSDP, DeepSpeed), device placement,
+mixed precision and no-sync gradient accumulation; everything else (data order, packing, loss,
+checkpoints) is here so that it can be exact: the loss of a step is the sum of token cross-entropies
+over every micro-batch of every process divided by their total target-token count, so 1 process x
+batch 4 and 2 processes x batch 2 compute the same step, and a resumed run the same steps as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adgen.errors import AdgenError
+from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from adgen.train import checkpoint as ckpt_mod
+from adgen.train.config import DEFAULT_PROMPT, RESUME_MUTABLE_KEYS, TrainConfig
+from adgen.train.run_dir import prepare_output_dir, replace_dir, temp_dir_for
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(AdgenError):
+    """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    status: str
+    steps: int
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def train_losses(self) -> list[float]:
+        return [r["loss"] for r in self.metrics if "loss" in r]
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+
+
+def _peak_memory_gb(device) -> tuple[float, str]:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GPU allocated"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss_kb / 2**20, "process RSS"
+
+
+def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    def fn(step: int) -> float:  # `step` = optimizer steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(min_ratio, 1.0 - progress * (1.0 - min_ratio))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _reset_accelerate_state() -> None:
+    """Forget a previous Accelerator's settings (the process group, if any, is kept)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _eval_mode(module, *, keep_4bit_training: bool) -> None:
+    """module.eval(), except bitsandbytes' 4-bit layers on CPU.
+
+    bitsandbytes (0.50) repacks a CPU Linear4bit's weights into an inference-only layout the first time
+    it runs in eval mode without grad, and from then on no gradient flows back through that layer:
+    every LoRA / prefix weight before it silently stops training. Those layers have no dropout, so
+    leaving their `training` flag set changes nothing else.
+    """
+    module.eval()
+    if not keep_4bit_training:
+        return
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.training = True
+
+
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
+    """DeepSpeed reads batch size / accumulation / clipping from its JSON: fill the "auto" ones from cfg."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+
+
+def _system_prompt(cfg: TrainConfig):
+    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
+
+    if cfg.system_prompt == DEFAULT_PROMPT:
+        return DEFAULT_SYSTEM_PROMPT
+    return cfg.system_prompt or None
+
+
+def _read(path: str, cfg: TrainConfig, limit: int | None, what: str):
+    from adgen.data.records import parse_columns, read_records
+
+    columns = parse_columns(cfg.columns) if cfg.columns else None
+    data = read_records(path, encoding=cfg.encoding, on_error=cfg.on_error, columns=columns)
+    if data.skipped:
+        log.warning("%s: %s", path, data.skip_summary())
+    records = data.records[:limit] if limit else data.records
+    if not records:
+        raise AdgenError(f"{what} file {path} has no usable records")
+    return records
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b and f"{prefix}{k}" not in RESUME_MUTABLE_KEYS:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+class _Printer:
+    """Messages for people: main process only, on stderr, above the progress bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+
+# ---- the recipe --------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False) -> TrainResult:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from adgen.data.chat import ChatFormatter, encode_records
+    from adgen.models import load_tokenizer, resolve_model
+    from adgen.train.collate import DataOrder, collate, eval_batches
+    from adgen.train.loss import CausalLMLoss
+    from adgen.train.peft_setup import apply_method, count_parameters, load_base_model, resolve_precision
+
+    cfg.validate()
+    t_setup = time.perf_counter()
+    out = Path(cfg.output_dir)
+
+    # -- processes, device, precision ----------------------------------------------------------
+    want_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if not want_cpu and cfg.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(torch.device(cfg.device))
+    precision = resolve_precision(cfg, "cpu" if want_cpu else "cuda")
+    _reset_accelerate_state()  # a second train() in one process may use another precision
+    accelerator = Accelerator(
+        cpu=want_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+    )
+    main = accelerator.is_main_process
+    say = _Printer(main)
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    # -- run directory -------------------------------------------------------------------------
+    resuming = resume not in (None, False)
+    if main:
+        prepare_output_dir(out, overwrite=overwrite, resume=resuming)
+    accelerator.wait_for_everyone()
+    ckpt_info = ckpt_mod.resolve_resume(out, resume) if resuming else None
+    if main and resuming:
+        ckpt_mod.clean_partial(out)
+    if main:
+        from adgen.config import save_config
+
+        save_config(cfg, out / "config.yaml")
+
+    # -- data ----------------------------------------------------------------------------------
+    with accelerator.main_process_first():  # built-in models are converted once, by one process
+        resolved = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
+    formatter = ChatFormatter(tokenizer, system_prompt=_system_prompt(cfg), loss_on=cfg.loss_on, max_length=cfg.max_length)
+    train_records = _read(cfg.train_data, cfg, cfg.max_samples, "training")
+    train_examples, stats = encode_records(formatter, train_records)
+    if not train_examples:
+        raise AdgenError(f"no training example fits max_length={cfg.max_length}: raise max_length")
+    say(f"[adgen] train data: {cfg.train_data}: {stats.summary()}")
+    eval_examples = []
+    if cfg.eval_data:
+        eval_examples, estats = encode_records(formatter, _read(cfg.eval_data, cfg, cfg.max_eval_samples, "eval"))
+        say(f"[adgen] eval data: {cfg.eval_data}: {estats.summary()}")
+
+    # -- model + method ------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    base = load_base_model(cfg, str(resolved.path), precision, device, local_rank=accelerator.local_process_index)
+    model = apply_method(base, cfg, precision)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
+
+    batching = cfg.batching
+    notes: list[str] = []
+    if batching == "packed" and cfg.method == "prefix":
+        batching = "grouped"
+        notes.append(
+            "prefix tuning: packing is off (the trained prefix is a key/value cache, and transformers only "
+            "separates packed samples without one); using length-grouped padded batches"
+        )
+    elif batching == "packed" and cfg.trust_remote_code:
+        batching = "grouped"
+        notes.append("remote-code model: its attention may ignore per-sample position ids, so packing is off; "
+                     "using length-grouped padded batches")
+    for n in notes:
+        say(f"[adgen] note: {n}")
+    say(
+        f"[adgen] model {cfg.model} ({resolved.kind}), method {cfg.method}, precision {precision.name}, "
+        f"batching {batching}, {world} process(es) on {device.type}; trainable {trainable:,} / {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.3f}%)"
+    )
+
+    # -- optimisation --------------------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+    )
+    order = DataOrder(
+        [len(e.input_ids) for e in train_examples], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        world_size=world, seed=cfg.seed, batching=batching,
+    )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.num_examples / order.examples_per_step))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
+    )
+    _fill_deepspeed_config(accelerator, cfg)
+    wrapped, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+    pad_id = tokenizer.pad_token_id
+
+    # -- resume --------------------------------------------------------------------------------
+    start_step, metrics = 0, []
+    counters = {"tokens": 0, "padded": 0, "examples": 0, "train_time": 0.0}
+    last_ckpt: str | None = None
+    if ckpt_info is not None:
+        state = ckpt_mod.load_checkpoint(
+            accelerator, ckpt_info, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler
+        )
+        start_step, metrics = state["step"], state["metrics"]
+        counters.update(state["counters"])
+        last_ckpt = str(ckpt_info.path)
+        diff = _config_diff(state.get("config", {}), asdict(cfg))
+        if diff:
+            say("[adgen] warning: the config differs from the checkpoint's; the result will differ from an "
+                "uninterrupted run: " + "; ".join(diff[:8]))
+        say(f"[adgen] resumed from {ckpt_info.path} at step {start_step}/{total_steps}")
+    if main:
+        atomic_write_jsonl(out / "metrics.jsonl", metrics)
+    say(
+        f"[adgen] {len(train_examples)} examples, {order.examples_per_step} per step "
+        f"({cfg.batch_size} x {cfg.grad_accum} accum x {world} proc), {total_steps} steps "
+        f"({order.epoch_at(total_steps):.2f} epochs), warmup {warmup}, setup {time.perf_counter() - t_setup:.1f}s"
+    )
+
+    summary_base = {
+        "output_dir": str(out), "model": cfg.model, "model_path": str(resolved.path), "method": cfg.method,
+        "precision": precision.name, "batching": batching, "processes": world, "device": device.type,
+        "trainable_parameters": trainable, "total_parameters": total, "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples), "truncated_examples": stats.truncated, "dropped_examples": stats.dropped,
+        "total_steps": total_steps, "notes": notes,
+    }
+
+    def state_for_checkpoint(step: int) -> dict:
+        return {"step": step, "data_position": step * order.examples_per_step, "world_size": world,
+                "counters": dict(counters), "metrics": metrics, "config": asdict(cfg)}
+
+    def reduce_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if world > 1:
+            t = accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def evaluate() -> float | None:
+        if not eval_examples:
+            return None
+        _eval_mode(wrapped, keep_4bit_training=cfg.quantized and device.type == "cpu")
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for b in eval_batches(eval_examples, cfg.batch_size, batching, pad_id, rank, world):
+                b = b.to(device)
+                s, n = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask)
+                loss_sum += float(s)
+                count += n
+        wrapped.train()
+        loss_sum, count = reduce_sum([loss_sum, count])
+        return loss_sum / max(count, 1)
+
+    def write_metrics_row(row: dict) -> None:
+        metrics.append(row)
+        if main:
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    # -- the loop ------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (main and cfg.progress), file=sys.stderr)
+    wrapped.train()
+    window = {"loss": 0.0, "targets": 0, "steps": 0}
+    tokens_per_s = 0.0
+    last_eval = None
+    status = "completed"
+    step = start_step
+    if cfg.eval_on_start and start_step == 0 and eval_examples:
+        write_metrics_row({"step": 0, "eval_loss": evaluate()})
+        say(f"[adgen] step 0: eval loss {metrics[-1]['eval_loss']:.4f}")
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            batches = [collate([train_examples[i] for i in idx], batching, pad_id)
+                       for idx in order.step_indices(step - 1, rank)]
+            local = [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches),
+                     sum(b.num_padded for b in batches), sum(b.num_examples for b in batches)]
+            n_targets, n_tokens, n_padded, n_examples = reduce_sum(local) if world > 1 else local
+            scale = world * cfg.grad_accum / max(n_targets, 1)
+            loss_local = torch.zeros((), dtype=torch.float64, device=device)
+            for b in batches:
+                b = b.to(device)
+                with accelerator.accumulate(wrapped):
+                    loss_sum, _ = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask)
+                    accelerator.backward(loss_sum * scale)
+                loss_local += loss_sum.detach().double()
+            loss = (reduce_sum([float(loss_local)])[0] if world > 1 else float(loss_local)) / max(n_targets, 1)
+            if not math.isfinite(loss):
+                status = "diverged"
+                raise TrainingDiverged(
+                    f"the training loss became {loss} at step {step}; the run stopped without applying that update. "
+                    f"Last good checkpoint: {last_ckpt or 'none (no checkpoint was written yet)'}. "
+                    f"Try a lower lr (now {cfg.lr:g}), precision=bf16 or fp32 instead of fp16, max_grad_norm=1.0, "
+                    "or check the data; continue from the checkpoint with --resume"
+                )
+            grad_norm = None
+            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                gn = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(gn) if gn is not None else None
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer.step()
+            if not optimizer.step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            counters["tokens"] += int(n_tokens)
+            counters["padded"] += int(n_padded)
+            counters["examples"] += int(n_examples)
+            counters["train_time"] += dt
+            tokens_per_s = n_tokens / dt if dt > 0 else 0.0
+            window["loss"] += loss * n_targets
+            window["targets"] += n_targets
+            window["steps"] += 1
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                row = {
+                    "step": step, "epoch": round(order.epoch_at(step), 4),
+                    "loss": window["loss"] / max(window["targets"], 1), "lr": lr_now,
+                    "grad_norm": grad_norm, "tokens": counters["tokens"],
+                    "tokens_per_s": round(tokens_per_s, 1),
+                    "padding": round(1 - n_tokens / max(n_padded, 1), 4),
+                    "peak_mem_gb": round(_peak_memory_gb(device)[0], 3),
+                    "time": round(counters["train_time"], 2),
+                }
+                write_metrics_row(row)
+                window = {"loss": 0.0, "targets": 0, "steps": 0}
+                if not cfg.progress:  # plain log lines instead of the bar (CI, log files)
+                    say(f"[adgen] step {step}/{total_steps} loss {row['loss']:.4f} lr {lr_now:.2e} "
+                        f"tokens/s {tokens_per_s:.0f} padding {100 * row['padding']:.1f}% "
+                        f"peak mem {row['peak_mem_gb']:.2f} GiB")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            bar.update(1)
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and eval_examples:
+                last_eval = evaluate()
+                write_metrics_row({"step": step, "eval_loss": last_eval})
+                say(f"[adgen] step {step}: eval loss {last_eval:.4f}")
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+                path = ckpt_mod.save_checkpoint(
+                    accelerator, out, step, model=model, wrapped=wrapped, optimizer=optimizer,
+                    scheduler=scheduler, trainer_state=state_for_checkpoint(step), keep=cfg.keep_checkpoints,
+                    is_peft=cfg.is_peft,
+                )
+                last_ckpt = str(path)
+    except TrainingDiverged:
+        bar.close()
+        if main:
+            summary = {**summary_base, "status": status, "steps": step - 1, "last_checkpoint": last_ckpt}
+            atomic_write_json(out / "summary.json", summary)
+            atomic_write_jsonl(out / "metrics.jsonl", metrics)
+        raise
+    bar.close()
+
+    # -- final eval and artefacts --------------------------------------------------------------
+    if eval_examples:
+        last_eval = evaluate()
+        write_metrics_row({"step": total_steps, "eval_loss": last_eval})
+    artefact = save_final(accelerator, cfg, out, model, wrapped, tokenizer)
+    peak, peak_kind = _peak_memory_gb(device)
+    peak = max([peak] + [r.get("peak_mem_gb", 0.0) for r in metrics if "loss" in r])
+    train_rows = [r for r in metrics if "loss" in r]
+    summary = {
+        **summary_base,
+        "status": status,
+        "steps": total_steps,
+        "epochs": round(order.epoch_at(total_steps), 4),
+        "train_time_s": round(counters["train_time"], 1),
+        "tokens": counters["tokens"],
+        "tokens_per_s": round(counters["tokens"] / max(counters["train_time"], 1e-9), 1),
+        "padding_share": round(1 - counters["tokens"] / max(counters["padded"], 1), 4),
+        "peak_memory_gb": round(peak, 3),
+        "peak_memory_kind": peak_kind,
+        "first_train_loss": train_rows[0]["loss"] if train_rows else None,
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "final_eval_loss": last_eval,
+        "artefact": str(artefact),
+        "last_checkpoint": last_ckpt,
+        "files": {k: str(out / k) for k in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json",
+                                            "train_summary.md", "attribute_vocab.json")},
+    }
+    if main:
+        atomic_write_jsonl(out / "metrics.jsonl", metrics)
+        if cfg.plot:
+            from adgen.train.plots import plot_losses
+
+            plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}")
+        _save_vocab(train_records, out / "attribute_vocab.json", cfg.train_data, say)
+        atomic_write_text(out / "train_summary.md", summary_markdown(summary))
+        atomic_write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    if world > 1:
+        accelerator.end_training()  # destroys the process group
+    return TrainResult(out, status, total_steps, summary, metrics)
+
+
+def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokenizer) -> Path:
+    """adapter/ (PEFT) or model/ (full): complete directories, moved into place at once."""
+    final = out / ("adapter" if cfg.is_peft else "model")
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    state_dict = None
+    if sharded:  # every process takes part in gathering the full weights
+        state_dict = accelerator.get_state_dict(wrapped)
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+    if accelerator.is_main_process:
+        tmp = temp_dir_for(final)
+        kw = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **kw)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_vocab(records, path: Path, source: str, say) -> None:
+    try:
+        from adgen.metrics import AttributeVocab
+    except ImportError:  # adgen.metrics is optional for training
+        say("[adgen] note: adgen.metrics is unavailable; attribute_vocab.json not written")
+        return
+    AttributeVocab.from_records(records, source=str(source)).save(path)
+
+
+def summary_markdown(s: dict) -> str:
+    def fmt(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"# Training run: {s['model']} · {s['method']}",
+        "",
+        f"- status: **{s['status']}**, {s['steps']} steps ({s.get('epochs', '-')} epochs), "
+        f"{s['train_examples']} train / {s['eval_examples']} eval examples",
+        f"- time: {s.get('train_time_s', '-')} s training; {s.get('tokens_per_s', '-')} tokens/s; "
+        f"padding {100 * s.get('padding_share', 0):.1f}% ({s['batching']})",
+        f"- peak memory: {fmt(s.get('peak_memory_gb'), '.2f')} GiB ({s.get('peak_memory_kind', '')})",
+        f"- loss: first {fmt(s.get('first_train_loss'))}, final train {fmt(s.get('final_train_loss'))}, "
+        f"final eval {fmt(s.get('final_eval_loss'))}",
+        f"- precision {s['precision']}; {s['processes']} process(es) on {s['device']}; trainable "
+        f"{s['trainable_parameters']:,} of {s['total_parameters']:,} parameters",
+        f"- result: `{s.get('artefact', '-')}`; last checkpoint: `{s.get('last_checkpoint') or '-'}`",
+        f"- files: config.yaml, metrics.jsonl, loss.png, summary.json, attribute_vocab.json in `{s['output_dir']}`",
+    ]
+    for n in s.get("notes") or []:
+        lines.append(f"- note: {n}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,389 @@
+"""adgen.train: batching, loss, methods, guard rails, artefacts (tiny random Llama + real Llama-3 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import eval_losses, read_metrics, tiny_config, train_losses
+
+from adgen.data.chat import IGNORE_INDEX, ChatFormatter, Example, encode_records
+from adgen.errors import AdgenError, ConfigError, ModelError
+from adgen.train.collate import DataOrder, pack, pad
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(llama3_tokenizer, adgen_train_path):
+    from adgen.data.records import read_records
+
+    records = read_records(adgen_train_path).records[:6]
+    fmt = ChatFormatter(llama3_tokenizer, system_prompt=None, max_length=96)
+    examples, _ = encode_records(fmt, records)
+    return examples
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama3_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
+    return model.eval()
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+
+def test_pack_restarts_positions_and_never_targets_across_examples():
+    a = Example([1, 2, 3], [IGNORE_INDEX, 2, 3])
+    b = Example([4, 5], [IGNORE_INDEX, 5])
+    batch = pack([a, b])
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    # token 3 (end of a) must not predict 4 (start of b): its target is -100
+    assert batch.targets.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert batch.attention_mask is None and batch.num_padded == batch.num_tokens == 5
+    padded = pad([a, b], pad_id=0)
+    assert padded.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert padded.targets.tolist() == [[2, 3, IGNORE_INDEX], [5, IGNORE_INDEX, IGNORE_INDEX]]
+    assert padded.num_padded == 6 and padded.num_tokens == 5
+
+
+def test_data_order_is_a_function_of_the_step_and_splits_the_global_batch():
+    lengths = [10 + (i * 7) % 50 for i in range(37)]
+    one = DataOrder(lengths, batch_size=4, grad_accum=1, world_size=1, seed=3)
+    two = DataOrder(lengths, batch_size=2, grad_accum=1, world_size=2, seed=3)
+    for step in range(12):  # crosses epochs
+        single = one.step_indices(step)[0]
+        split = two.step_indices(step, rank=0)[0] + two.step_indices(step, rank=1)[0]
+        assert single == split
+    again = DataOrder(lengths, batch_size=4, grad_accum=1, seed=3)
+    assert [again.step_indices(s) for s in (7, 3)] == [one.step_indices(7), one.step_indices(3)]
+    epoch0 = [i for s in range(10) for i in one.step_indices(s)[0]][:37]
+    assert sorted(epoch0) == list(range(37))  # every example once per epoch
+    grouped = DataOrder(lengths, batch_size=4, grad_accum=1, seed=3, batching="grouped", group_size=4)
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for s in range(8) for b in grouped.step_indices(s)]
+    plain = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for s in range(8) for b in one.step_indices(s)]
+    assert sum(spread) < sum(plain)  # length grouping really groups
+
+
+# ---- loss --------------------------------------------------------------------------------------
+
+
+def test_response_only_loss_equals_transformers_loss(tiny_model, tiny_examples):
+    from adgen.train.loss import CausalLMLoss
+
+    batch = pad(tiny_examples[:3], pad_id=0)
+    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
+    for i, ex in enumerate(tiny_examples[:3]):
+        labels[i, : len(ex.labels)] = torch.tensor(ex.labels)
+    with torch.no_grad():
+        ref = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        wrapper = CausalLMLoss(tiny_model, ce_chunk=7)  # chunks of 7 rows exercise the chunked CE
+        total, n = wrapper(batch.input_ids, batch.targets, attention_mask=batch.attention_mask)
+    assert wrapper.select_logits  # logits only at target positions (transformers' logits_to_keep mask)
+    assert n == sum(ex.num_label_tokens for ex in tiny_examples[:3])
+    assert float(total) / n == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_packed_loss_equals_padded_loss(tiny_model, tiny_examples):
+    from adgen.train.loss import CausalLMLoss
+
+    wrapper = CausalLMLoss(tiny_model)
+    packed, padded = pack(tiny_examples), pad(tiny_examples, pad_id=0)
+    with torch.no_grad():
+        lp, n_p = wrapper(packed.input_ids, packed.targets, position_ids=packed.position_ids)
+        ld, n_d = wrapper(padded.input_ids, padded.targets, attention_mask=padded.attention_mask)
+        # the same row without restarting positions lets examples attend to each other: must differ
+        leak, _ = wrapper(packed.input_ids, packed.targets)
+    assert n_p == n_d
+    assert float(lp) == pytest.approx(float(ld), rel=1e-5)
+    assert abs(float(leak) - float(ld)) / n_d > 1e-3
+
+
+def test_packing_and_padding_train_the_same(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from adgen.train import train
+
+    runs = {}
+    for batching in ("packed", "padded"):
+        cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / batching, batching=batching, max_steps=4, max_length=160)
+        runs[batching] = train(cfg)
+    packed, padded = runs["packed"], runs["padded"]
+    assert packed.summary["padding_share"] == 0.0 and padded.summary["padding_share"] > 0.01
+    assert len(packed.train_losses) == 4
+    for a, b in zip(packed.train_losses, padded.train_losses):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+# ---- methods -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,over",
+    [
+        ("lora", {}),
+        ("dora", {}),
+        ("prefix", {"lr": 1e-1, "prefix": {"num_virtual_tokens": 8}}),
+        ("full", {"lr": 2e-3}),
+    ],
+)
+def test_method_lowers_the_loss(method, over, tiny_llama3_dir, adgen_train_path, tmp_path):
+    from adgen.train import train
+
+    cfg = tiny_config(
+        tiny_llama3_dir, adgen_train_path, tmp_path / method, method=method, max_steps=6, max_samples=4,
+        eval_data=str(adgen_train_path), max_eval_samples=4, eval_on_start=True, **over,
+    )
+    result = train(cfg)
+    ev = eval_losses(tmp_path / method)
+    assert set(ev) == {0, 6}
+    assert ev[6] < ev[0] - 0.03, ev  # the 4 training examples are being fitted
+    assert math.isfinite(result.summary["final_train_loss"])
+    artefact = tmp_path / method / ("model" if method == "full" else "adapter")
+    assert (artefact / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).is_file()
+    if method == "prefix":
+        assert result.summary["batching"] == "grouped" and "prefix tuning" in result.summary["notes"][0]
+    if method == "dora":
+        assert json.loads((artefact / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_qlora_runs_real_nf4_steps_on_cpu(tiny_llama3_dir, adgen_train_path, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from adgen.train import train
+
+    common = dict(method="qlora", max_steps=4, lr=1e-2, precision="bf16-frozen")
+    result = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "q", **common, eval_every=2,
+                               eval_data=str(adgen_train_path), max_eval_samples=4, eval_on_start=True))
+    ev = eval_losses(tmp_path / "q")
+    assert ev[4] < ev[0] - 0.03, ev
+    assert result.summary["total_parameters"] > result.summary["trainable_parameters"] > 0
+    adapter_cfg = json.loads((tmp_path / "q" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA"
+    # evaluating must not change training: bitsandbytes repacks CPU 4-bit weights for inference the
+    # first time they run in eval mode, after which no gradient flows through them
+    no_eval = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "q2", **common))
+    assert no_eval.train_losses == pytest.approx(result.train_losses, abs=1e-6)
+
+
+def test_qlora_base_really_is_4bit(tiny_llama3_dir):
+    pytest.importorskip("bitsandbytes")
+    from adgen.train.config import LoraSection, TrainConfig
+    from adgen.train.peft_setup import apply_method, load_base_model, resolve_precision
+
+    cfg = TrainConfig(model=str(tiny_llama3_dir), method="qlora", train_data="x", lora=LoraSection(target_modules=["q_proj"]))
+    prec = resolve_precision(cfg, "cpu")
+    model = apply_method(load_base_model(cfg, str(tiny_llama3_dir), prec, torch.device("cpu")), cfg, prec)
+    kinds = {type(p).__name__ for n, p in model.named_parameters() if "proj" in n and "lora" not in n}
+    assert "Params4bit" in kinds
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert model.base_model.model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+
+
+# ---- resume / guard rails ----------------------------------------------------------------------
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
+    """In-process interruption right after the step-4 checkpoint (the SIGKILL version is in test_train_dist.py)."""
+    from adgen.train import checkpoint as ckpt_mod
+    from adgen.train import train
+
+    over = {"max_steps": 8, "save_every": 2, "keep_checkpoints": 5, "lora": {"dropout": 0.1}, "eval_every": 0}
+    full = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "a", **over))
+
+    original = ckpt_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = original(*args, **kwargs)
+        if args[2] == 4:
+            raise KeyboardInterrupt  # the process "dies" after the step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "b", **over))
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", original)
+    assert not (tmp_path / "b" / "summary.json").exists()
+    resumed = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "b", **over), resume=True)
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert resumed.summary["status"] == "completed"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
+    from adgen.train import loss as loss_mod
+    from adgen.train import train
+    from adgen.train.trainer import TrainingDiverged
+
+    calls = {"n": 0}
+    original = loss_mod.CausalLMLoss.forward
+
+    def forward(self, *a, **k):
+        total, n = original(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] > 2:  # from step 3 on (one micro-batch per step)
+            total = total * float("nan")
+        return total, n
+
+    monkeypatch.setattr(loss_mod.CausalLMLoss, "forward", forward)
+    cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "nan", save_every=2, max_steps=6)
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "step 3" in msg and "lower lr" in msg and "step-2" in msg
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert [c.name for c in (tmp_path / "nan" / "checkpoints").iterdir()] == ["step-2"]
+    assert max(train_losses(tmp_path / "nan")) == 2
+
+
+def test_output_dir_of_another_run_needs_overwrite(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from adgen.train.run_dir import prepare_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: x\n")
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(AdgenError, match="--overwrite"):
+        prepare_output_dir(run, overwrite=False, resume=False)
+    prepare_output_dir(run, overwrite=True, resume=False)
+    assert list(run.iterdir()) == []
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(AdgenError, match="does not look like an adgen run"):
+        prepare_output_dir(other, overwrite=True, resume=False)
+    assert (other / "cat.jpg").exists()
+
+
+def test_fp16_is_refused_unless_forced():
+    from adgen.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="NaN"):
+        TrainConfig(train_data="x", precision="fp16").validate()
+    TrainConfig(train_data="x", precision="fp16", allow_fp16=True).validate()
+    with pytest.raises(ConfigError, match="bf16-frozen"):
+        TrainConfig(train_data="x", precision="bf16-frozen", method="full").validate()
+
+
+def test_qlora_without_bitsandbytes_or_support_says_so(monkeypatch):
+    import builtins
+
+    from adgen.train.peft_setup import check_4bit_support
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *a, **k):
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ModelError, match="pip install 'bitsandbytes"):
+        check_4bit_support(torch.device("cpu"))
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def unsupported(*a, **k):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", unsupported)
+    with pytest.raises(ModelError, match="cannot run 4-bit NF4 on cpu"):
+        check_4bit_support(torch.device("cpu"))
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def test_cli_train_writes_every_artefact(tiny_llama3_dir, adgen_train_path, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adgen.cli import main
+
+    out = tmp_path / "run"
+    argv = [
+        "train", "--model", str(tiny_llama3_dir), "--train-data", str(adgen_train_path),
+        "--eval-data", str(adgen_train_path), "--method", "lora", "--output-dir", str(out), "--max-steps", "4",
+        "--max-samples", "8", "system_prompt=null", "eval_every=2", "save_every=2",
+        "max_eval_samples=4", "max_length=64", "lora.target_modules=q_proj,v_proj", "lora.r=4", "--no-progress",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "peak memory" in printed
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "train_summary.md",
+                 "attribute_vocab.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/tokenizer_config.json", "checkpoints/step-4/optimizer.pt",
+                 "checkpoints/step-4/rng/rank-0.pt", "checkpoints/step-2/adapter/adapter_model.safetensors"):
+        assert (out / name).exists(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.0 and r["peak_mem_gb"] > 0 for r in train_rows)
+    assert sorted(eval_losses(out)) == [2, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["tokens_per_s"] > 0
+    import yaml
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["lora"]["r"] == 4 and resolved["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert resolved["batching"] == "packed"  # defaults are written too
+    vocab = json.loads((out / "attribute_vocab.json").read_text())
+    assert vocab["values"]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert peft_model.peft_config["default"].r == 4
+    # a second run into the same directory is refused ...
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # ... and --resume of the finished run with more steps continues from its last checkpoint
+    assert main(argv[:-1] + ["--no-progress", "--resume", "--max-steps", "5"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_prefix_tuning_over_a_4bit_base(tiny_llama3_dir, adgen_train_path, tmp_path):
+    """P-Tuning v2 over an NF4 base (ChatGLM's ptuning with QUANTIZATION_BIT=4)."""
+    pytest.importorskip("bitsandbytes")
+    from adgen.train import train
+
+    cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "p4", method="prefix", load_in_4bit=True,
+                      max_steps=3, lr=1e-1, prefix={"num_virtual_tokens": 4}, precision="fp32",
+                      eval_data=str(adgen_train_path), max_eval_samples=4, max_samples=4, eval_on_start=True)
+    result = train(cfg)
+    ev = eval_losses(tmp_path / "p4")
+    assert ev[3] < ev[0], ev
+    assert result.summary["batching"] == "grouped"
+    assert json.loads((tmp_path / "p4" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+
+
+def test_config_forms_of_lora_targets_and_recipes_load(tmp_path):
+    from pathlib import Path
+
+    from adgen.train.config import load_train_config
+
+    for value, expected in (("all-linear", "all-linear"), ("q_proj", ["q_proj"]), ("q_proj,v_proj", ["q_proj", "v_proj"])):
+        cfg = load_train_config(None, [f"lora.target_modules={value}", "train_data=x"])
+        cfg.validate()
+        cfg.validate()  # idempotent
+        assert cfg.lora.target_modules == expected
+    (tmp_path / "c.yaml").write_text("lora:\n  target_modules: all-linear\n  rslora: true\n")
+    assert load_train_config(tmp_path / "c.yaml", ["train_data=x"]).validate().lora.target_modules == "all-linear"
+    with pytest.raises(ConfigError, match="unknown config key 'lora.rank'"):
+        load_train_config(None, ["lora.rank=4"])
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {p.name for p in recipes} >= {"llama3-8b-lora.yaml", "llama3-8b-qlora.yaml", "smollm2-135m.yaml"}
+    for recipe in recipes:
+        cfg = load_train_config(recipe).validate()
+        if recipe.name == "llama3-8b-lora.yaml":  # the reference recipe
+            assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lr, cfg.lr_scheduler) == (
+                8, 16, ["q_proj", "v_proj"], 2e-4, "cosine")
+            assert (cfg.batch_size, cfg.grad_accum) == (2, 4)
+        if recipe.name == "llama3-8b-qlora.yaml":
+            assert cfg.quantized and cfg.gradient_checkpointing
