@@ -108,11 +108,11 @@ def test_packing_and_padding_train_the_same(tiny_llama3_dir, adgen_train_path, t
 
     runs = {}
     for batching in ("packed", "padded"):
-        cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / batching, batching=batching, max_steps=4, max_length=160)
+        cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / batching, batching=batching, max_steps=3, max_length=160)
         runs[batching] = train(cfg)
     packed, padded = runs["packed"], runs["padded"]
     assert packed.summary["padding_share"] == 0.0 and padded.summary["padding_share"] > 0.01
-    assert len(packed.train_losses) == 4
+    assert len(packed.train_losses) == 3
     for a, b in zip(packed.train_losses, padded.train_losses):
         assert a == pytest.approx(b, rel=1e-4)
 
@@ -153,11 +153,11 @@ def test_qlora_runs_real_nf4_steps_on_cpu(tiny_llama3_dir, adgen_train_path, tmp
     pytest.importorskip("bitsandbytes")
     from adgen.train import train
 
-    common = dict(method="qlora", max_steps=4, lr=1e-2, precision="bf16-frozen")
+    common = dict(method="qlora", max_steps=3, lr=1e-2, precision="bf16-frozen")
     result = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "q", **common, eval_every=2,
                                eval_data=str(adgen_train_path), max_eval_samples=4, eval_on_start=True))
     ev = eval_losses(tmp_path / "q")
-    assert ev[4] < ev[0] - 0.03, ev
+    assert ev[3] < ev[0] - 0.03, ev
     assert result.summary["total_parameters"] > result.summary["trainable_parameters"] > 0
     adapter_cfg = json.loads((tmp_path / "q" / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["peft_type"] == "LORA"
@@ -187,19 +187,19 @@ def test_qlora_base_really_is_4bit(tiny_llama3_dir):
 
 
 def test_resume_after_interruption_equals_uninterrupted(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
-    """In-process interruption right after the step-4 checkpoint (the SIGKILL version is in test_train_dist.py)."""
+    """In-process interruption right after the step-3 checkpoint (the SIGKILL version is in test_train_dist.py)."""
     from adgen.train import checkpoint as ckpt_mod
     from adgen.train import train
 
-    over = {"max_steps": 8, "save_every": 2, "keep_checkpoints": 5, "lora": {"dropout": 0.1}, "eval_every": 0}
+    over = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 5, "lora": {"dropout": 0.1}, "eval_every": 0}
     full = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "a", **over))
 
     original = ckpt_mod.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         path = original(*args, **kwargs)
-        if args[2] == 4:
-            raise KeyboardInterrupt  # the process "dies" after the step-4 checkpoint
+        if args[2] == 3:
+            raise KeyboardInterrupt  # the process "dies" after the step-3 checkpoint
         return path
 
     monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
@@ -209,7 +209,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_llama3_dir, adgen_t
     assert not (tmp_path / "b" / "summary.json").exists()
     resumed = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "b", **over), resume=True)
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
-    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
     assert resumed.summary["status"] == "completed"

@@ -47,7 +47,6 @@ def register(subparsers) -> None:
             "then `key=value` overrides (e.g. lora.r=16 lr=1e-4), then the flags below. Runs as is on one "
             "CPU/GPU, and under `accelerate launch` / `torchrun` on several."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.__class__ = _IntermixedParser  # same parser, overrides allowed between options
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=16 max_samples=200")
@@ -75,6 +74,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    from adgen.commands.data import add_read_arguments
+
+    add_read_arguments(p)  # --encoding, --on-error, --columns: as in `adgen data`
     p.set_defaults(func=run)
 
 
@@ -99,6 +101,12 @@ def build_config(args):
         overrides["allow_fp16"] = True
     if args.no_progress:
         overrides["progress"] = False
+    if getattr(args, "encoding", None):
+        overrides["encoding"] = args.encoding
+    if getattr(args, "on_error", "fail") != "fail":
+        overrides["on_error"] = args.on_error
+    if getattr(args, "columns", None):
+        overrides["columns"] = args.columns
     config_path = args.config
     if config_path is None and args.resume is not None:
         out = overrides.get("output_dir")
