@@ -11,19 +11,7 @@ import pytest
 from adgen.data.chat import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, ChatFormatter, encode_records
 from adgen.errors import ModelError
 
-CONTENT = "类型#裙*颜色#黑色"
-SUMMARY = "黑色长裙。"
-
-LLAMA3_PROMPT = (
-    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
-    "<|start_header_id|>user<|end_header_id|>\n\n类型#裙*颜色#黑色<|eot_id|>"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n"
-)
-LLAMA3_RESPONSE = "黑色长裙。<|eot_id|>"
-CHATML_PROMPT = (
-    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n类型#裙*颜色#黑色<|im_end|>\n<|im_start|>assistant\n"
-)
-CHATML_RESPONSE = "黑色长裙。<|im_end|>"
+from expected_chat import CHATML_PROMPT, CHATML_RESPONSE, CONTENT, LLAMA3_PROMPT, LLAMA3_RESPONSE, SUMMARY
 
 BOS, EOS, EOT = 128000, 128001, 128009
 START_HEADER, END_HEADER, ASSISTANT = 128006, 128007, 78191
