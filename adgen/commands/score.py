@@ -54,16 +54,6 @@ def _write_per_example(path: str, rows, per_example: list[dict[str, Any]]) -> No
     atomic_write_jsonl(path, ({"line": r.line, **s} for r, s in zip(rows, per_example)))
 
 
-def _fmt(key: str, value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if key in ("n", "n_with_attributes"):
-        return str(value)
-    if key == "length_chars":
-        return f"{value:.1f}"
-    return f"{value:.4f}"
-
-
 _SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("protocol (jieba ROUGE F x100, char BLEU-4 x100)", ("rouge-1", "rouge-2", "rouge-l", "bleu-4")),
     ("text", ("chinese_share", "repetition_rate", "distinct-1", "distinct-2", "length_chars")),
@@ -77,6 +67,7 @@ _SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def _print_table(summary: dict[str, Any], source: str) -> None:
     from rich.console import Console
     from rich.table import Table
+    from adgen.evaluation.report import fmt_value
 
     table = Table(title=f"{source}: {summary['n']} examples", title_justify="left")
     table.add_column("metric")
@@ -88,7 +79,7 @@ def _print_table(summary: dict[str, Any], source: str) -> None:
         table.add_section()
         table.add_row(f"[bold]{title}[/bold]", "")
         for key in present:
-            table.add_row(key, _fmt(key, summary[key]))
+            table.add_row(key, fmt_value(key, summary[key], decimals=4))
     console = Console()
     console.print(table)
     if "n_with_attributes" not in summary:

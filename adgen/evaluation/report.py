@@ -33,13 +33,17 @@ DRIFT_BELOW = 0.9
 REPETITION_ABOVE = 0.2
 
 
-def fmt_value(key: str, value: Any) -> str:
+def fmt_value(key: str, value: Any, decimals: int | None = None) -> str:
+    """A metric for people: counts as integers, length to 0.1, protocol scores to 0.01 and shares to
+    0.001 -- or every fractional figure to `decimals` places when given (`adgen score` uses 4)."""
     if value is None:
         return "n/a"
     if key in ("n", "n_with_attributes"):
         return str(value)
     if key == "length_chars":
         return f"{value:.1f}"
+    if decimals is not None:
+        return f"{value:.{decimals}f}"
     if key in PROTOCOL_METRICS:
         return f"{value:.2f}"
     return f"{value:.3f}"
