@@ -51,6 +51,54 @@ def test_pack_restarts_positions_and_never_targets_across_examples():
     assert padded.num_padded == 6 and padded.num_tokens == 5
 
 
+def test_shared_prefix_is_put_once_and_stops_inside_every_prompt():
+    head = list(range(100, 110))  # 10 tokens every example starts with
+    a = Example(head + [1, 2, 3], [IGNORE_INDEX] * 11 + [2, 3])
+    b = Example(head + [1, 4], [IGNORE_INDEX] * 11 + [4])  # same first prompt token after the head
+    batch = pack([a, b], share_prefix=True)
+    shared = 10  # not 11: token 1 is the last prompt token of b, and position 10 predicts a target
+    assert batch.num_shared == shared
+    assert batch.input_ids.tolist() == [head + [1, 2, 3] + [1, 4]]
+    assert batch.position_ids.tolist() == [list(range(13)) + [10, 11]]
+    plain = pack([a, b])
+    assert sorted(t for t in batch.targets[0].tolist() if t != IGNORE_INDEX) == sorted(
+        t for t in plain.targets[0].tolist() if t != IGNORE_INDEX)
+    assert batch.num_tokens == plain.num_tokens == 25  # 13 + 12: as if each had its own head
+    short = Example(head[:5] + [9], [IGNORE_INDEX] * 5 + [9])  # common prefix of 5 < the minimum: no sharing
+    assert pack([a, short], share_prefix=True).num_shared == 0
+
+
+def test_shared_prefix_packing_gives_the_padded_loss_and_gradients(tiny_llama3_dir, llama3_tokenizer, adgen_train_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adgen.data.records import read_records
+    from adgen.train.loss import CausalLMLoss
+    from adgen.train.packed_attention import enable_packed_attention
+
+    fmt = ChatFormatter(llama3_tokenizer, max_length=192)  # the default system prompt: a long common start
+    tiny_examples, _ = encode_records(fmt, read_records(adgen_train_path).records[:4])
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert enable_packed_attention(model.get_base_model())
+    wrapper = CausalLMLoss(model)
+    shared = pack(tiny_examples, share_prefix=True)
+    assert len(tiny_examples) == 4 and shared.num_shared > 0 and shared.input_ids.shape[1] < shared.num_tokens
+    padded = pad(tiny_examples, pad_id=0)
+    grads = []
+    for b, kw in ((shared, {"position_ids": shared.position_ids}), (padded, {"attention_mask": padded.attention_mask})):
+        model.zero_grad()
+        loss, n = wrapper(b.input_ids, b.targets, **kw)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        grads[-1].insert(0, float(loss))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for g_shared, g_padded in zip(grads[0][1:], grads[1][1:]):
+        torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)
+
+
 def test_data_order_is_a_function_of_the_step_and_splits_the_global_batch():
     lengths = [10 + (i * 7) % 50 for i in range(37)]
     one = DataOrder(lengths, batch_size=4, grad_accum=1, world_size=1, seed=3)

@@ -32,11 +32,12 @@ from adgen.data.chat import IGNORE_INDEX, Example
 class Batch:
     input_ids: torch.Tensor  # [rows, T]
     targets: torch.Tensor  # [rows, T], next-token labels, -100 where no loss
-    position_ids: torch.Tensor | None  # packed rows: restarts per example
+    position_ids: torch.Tensor | None  # packed rows: restarts per example (at the shared prefix length)
     attention_mask: torch.Tensor | None  # padded rows: 1 = real token
     num_examples: int
-    num_tokens: int  # real (non-pad) tokens
-    num_padded: int  # slots in the tensor (rows * T)
+    num_tokens: int  # real (non-pad) tokens of the examples
+    num_padded: int  # slots in the tensor (rows * T); for packed rows = num_tokens
+    num_shared: int = 0  # prompt-prefix tokens computed once for several examples (not in the tensor)
 
     @property
     def num_targets(self) -> int:
@@ -48,7 +49,7 @@ class Batch:
 
         return Batch(
             mv(self.input_ids), mv(self.targets), mv(self.position_ids), mv(self.attention_mask),
-            self.num_examples, self.num_tokens, self.num_padded,
+            self.num_examples, self.num_tokens, self.num_padded, self.num_shared,
         )
 
     def model_inputs(self) -> dict:
@@ -65,16 +66,49 @@ def shifted_targets(labels: Sequence[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE_INDEX]
 
 
-def pack(examples: Sequence[Example]) -> Batch:
-    """One row holding every example back to back; position ids restart per example; no padding."""
-    ids: list[int] = []
-    tgt: list[int] = []
-    pos: list[int] = []
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate segment
+
+
+def shared_prefix_length(examples: Sequence[Example]) -> int:
+    """Tokens every example starts with, ending strictly inside every prompt (so no target is shared)."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    limit = min(_prompt_length(ex) for ex in examples) - 1
+    n = 0
+    while n < limit and all(ex.input_ids[n] == first[n] for ex in examples[1:]):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _prompt_length(ex: Example) -> int:
+    """Leading positions without a label (0 with loss_on=all)."""
+    n = 0
+    for label in ex.labels:
+        if label != IGNORE_INDEX:
+            break
+        n += 1
+    return n
+
+
+def pack(examples: Sequence[Example], share_prefix: bool = False) -> Batch:
+    """One row holding every example back to back; position ids restart per example; no padding.
+
+    share_prefix: the prompt start that all examples have in common (chat header, system prompt) is
+    put in the row once; each example's own tokens then continue its position ids from the prefix
+    length, which tells `packed_attention` to let them attend to that prefix. Same logits and loss as
+    one copy per example (the prefix sees only itself either way), for 1/n of the prefix's compute.
+    Only valid with `adgen.train.packed_attention` active.
+    """
+    shared = shared_prefix_length(examples) if share_prefix else 0
+    ids: list[int] = list(examples[0].input_ids[:shared])
+    tgt: list[int] = [IGNORE_INDEX] * shared
+    pos: list[int] = list(range(shared))
     for ex in examples:
-        ids.extend(ex.input_ids)
-        tgt.extend(shifted_targets(ex.labels))
-        pos.extend(range(len(ex.input_ids)))
-    n = len(ids)
+        ids.extend(ex.input_ids[shared:])
+        tgt.extend(shifted_targets(ex.labels)[shared:])
+        pos.extend(range(shared, len(ex.input_ids)))
+    n = sum(len(ex.input_ids) for ex in examples)  # the examples' tokens, as if each had its own prefix
     return Batch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         targets=torch.tensor([tgt], dtype=torch.long),
@@ -83,6 +117,7 @@ def pack(examples: Sequence[Example]) -> Batch:
         num_examples=len(examples),
         num_tokens=n,
         num_padded=n,
+        num_shared=shared * (len(examples) - 1),
     )
 
 
@@ -104,9 +139,9 @@ def pad(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None
     return Batch(input_ids, targets, None, mask, rows, tokens, rows * longest)
 
 
-def collate(examples: Sequence[Example], batching: str, pad_id: int) -> Batch:
+def collate(examples: Sequence[Example], batching: str, pad_id: int, share_prefix: bool = False) -> Batch:
     if batching == "packed":
-        return pack(examples)
+        return pack(examples, share_prefix)
     return pad(examples, pad_id)
 
 
@@ -189,9 +224,12 @@ class DataOrder:
         return step * self.examples_per_step / self.num_examples
 
 
-def eval_batches(examples: Sequence[Example], batch_size: int, batching: str, pad_id: int, rank: int = 0, world: int = 1):
+def eval_batches(
+    examples: Sequence[Example], batch_size: int, batching: str, pad_id: int, rank: int = 0, world: int = 1,
+    share_prefix: bool = False,
+):
     """Eval micro-batches for this process: length-sorted (least padding), sharded across processes."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     mine = order[rank::world]
     for start in range(0, len(mine), batch_size):
-        yield collate([examples[i] for i in mine[start : start + batch_size]], batching, pad_id)
+        yield collate([examples[i] for i in mine[start : start + batch_size]], batching, pad_id, share_prefix)

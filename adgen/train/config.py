@@ -58,6 +58,10 @@ class TrainConfig:
     load_in_4bit: bool = False  # NF4 base (implied by method=qlora; also allowed with prefix)
     attn_implementation: str | None = None  # None = transformers' default (sdpa); flash_attention_2 on GPUs
     gradient_checkpointing: bool = False
+    # LM head only at positions with a target (response tokens); false = full logits, as HF Trainer does
+    target_logits_only: bool = True
+    # packed rows: the prompt start all examples share (chat header + system prompt) computed once per row
+    share_prompt_prefix: bool = True
     precision: Precision = "auto"
     allow_fp16: bool = False  # fp16 is refused unless this is set (NaN risk)
     lora: LoraSection = field(default_factory=LoraSection)

@@ -52,11 +52,11 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 class CausalLMLoss(nn.Module):
     """forward(input_ids, targets, position_ids=None, attention_mask=None) -> (loss_sum, n_targets)."""
 
-    def __init__(self, model: nn.Module, *, ce_chunk: int = 2048) -> None:
+    def __init__(self, model: nn.Module, *, ce_chunk: int = 2048, select_logits: bool = True) -> None:
         super().__init__()
         self.model = model
         self.ce_chunk = ce_chunk
-        self.select_logits = _accepts_logits_to_keep(model)
+        self.select_logits = select_logits and _accepts_logits_to_keep(model)
         self._checked = False
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None):

@@ -179,6 +179,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     from adgen.models import load_tokenizer, resolve_model
     from adgen.train.collate import DataOrder, collate, eval_batches
     from adgen.train.loss import CausalLMLoss
+    from adgen.train.packed_attention import enable_packed_attention
     from adgen.train.peft_setup import apply_method, count_parameters, load_base_model, resolve_precision
 
     cfg.validate()
@@ -247,11 +248,16 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         batching = "grouped"
         notes.append("remote-code model: its attention may ignore per-sample position ids, so packing is off; "
                      "using length-grouped padded batches")
+    attention = getattr(base.config, "_attn_implementation", None) or "default"
+    share_prefix = False  # the common prompt start once per packed row: needs our per-example attention
+    if batching == "packed" and not cfg.attn_implementation and enable_packed_attention(base):
+        share_prefix = cfg.share_prompt_prefix and cfg.loss_on == "response"
+        attention = "per-example" + (", shared prompt prefix" if share_prefix else "")
     for n in notes:
         say(f"[adgen] note: {n}")
     say(
         f"[adgen] model {cfg.model} ({resolved.kind}), method {cfg.method}, precision {precision.name}, "
-        f"batching {batching}, {world} process(es) on {device.type}; trainable {trainable:,} / {total:,} parameters "
+        f"batching {batching}, attention {attention}, {world} process(es) on {device.type}; trainable {trainable:,} / {total:,} parameters "
         f"({100 * trainable / max(total, 1):.3f}%)"
     )
 
@@ -273,7 +279,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         optimizer, _lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
     )
     _fill_deepspeed_config(accelerator, cfg)
-    wrapped, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+    wrapped, optimizer = accelerator.prepare(CausalLMLoss(model, select_logits=cfg.target_logits_only), optimizer)
     pad_id = tokenizer.pad_token_id
 
     # -- resume --------------------------------------------------------------------------------
@@ -324,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         _eval_mode(wrapped, keep_4bit_training=cfg.quantized and device.type == "cpu")
         loss_sum, count = 0.0, 0
         with torch.no_grad():
-            for b in eval_batches(eval_examples, cfg.batch_size, batching, pad_id, rank, world):
+            for b in eval_batches(eval_examples, cfg.batch_size, batching, pad_id, rank, world, share_prefix):
                 b = b.to(device)
                 s, n = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask)
                 loss_sum += float(s)
@@ -356,7 +362,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     try:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
-            batches = [collate([train_examples[i] for i in idx], batching, pad_id)
+            batches = [collate([train_examples[i] for i in idx], batching, pad_id, share_prefix)
                        for idx in order.step_indices(step - 1, rank)]
             local = [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches),
                      sum(b.num_padded for b in batches), sum(b.num_examples for b in batches)]

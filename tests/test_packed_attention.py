@@ -1,0 +1,78 @@
+"""Per-example attention for packed rows: same numbers as running each example alone."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adgen.train import packed_attention
+from adgen.train.packed_attention import PACKED_ATTENTION, enable_packed_attention, segment_bounds
+
+
+@pytest.fixture()
+def tiny_model(tiny_llama3_dir):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32).eval()
+
+
+def test_segment_bounds_cut_at_every_position_restart():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 2, 3, 0, 1, 2]])
+    assert segment_bounds(pos) == [
+        [(0, 3, 0), (3, 5, 0), (5, 9, 0)],
+        [(0, 2, 0), (2, 9, 0)],
+        [(0, 4, 0), (4, 6, 2), (6, 9, 0)],  # positions 2, 3 continue the row's first 2 tokens
+    ]
+
+
+def test_packed_row_equals_each_example_alone(tiny_model):
+    a = torch.tensor([11, 12, 13, 14, 15])
+    b = torch.tensor([21, 22, 23])
+    c = torch.tensor([31, 32, 33, 34, 35, 36, 37])
+    with torch.no_grad():
+        alone = [tiny_model(input_ids=x.unsqueeze(0)).logits[0] for x in (a, b, c)]
+        assert enable_packed_attention(tiny_model)
+        assert tiny_model.config._attn_implementation == PACKED_ATTENTION
+        row = torch.cat([a, b, c]).unsqueeze(0)
+        pos = torch.cat([torch.arange(len(x)) for x in (a, b, c)]).unsqueeze(0)
+        packed = tiny_model(input_ids=row, position_ids=pos).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_padded_batches_and_generation_still_use_the_mask(tiny_model):
+    prompts = torch.tensor([[0, 0, 41, 42, 43], [51, 52, 53, 54, 55]])  # left padding in row 0
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kwargs = dict(input_ids=prompts, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference = tiny_model.generate(**kwargs)
+        assert enable_packed_attention(tiny_model)
+        assert torch.equal(tiny_model.generate(**kwargs), reference)
+
+
+def test_shared_prefix_rows_equal_each_example_alone(tiny_model):
+    prefix = torch.tensor([1, 2, 3, 4])
+    a = torch.cat([prefix, torch.tensor([11, 12, 13])])
+    b = torch.cat([prefix, torch.tensor([21, 22, 23, 24, 25])])
+    with torch.no_grad():
+        alone = [tiny_model(input_ids=x.unsqueeze(0)).logits[0] for x in (a, b)]
+        assert enable_packed_attention(tiny_model)
+        row = torch.cat([prefix, a[4:], b[4:]]).unsqueeze(0)
+        pos = torch.cat([torch.arange(4), torch.arange(4, len(a)), torch.arange(4, len(b))]).unsqueeze(0)
+        packed = tiny_model(input_ids=row, position_ids=pos).logits[0]
+    torch.testing.assert_close(packed[:4], alone[0][:4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[4:7], alone[0][4:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[7:], alone[1][4:], atol=1e-5, rtol=1e-4)
+
+
+def test_unpadded_batches_of_several_rows(tiny_model):
+    ids = torch.randint(0, 1000, (3, 9))
+    with torch.no_grad():
+        reference = tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert enable_packed_attention(tiny_model)
+        torch.testing.assert_close(tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, reference)
+        torch.testing.assert_close(tiny_model(input_ids=ids).logits, reference)
+
+
+def test_a_model_that_would_leak_between_examples_keeps_its_attention(tiny_model, monkeypatch):
+    # simulate an attention that never sees the restarts: one segment per row
+    monkeypatch.setattr(packed_attention, "segment_bounds", lambda pos: [[(0, pos.shape[1], 0)]] * pos.shape[0])
+    assert not enable_packed_attention(tiny_model)
+    assert tiny_model.config._attn_implementation == "sdpa"
