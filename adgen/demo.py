@@ -1,8 +1,16 @@
-"""`adgen demo`: the main job on built-in defaults, no hub and no GPU needed.
+"""`adgen demo`: the whole journey on built-in defaults, no hub and no GPU needed (~10 min on 2 cores).
 
-Today: inspect the data, load the built-in model, write ad copy for a few dev records and save them.
-Data: `--data-dir` (a folder with dev.json, optionally train.json); without one, a small built-in
-sample written for this project (original text, not AdGen) keeps the demo working anywhere.
+1. data: inspect the train and dev files;
+2. zero-shot: evaluate the built-in model on a few dev records (greedy, the field's metrics);
+3. fine-tune: a short LoRA run on the first train records (the configs/smollm2-135m.yaml recipe);
+4. evaluate the fine-tuned model on the same records;
+5. compare: a table printed and written as comparison.md + comparison.png;
+6. the `adgen serve` command that serves the result.
+
+Data: `--data-dir` (a folder with dev.json and train.json); without one, a small built-in sample
+written for this project (original text, not AdGen) keeps the demo working anywhere — it then trains
+and evaluates on the same few records, which shows the mechanics, not generalisation.
+Everything lands in `--output-dir` (default runs/demo); a second run replaces it.
 """
 
 from __future__ import annotations
@@ -21,75 +29,142 @@ class DemoConfig:
     data_dir: str | None = None
     model: str = "smollm2-135m"
     output_dir: str = "runs/demo"
-    num_examples: int = 3
-    max_new_tokens: int = 96
+    eval_samples: int = 16  # dev records evaluated before and after fine-tuning
+    train_samples: int = 480  # first N train records for the short fine-tune
+    max_new_tokens: int = 128
+    batch_size: int = 16  # generation batch
+    progress: bool = True
 
 
 def builtin_sample_path() -> Path:
     return Path(str(resources.files("adgen") / "resources" / "sample_adgen.jsonl"))
 
 
-def demo_data_paths(data_dir: str | None) -> tuple[Path, Path | None]:
-    """(eval file, train file or None) from --data-dir, or the built-in sample."""
+def demo_data_paths(data_dir: str | None) -> tuple[Path, Path]:
+    """(dev file, train file) from --data-dir, or the built-in sample for both."""
     if data_dir is None:
-        return builtin_sample_path(), None
+        sample = builtin_sample_path()
+        return sample, sample
     d = Path(data_dir)
     if not d.is_dir():
         raise AdgenError(f"--data-dir {d} is not a directory (expected one holding dev.json and train.json)")
-    dev = d / "dev.json"
-    if not dev.is_file():
-        raise AdgenError(f"{d} has no dev.json; pass a folder laid out like ../shared/adgen, or omit --data-dir")
-    train = d / "train.json"
-    return dev, (train if train.is_file() else None)
+    dev, train = d / "dev.json", d / "train.json"
+    for f in (dev, train):
+        if not f.is_file():
+            raise AdgenError(f"{d} has no {f.name}; pass a folder laid out like ../shared/adgen, or omit --data-dir")
+    return dev, train
+
+
+def demo_train_config(cfg: DemoConfig, train_path: Path, dev_path: Path, output_dir: Path):
+    """The configs/smollm2-135m.yaml recipe, shortened to `train_samples` records."""
+    from adgen.train.config import LoraSection, TrainConfig
+
+    return TrainConfig(
+        model=cfg.model, method="lora", precision="auto",
+        lora=LoraSection(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
+        train_data=str(train_path), eval_data=str(dev_path), max_samples=cfg.train_samples,
+        max_eval_samples=cfg.eval_samples, max_length=640, batching="packed", batch_size=8, grad_accum=1,
+        epochs=1, lr=1e-3, lr_scheduler="cosine", warmup_ratio=0.1, output_dir=str(output_dir),
+        eval_every=0, eval_on_start=True, save_every=0, keep_checkpoints=1, progress=cfg.progress,
+    )
 
 
 def run_demo(cfg: DemoConfig, console=None) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
     from adgen.data.inspect import format_inspect_text, inspect_data
     from adgen.data.records import read_records
-    from adgen.generation import DecodingConfig, load_generator
-    from adgen.io import atomic_write_jsonl
 
     console = console or Console()
     out = Path(cfg.output_dir)
     dev_path, train_path = demo_data_paths(cfg.data_dir)
-    source = "built-in sample" if cfg.data_dir is None else str(dev_path)
+    source = "the built-in sample" if cfg.data_dir is None else str(Path(cfg.data_dir))
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
 
-    console.rule("[bold]1. data")
-    for path in [p for p in (train_path, dev_path) if p is not None]:
-        data = read_records(path)
-        console.print(format_inspect_text(inspect_data(data)), markup=False, highlight=False)
-    records = read_records(dev_path).records[: cfg.num_examples]
+    console.rule(f"[bold]1/5 data: {source}")
+    paths = [dev_path] if train_path == dev_path else [train_path, dev_path]
+    for path in paths:
+        console.print(format_inspect_text(inspect_data(read_records(path))), markup=False, highlight=False)
+    dev = read_records(dev_path).records[: cfg.eval_samples]
 
-    console.rule(f"[bold]2. model: {cfg.model}")
-    t0 = time.perf_counter()
-    gen = load_generator(cfg.model)
-    console.print(f"loaded on {gen.device} in {time.perf_counter() - t0:.1f}s")
+    console.rule(f"[bold]2/5 zero-shot: {cfg.model} on {len(dev)} dev record(s)")
+    t = time.perf_counter()
+    zero = _evaluate(cfg, None, dev, dev_path, out / "eval-zero-shot", console)
+    timings["zero_shot_eval_s"] = time.perf_counter() - t
 
-    console.rule(f"[bold]3. ad copy for {len(records)} record(s) of the {source} (zero-shot, greedy)")
-    t0 = time.perf_counter()
-    outputs = gen.generate([r.content for r in records], DecodingConfig(max_new_tokens=cfg.max_new_tokens))
-    secs = time.perf_counter() - t0
-    rows = []
-    table = Table(show_lines=True)
-    for col in ("attributes", "generated", "reference"):
-        table.add_column(col, overflow="fold")
-    for rec, g in zip(records, outputs):
-        rows.append({"line": rec.line, "content": rec.content, "label": rec.summary, "predict": g.text,
-                     "finish_reason": g.finish_reason, "completion_tokens": g.completion_tokens})
-        table.add_row(rec.content, g.text, rec.summary or "")
-    console.print(table)
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
-    tokens = sum(g.completion_tokens for g in outputs)
-    summary = {"model": cfg.model, "data": source, "records": len(rows), "seconds": round(secs, 2),
-               "generated_tokens": tokens, "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
-               "predictions": str(out / "predictions.jsonl")}
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
-    console.rule("[bold]summary")
+    console.rule(f"[bold]3/5 fine-tune: LoRA on the first {cfg.train_samples} train record(s)")
+    from adgen.train import train
+
+    t = time.perf_counter()
+    result = train(demo_train_config(cfg, train_path, dev_path, out / "train"), overwrite=True)
+    timings["train_s"] = time.perf_counter() - t
+    s = result.summary
+    console.print(f"{s['steps']} steps, {s['train_examples']} examples, {s['tokens_per_s']:.0f} tokens/s; "
+                  f"train loss {s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}; "
+                  f"loss curve {out / 'train' / 'loss.png'}")
+    adapter = Path(s["artefact"])
+
+    console.rule(f"[bold]4/5 fine-tuned: the same {len(dev)} dev record(s)")
+    t = time.perf_counter()
+    tuned = _evaluate(cfg, adapter, dev, dev_path, out / "eval-fine-tuned", console)
+    timings["fine_tuned_eval_s"] = time.perf_counter() - t
+
+    console.rule("[bold]5/5 zero-shot vs fine-tuned")
+    from adgen.evaluation.compare import compare_runs
+
+    comparison = compare_runs([zero.output_dir, tuned.output_dir], out, names=["zero-shot", "fine-tuned"])
+    console.print(comparison.markdown, markup=False, highlight=False)
+    _print_examples(console, dev, zero.rows, tuned.rows)
+
+    timings["total_s"] = time.perf_counter() - t_start
+    serve = f"adgen serve --model {cfg.model} --adapter {adapter}"
+    summary = {
+        "data": source, "model": cfg.model, "eval_records": len(dev), "train_records": s["train_examples"],
+        "zero_shot": zero.metrics["metrics"], "fine_tuned": tuned.metrics["metrics"],
+        "adapter": str(adapter), "comparison_md": str(comparison.table_path),
+        "comparison_png": str(comparison.chart_path), "serve_command": serve,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    from adgen.io import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    console.rule("[bold]done")
     console.print(
-        f"{len(rows)} ad(s) written in {secs:.1f}s ({summary['tokens_per_s']} tokens/s) -> {summary['predictions']}\n"
-        f"next: adgen train --config configs/smollm2-135m.yaml, then adgen eval / adgen serve"
+        f"in {timings['total_s'] / 60:.1f} min: comparison {comparison.table_path} and {comparison.chart_path}, "
+        f"adapter {adapter}, predictions in {out}/eval-*/\n"
+        f"try it:  {serve}   (then open http://127.0.0.1:8000/ui, or POST /v1/chat/completions)",
+        markup=False, highlight=False,
     )
     return summary
+
+
+def _evaluate(cfg: DemoConfig, adapter, records, data_path: Path, out: Path, console):
+    from adgen.evaluation.run import resolve_vocab, run_eval
+    from adgen.generation import DecodingConfig, load_generator
+
+    t = time.perf_counter()
+    gen = load_generator(cfg.model, adapter=adapter, batch_size=cfg.batch_size)
+    load_s = time.perf_counter() - t
+    vocab, vocab_source = resolve_vocab(None, adapter)
+    result = run_eval(gen, records, out, DecodingConfig(max_new_tokens=cfg.max_new_tokens), data_path=data_path,
+                      vocab=vocab, vocab_source=vocab_source, overwrite=True, progress=cfg.progress,
+                      model_load_s=load_s)
+    m = result.metrics["metrics"]
+    console.print(
+        f"ROUGE-1 {m['rouge-1']:.2f}  ROUGE-L {m['rouge-l']:.2f}  BLEU-4 {m['bleu-4']:.2f}  "
+        f"Chinese share {m.get('chinese_share', float('nan')):.2f}  repetition {m.get('repetition', float('nan')):.2f} "
+        f"-> {out}", markup=False, highlight=False,
+    )
+    return result
+
+
+def _print_examples(console, records, zero_rows, tuned_rows, k: int = 2) -> None:
+    from rich.table import Table
+
+    table = Table(show_lines=True, title="examples (greedy)")
+    for col in ("attributes", "zero-shot", "fine-tuned", "reference"):
+        table.add_column(col, overflow="fold")
+    for rec, z, f in list(zip(records, zero_rows, tuned_rows))[:k]:
+        table.add_row(rec.content, z["predict"], f["predict"], rec.summary or "")
+    console.print(table)

@@ -6,17 +6,26 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from adgen.demo import DemoConfig
+
+    d = DemoConfig()
     p = subparsers.add_parser(
         "demo",
-        help="run the main job on built-in defaults (built-in model, no hub, no GPU)",
-        description="Inspect the data, load the built-in model and write ad copy for a few dev records.",
+        help="the whole journey on built-in defaults: zero-shot eval, short fine-tune, eval, comparison (~10 min on CPU)",
+        description="Inspect the data, evaluate the built-in model zero-shot on a few dev records, fine-tune it "
+        "briefly with LoRA, evaluate again, and write the comparison (markdown + PNG) and the command to serve "
+        "the result. No hub, no GPU needed.",
     )
-    p.add_argument("--data-dir", help="folder with dev.json (and train.json), e.g. ../shared/adgen; "
+    p.add_argument("--data-dir", help="folder with dev.json and train.json, e.g. ../shared/adgen; "
                    "default: a small built-in sample")
-    p.add_argument("--model", default="smollm2-135m", help="model spec (default: the built-in smollm2-135m)")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("-n", "--num-examples", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--model", default=d.model, help=f"model spec (default: the built-in {d.model})")
+    p.add_argument("--output-dir", "-o", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, metavar="N",
+                   help=f"dev records evaluated before and after fine-tuning (default {d.eval_samples})")
+    p.add_argument("--train-samples", type=int, default=d.train_samples, metavar="N",
+                   help=f"first N train records for the short fine-tune (default {d.train_samples})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -24,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from adgen.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(data_dir=args.data_dir, model=args.model, output_dir=args.output_dir,
-                        num_examples=args.num_examples, max_new_tokens=args.max_new_tokens))
+                        eval_samples=args.eval_samples, train_samples=args.train_samples,
+                        max_new_tokens=args.max_new_tokens, progress=not args.no_progress))
     return 0

@@ -54,6 +54,23 @@ class TrainResult:
 # ---- small helpers ---------------------------------------------------------------------------
 
 
+def _heap_trimmer(device):
+    """On Linux CPUs: give freed activation memory back to the OS after each step.
+
+    Packed rows change length every step; glibc keeps the freed blocks of each size around, and the
+    process RSS crept up by GiBs over a few hundred steps. malloc_trim(0) costs well under a millisecond.
+    """
+    if device.type != "cpu":
+        return lambda: None
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 def _peak_memory_gb(device) -> tuple[float, str]:
     import torch
 
@@ -351,6 +368,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (main and cfg.progress), file=sys.stderr)
     wrapped.train()
+    trim_heap = _heap_trimmer(device)
     window = {"loss": 0.0, "targets": 0, "steps": 0}
     tokens_per_s = 0.0
     last_eval = None
@@ -393,6 +411,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             if not optimizer.step_was_skipped:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            trim_heap()
             dt = time.perf_counter() - t0
             counters["tokens"] += int(n_tokens)
             counters["padded"] += int(n_padded)

@@ -1,0 +1,58 @@
+"""`adgen demo`: the whole journey (zero-shot eval, fine-tune, eval, comparison, serve command)."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from adgen.cli import main
+from adgen.demo import DemoConfig, builtin_sample_path, run_demo
+
+
+def _check_journey(out, summary, eval_records):
+    assert summary["eval_records"] == eval_records
+    for run in ("zero_shot", "fine_tuned"):
+        assert {"rouge-1", "rouge-2", "rouge-l", "bleu-4"} <= set(summary[run])
+    assert (out / "eval-zero-shot" / "metrics.json").is_file()
+    assert (out / "eval-fine-tuned" / "metrics.json").is_file()
+    tuned = json.loads((out / "eval-fine-tuned" / "metrics.json").read_text())
+    assert tuned["adapter"] and (out / "train" / "adapter" / "adapter_config.json").is_file()
+    md = (out / "comparison.md").read_text()
+    assert "zero-shot" in md and "fine-tuned" in md and "ROUGE-1" in md
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["serve_command"].startswith("adgen serve ") and "--adapter" in summary["serve_command"]
+    assert json.loads((out / "summary.json").read_text())["serve_command"] == summary["serve_command"]
+
+
+def test_demo_runs_the_journey_on_a_data_dir(tiny_chatml_dir, adgen_dev_path, tmp_path):
+    out = tmp_path / "demo"
+    console = Console(record=True, width=160)
+    summary = run_demo(
+        DemoConfig(data_dir=str(adgen_dev_path.parent), model=str(tiny_chatml_dir), output_dir=str(out),
+                   eval_samples=3, train_samples=16, max_new_tokens=8, progress=False),
+        console=console,
+    )
+    _check_journey(out, summary, 3)
+    assert summary["train_records"] == 16
+    text = console.export_text()
+    assert "zero-shot vs fine-tuned" in text and "adgen serve" in text
+
+
+@pytest.mark.slow
+def test_demo_with_the_builtin_model_and_sample_needs_no_data(tmp_path, capsys):
+    """The README's main job, shortened: built-in model, built-in sample, no --data-dir."""
+    out = tmp_path / "demo"
+    code = main(["demo", "-o", str(out), "--eval-samples", "2", "--train-samples", "8", "--max-new-tokens", "16",
+                 "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    _check_journey(out, summary, 2)
+    assert summary["data"] == "the built-in sample" and summary["train_records"] == 8
+    assert builtin_sample_path().is_file()
+
+
+def test_demo_names_a_data_dir_without_dev_json(tmp_path, capsys):
+    (tmp_path / "train.json").write_text("")
+    assert main(["demo", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "dev.json" in err and str(tmp_path) in err
