@@ -21,6 +21,8 @@ def test_segment_bounds_cut_at_every_position_restart():
         [(0, 2, 0), (2, 9, 0)],
         [(0, 4, 0), (4, 6, 2), (6, 9, 0)],  # positions 2, 3 continue the row's first 2 tokens
     ]
+    # a jump past the first segment's length is a new sequence, not a continuation of it
+    assert segment_bounds(torch.tensor([[0, 1, 5, 6, 0, 1]])) == [[(0, 2, 0), (2, 4, 0), (4, 6, 0)]]
 
 
 def test_packed_row_equals_each_example_alone(tiny_model):

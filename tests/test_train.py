@@ -93,7 +93,7 @@ def test_shared_prefix_packing_gives_the_padded_loss_and_gradients(tiny_llama3_d
         loss, n = wrapper(b.input_ids, b.targets, **kw)
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-        grads[-1].insert(0, float(loss))
+        grads[-1].insert(0, loss.item())
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     for g_shared, g_padded in zip(grads[0][1:], grads[1][1:]):
         torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)

@@ -30,14 +30,15 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int, int]
     A segment starts wherever the position does not go up by one. `context` = the segment's first
     position when that is > 0 (a shared-prefix continuation: it also attends to the row's first
     `context` tokens, see `collate.pack(share_prefix=True)`), else 0. The first segment of a row
-    never has context.
+    never has context, and a restart at a position past the first segment's length gets none.
     """
     bounds = []
     for row in position_ids:
         starts = [0, *((row[1:] != row[:-1] + 1).nonzero().flatten() + 1).tolist()]
         ends = [*starts[1:], row.shape[0]]
         first = row[starts].tolist()
-        bounds.append([(s, e, p if s > 0 else 0) for s, e, p in zip(starts, ends, first)])
+        head = ends[0]  # a continuation can only refer to (part of) the row's first segment
+        bounds.append([(s, e, p if 0 < s and p <= head else 0) for s, e, p in zip(starts, ends, first)])
     return bounds
 
 
