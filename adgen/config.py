@@ -164,3 +164,15 @@ def save_config(obj: Any, path: str | Path) -> None:
     from adgen.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), allow_unicode=True, sort_keys=False))
+
+
+def dict_diff(old: dict, new: dict, *, ignore: frozenset[str] | set[str] = frozenset(), prefix: str = "") -> list[str]:
+    """`a.b: old -> new` for every (nested) key whose value differs, except dotted keys in `ignore`."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += dict_diff(a, b, ignore=ignore, prefix=f"{prefix}{k}.")
+        elif a != b and f"{prefix}{k}" not in ignore:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out

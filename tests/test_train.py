@@ -435,3 +435,16 @@ def test_config_forms_of_lora_targets_and_recipes_load(tmp_path):
             assert (cfg.batch_size, cfg.grad_accum) == (2, 4)
         if recipe.name == "llama3-8b-qlora.yaml":
             assert cfg.quantized and cfg.gradient_checkpointing
+
+
+def test_resume_config_check_names_changed_keys_and_ignores_the_mutable_ones():
+    from dataclasses import asdict
+
+    from adgen.config import dict_diff
+    from adgen.train.config import RESUME_MUTABLE_KEYS, TrainConfig
+
+    old = asdict(TrainConfig())
+    new = asdict(TrainConfig(lr=1e-3, epochs=3, eval_every=7))
+    new["lora"]["r"] = 16
+    assert dict_diff(old, new, ignore=RESUME_MUTABLE_KEYS) == ["lora.r: 8 -> 16", "lr: 0.0002 -> 0.001"]
+    assert "epochs: 1.0 -> 3" in dict_diff(old, new)

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from adgen.config import dict_diff
 from adgen.errors import AdgenError
 
 log = logging.getLogger(__name__)
@@ -139,17 +140,6 @@ def _record_key(line: int, content: str) -> str:
 # ---- the run directory -----------------------------------------------------------------------
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
 def prepare_output_dir(
     output_dir: str | Path, fingerprint: dict, *, overwrite: bool = False, claim: bool = True
 ) -> dict[str, dict]:
@@ -177,7 +167,7 @@ def prepare_output_dir(
             ) from None
         new = json.loads(json.dumps(fingerprint))  # same JSON types as the stored one
         if old != new:
-            diffs = "; ".join(_diff(old, new))
+            diffs = "; ".join(dict_diff(old, new))
             raise AdgenError(
                 f"{out} holds an unfinished evaluation of a different run ({diffs}); "
                 "pass --overwrite to discard it, or choose another --output-dir"

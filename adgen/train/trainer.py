@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adgen.config import dict_diff
 from adgen.errors import AdgenError
 from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from adgen.train import checkpoint as ckpt_mod
@@ -158,17 +159,6 @@ def _read(path: str, cfg: TrainConfig, limit: int | None, what: str):
     if not records:
         raise AdgenError(f"{what} file {path} has no usable records")
     return records
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b and f"{prefix}{k}" not in RESUME_MUTABLE_KEYS:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 class _Printer:
@@ -310,7 +300,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         start_step, metrics = state["step"], state["metrics"]
         counters.update(state["counters"])
         last_ckpt = str(ckpt_info.path)
-        diff = _config_diff(state.get("config", {}), asdict(cfg))
+        diff = dict_diff(state.get("config", {}), asdict(cfg), ignore=RESUME_MUTABLE_KEYS)
         if diff:
             say("[adgen] warning: the config differs from the checkpoint's; the result will differ from an "
                 "uninterrupted run: " + "; ".join(diff[:8]))
