@@ -59,7 +59,7 @@ def _heap_trimmer(device):
     """On Linux CPUs: give freed activation memory back to the OS after each step.
 
     Packed rows change length every step; glibc keeps the freed blocks of each size around, and the
-    process RSS crept up by GiBs over a few hundred steps. malloc_trim(0) costs well under a millisecond.
+    process RSS crept up by GiBs within tens of steps (5.1 -> 9.0 GiB over 32 steps of 8 records).
     """
     if device.type != "cpu":
         return lambda: None
