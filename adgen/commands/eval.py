@@ -125,31 +125,12 @@ def _key(record) -> str:
 def print_summary(metrics: dict) -> None:
     """Every figure of metrics.json as a rich table."""
     from rich.console import Console
-    from rich.table import Table
 
-    from adgen.evaluation.report import METRICS, fmt_value
+    from adgen.evaluation.report import metrics_table
 
-    m = metrics["metrics"]
     t = metrics["timings"]
     title = f"{metrics['model']}" + (f" + {metrics['adapter']}" if metrics.get("adapter") else "")
-    table = Table(title=f"adgen eval: {title}, {metrics['n']} examples", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    sections = (
-        ("protocol (jieba ROUGE F x100, char BLEU-4 x100)", ("rouge-1", "rouge-2", "rouge-l", "bleu-4")),
-        ("attribute faithfulness",
-         ("attr_coverage", "attr_contradiction_rate", "contradictions_per_example", "hallucinated_per_example")),
-        ("text", ("chinese_share", "repetition_rate", "distinct-1", "distinct-2", "length_chars")),
-    )
-    labels = {k: label for k, label, _ in METRICS}
-    for title_, keys in sections:
-        present = [k for k in keys if k in m]
-        if not present:
-            continue
-        table.add_section()
-        table.add_row(f"[bold]{title_}[/bold]", "")
-        for k in present:
-            table.add_row(labels.get(k, k), fmt_value(k, m[k]))
+    table = metrics_table(metrics["metrics"], f"adgen eval: {title}, {metrics['n']} examples")
     table.add_section()
     table.add_row("[bold]run[/bold]", "")
     table.add_row("hit max_new_tokens", f"{metrics['hit_max_new_tokens_share']:.0%}")

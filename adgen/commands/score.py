@@ -54,32 +54,13 @@ def _write_per_example(path: str, rows, per_example: list[dict[str, Any]]) -> No
     atomic_write_jsonl(path, ({"line": r.line, **s} for r, s in zip(rows, per_example)))
 
 
-_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("protocol (jieba ROUGE F x100, char BLEU-4 x100)", ("rouge-1", "rouge-2", "rouge-l", "bleu-4")),
-    ("text", ("chinese_share", "repetition_rate", "distinct-1", "distinct-2", "length_chars")),
-    (
-        "attribute faithfulness",
-        ("n_with_attributes", "attr_coverage", "attr_contradiction_rate", "contradictions_per_example", "hallucinated_per_example"),
-    ),
-)
-
-
 def _print_table(summary: dict[str, Any], source: str) -> None:
     from rich.console import Console
-    from rich.table import Table
-    from adgen.evaluation.report import fmt_value
 
-    table = Table(title=f"{source}: {summary['n']} examples", title_justify="left")
-    table.add_column("metric")
-    table.add_column("mean", justify="right")
-    for title, keys in _SECTIONS:
-        present = [k for k in keys if k in summary]
-        if not present:
-            continue
-        table.add_section()
-        table.add_row(f"[bold]{title}[/bold]", "")
-        for key in present:
-            table.add_row(key, fmt_value(key, summary[key], decimals=4))
+    from adgen.evaluation.report import metrics_table
+
+    table = metrics_table(summary, f"{source}: {summary['n']} examples", value_header="mean",
+                          decimals=4, use_labels=False)
     console = Console()
     console.print(table)
     if "n_with_attributes" not in summary:

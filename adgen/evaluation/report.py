@@ -49,6 +49,40 @@ def fmt_value(key: str, value: Any, decimals: int | None = None) -> str:
     return f"{value:.3f}"
 
 
+# How the terminal tables group the figures (`adgen eval`'s summary, `adgen score`).
+METRIC_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("protocol (jieba ROUGE F x100, char BLEU-4 x100)", PROTOCOL_METRICS),
+    (
+        "attribute faithfulness",
+        ("n_with_attributes", "attr_coverage", "attr_contradiction_rate",
+         "contradictions_per_example", "hallucinated_per_example"),
+    ),
+    ("text", ("chinese_share", "repetition_rate", "distinct-1", "distinct-2", "length_chars")),
+)
+
+
+def metrics_table(values: Mapping[str, Any], title: str, *, value_header: str = "value",
+                  decimals: int | None = None, use_labels: bool = True):
+    """A rich Table of the figures in `values`, one section per METRIC_SECTIONS group (groups with no
+    figure present are left out). `use_labels=False` shows the raw keys (`adgen score`, whose output
+    people grep against its JSON)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column(value_header, justify="right")
+    for section, keys in METRIC_SECTIONS:
+        present = [k for k in keys if k in values]
+        if not present:
+            continue
+        table.add_section()
+        table.add_row(f"[bold]{section}[/bold]", "")
+        for key in present:
+            label = LABELS.get(key, key) if use_labels else key
+            table.add_row(label, fmt_value(key, values[key], decimals=decimals))
+    return table
+
+
 def _fenced(text: str) -> str:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
