@@ -29,3 +29,8 @@ def test_raw_keys_and_fixed_decimals_for_score():
     assert "rouge-l" in text and "12.3456" in text
     row = next(line for line in text.splitlines() if "n_with_attributes" in line)
     assert row.strip(" │|").split()[-1] == "7"  # a count stays an integer
+
+
+def test_counts_get_a_label_for_people():
+    text = _render(metrics_table({"n_with_attributes": 12, "attr_coverage": 0.25}, "run"))
+    assert "examples with attributes" in text and "n_with_attributes" not in text

@@ -27,6 +27,7 @@ METRICS: tuple[tuple[str, str, str | None], ...] = (
 )
 PROTOCOL_METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 LABELS = {k: label for k, label, _ in METRICS}
+COUNT_LABELS = {"n": "examples", "n_with_attributes": "examples with attributes"}
 
 # Thresholds for the notes (rules of thumb, stated in the notes themselves).
 DRIFT_BELOW = 0.9
@@ -78,7 +79,7 @@ def metrics_table(values: Mapping[str, Any], title: str, *, value_header: str = 
         table.add_section()
         table.add_row(f"[bold]{section}[/bold]", "")
         for key in present:
-            label = LABELS.get(key, key) if use_labels else key
+            label = (LABELS.get(key) or COUNT_LABELS.get(key, key)) if use_labels else key
             table.add_row(label, fmt_value(key, values[key], decimals=decimals))
     return table
 
@@ -164,7 +165,7 @@ def render_report(metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
             arrow = {"high": " (higher is better)", "low": " (lower is better)"}.get(better or "", "")
             lines.append(f"| {label}{arrow} | {fmt_value(key, m[key])} |")
     if "n_with_attributes" in m:
-        lines.append(f"| examples with attributes | {m['n_with_attributes']} |")
+        lines.append(f"| {COUNT_LABELS['n_with_attributes']} | {m['n_with_attributes']} |")
     lines += ["", "ROUGE / BLEU-4 are x100 (comparable with published AdGen tables only under the same decoding).", ""]
 
     sps, tps = t.get("samples_per_s"), t.get("tokens_per_s")
