@@ -98,7 +98,7 @@ def test_decoding_config_defaults_and_validation():
     assert DecodingConfig(do_sample=True, temperature=0).greedy  # OpenAI convention
     assert not DecodingConfig(do_sample=True, temperature=0.7).greedy
     for bad in ({"max_new_tokens": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1}, {"top_k": -1},
-                {"repetition_penalty": 0}):
+                {"repetition_penalty": 0}, {"no_repeat_ngram_size": -1}, {"no_repeat_ngram_size": 2.5}):
         with pytest.raises(ConfigError):
             DecodingConfig(**bad)
 
@@ -203,6 +203,31 @@ def test_stops_at_eot_emitted_by_the_model(tiny_llama3_dir, tok):
     buggy = make_gen(gen.model, tok, OnlyEosFormatter(tok))
     g = buggy.generate(["类型#裙"], DecodingConfig(max_new_tokens=20))[0]
     assert g.finish_reason == "length" and g.completion_tokens == 20 and g.text.startswith("好看的好看的")
+
+
+def test_no_repeat_ngram_size_breaks_a_loop_and_stays_greedy(tiny_llama3_dir, tok):
+    """A model that would loop 好看的好看的... (stop only on eos) repeats no 3-token sequence with
+    no_repeat_ngram_size=3, and the blocked decoding is still deterministic."""
+    buggy = make_gen(chain_model(tiny_llama3_dir, [HAO, KAN, DE], EOT), tok, OnlyEosFormatter(tok))
+
+    def trigrams(ids):
+        return [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+
+    looping = buggy.generate(["类型#裙"], DecodingConfig(max_new_tokens=12))[0]
+    assert len(set(trigrams(looping.token_ids))) < len(trigrams(looping.token_ids))  # it loops
+    cfg = DecodingConfig(max_new_tokens=12, no_repeat_ngram_size=3)
+    blocked = buggy.generate(["类型#裙"], cfg)[0]
+    assert blocked.token_ids[:3] == [HAO, KAN, DE]  # the first pass is untouched
+    assert len(set(trigrams(blocked.token_ids))) == len(trigrams(blocked.token_ids))
+    assert buggy.generate(["类型#裙"], cfg)[0].token_ids == blocked.token_ids
+    assert "no_repeat_ngram_size=3" in cfg.describe()
+
+
+def test_vllm_refuses_no_repeat_ngram_size_clearly():
+    from adgen.generation.vllm_backend import VLLMGenerator
+
+    with pytest.raises(ConfigError, match="backend hf"):
+        VLLMGenerator.sampling_params(None, DecodingConfig(no_repeat_ngram_size=4))
 
 
 def test_stops_at_end_of_text_too(tiny_llama3_dir, tok):

@@ -39,6 +39,9 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies --do-sample)")
     g.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (implies --do-sample)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (default)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="never repeat an N-token sequence (prompt included), 0 = off (default); "
+                        "stays greedy, stops phrase loops")
     g.add_argument("--seed", type=int, default=None, help="random seed: reproducible sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
@@ -56,6 +59,7 @@ def decoding_config(args: argparse.Namespace):
         top_p=1.0 if args.top_p is None else args.top_p,
         top_k=0 if args.top_k is None else args.top_k,
         repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )

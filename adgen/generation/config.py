@@ -17,6 +17,10 @@ class DecodingConfig:
     - `do_sample=False` -> greedy; the sampling fields are then ignored. `temperature <= 0` also
       means greedy (the OpenAI convention), whatever `do_sample` says.
     - `top_k=0` and `top_p=1.0` disable those filters. `repetition_penalty=1.0` is off.
+    - `no_repeat_ngram_size=N` (> 0) forbids any N-token sequence from occurring twice, prompt
+      included (Hugging Face's n-gram blocking; 0 = off). It stays deterministic under greedy
+      decoding and stops small models' phrase loops; N counts *tokens*, so pick it per tokenizer
+      (SmolLM2 spends ~2.5 byte tokens on a Chinese character, Llama-3 about one).
     - `seed` makes sampling reproducible (the same seed and prompts give the same text).
     - `stop`: strings that end the text; the text is cut before the first one (finish_reason "stop").
     The model's own end-of-turn ids always stop generation; they are not configured here.
@@ -28,6 +32,7 @@ class DecodingConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
@@ -56,6 +61,8 @@ class DecodingConfig:
             raise ConfigError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0 (1.0 = off), not {self.repetition_penalty}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), not {self.no_repeat_ngram_size!r}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ConfigError("stop must be a list of strings")
 
@@ -71,6 +78,8 @@ class DecodingConfig:
                  f"max_new_tokens={self.max_new_tokens}, seed={self.seed}")
         if self.repetition_penalty != 1.0:
             s += f", repetition_penalty={self.repetition_penalty}"
+        if self.no_repeat_ngram_size:
+            s += f", no_repeat_ngram_size={self.no_repeat_ngram_size}"
         return s
 
 

@@ -176,6 +176,7 @@ class HFGenerator:
             pad_token_id=self.stop_token_ids[0],  # finished rows are filled with a stop id
             bos_token_id=self.tokenizer.bos_token_id,
             repetition_penalty=config.repetition_penalty,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
         )
         if config.greedy:
             # Set explicitly: the model's own generation_config (e.g. Llama-3: temperature 0.6,

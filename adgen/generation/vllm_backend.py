@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from adgen.errors import AdgenError
+from adgen.errors import AdgenError, ConfigError
 from adgen.generation.config import DecodingConfig, Generation
 from adgen.generation.hf import _check_prompts
 from adgen.generation.text import clean_text, cut_at_stop
@@ -93,6 +93,10 @@ class VLLMGenerator:
         return self.formatter.prompt_ids(prompt if isinstance(prompt, str) else list(prompt))
 
     def sampling_params(self, config: DecodingConfig):
+        if config.no_repeat_ngram_size:
+            raise ConfigError(
+                "no_repeat_ngram_size is not supported by the vllm backend; use --backend hf, "
+                "or repetition_penalty")
         from vllm import SamplingParams
 
         return SamplingParams(
