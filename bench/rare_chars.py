@@ -17,10 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from adgen.data.records import read_records
-
-
-def is_cjk(ch: str) -> bool:
-    return "\u4e00" <= ch <= "\u9fff"
+from adgen.metrics.text_stats import is_cjk  # the same characters that Chinese share counts
 
 
 def main() -> None:

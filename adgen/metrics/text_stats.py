@@ -21,7 +21,7 @@ from __future__ import annotations
 REPETITION_N = 4
 
 
-def _is_cjk(ch: str) -> bool:
+def is_cjk(ch: str) -> bool:
     # CJK Unified Ideographs, Extension A, and the compatibility block: what Chinese copy is made of.
     o = ord(ch)
     return 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF
@@ -40,7 +40,7 @@ def chinese_share(text: str) -> float | None:
     letters = [c for c in text if c.isalpha()]
     if not letters:
         return None
-    return sum(map(_is_cjk, letters)) / len(letters)
+    return sum(map(is_cjk, letters)) / len(letters)
 
 
 def repetition_rate(text: str, n: int = REPETITION_N) -> float:
