@@ -27,7 +27,7 @@ METRICS: tuple[tuple[str, str, str | None], ...] = (
 )
 PROTOCOL_METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 LABELS = {k: label for k, label, _ in METRICS}
-COUNT_LABELS = {"n": "examples", "n_with_attributes": "examples with attributes"}
+COUNT_LABELS = {"n_with_attributes": "examples with attributes"}
 
 # Thresholds for the notes (rules of thumb, stated in the notes themselves).
 DRIFT_BELOW = 0.9
