@@ -1,8 +1,9 @@
-"""`adgen demo`: the whole journey on built-in defaults, no hub and no GPU needed (~10 min on 2 cores).
+"""`adgen demo`: the whole journey on built-in defaults, no hub and no GPU needed (~8.5 min on 2 cores).
 
 1. data: inspect the train and dev files;
 2. zero-shot: evaluate the built-in model on a few dev records (greedy, the field's metrics);
-3. fine-tune: a short LoRA run on the first train records (the configs/smollm2-135m.yaml recipe);
+3. fine-tune: a short LoRA run on the first train records, as many as the time budget holds (the
+   step time is measured on this machine: a CPU without fast bf16 trains ~2-4x slower than one with it);
 4. evaluate the fine-tuned model on the same records;
 5. compare: a table printed and written as comparison.md + comparison.png;
 6. the `adgen serve` command that serves the result.
@@ -22,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from adgen.errors import AdgenError
+from adgen.generation.config import DecodingConfig
 
 
 @dataclass
@@ -30,8 +32,12 @@ class DemoConfig:
     model: str = "smollm2-135m"
     output_dir: str = "runs/demo"
     eval_samples: int = 16  # dev records evaluated before and after fine-tuning
-    train_samples: int = 320  # first N train records for the short fine-tune (~7 min on 2 cores)
-    max_new_tokens: int = 128
+    # the whole demo (data, two evals, fine-tune, comparison) aims to end within this many minutes:
+    # the fine-tune gets what the evaluations leave, sized from its own measured step time
+    minutes: float = 8.5
+    train_samples: int = 2000  # at most the first N train records (the time budget usually stops earlier)
+    max_new_tokens: int | None = None  # None: sized from the tokenizer (room for ~190 characters)
+    zero_shot_max_new_tokens: int = 128  # the untrained model never stops (it recites the system prompt)
     batch_size: int = 16  # generation batch
     progress: bool = True
 
@@ -55,18 +61,29 @@ def demo_data_paths(data_dir: str | None) -> tuple[Path, Path]:
     return dev, train
 
 
-def demo_train_config(cfg: DemoConfig, train_path: Path, dev_path: Path, output_dir: Path):
-    """The configs/smollm2-135m.yaml recipe, shortened to `train_samples` records."""
+def demo_train_config(cfg: DemoConfig, train_path: Path, dev_path: Path, output_dir: Path,
+                      minutes: float | None = None):
+    """A short LoRA run: the top 12 layers only (the backward pass stops there: ~1.9x the tokens/s of
+    all 30 layers on a 2-core CPU), lr 1e-3, within `minutes` of training when given."""
     from adgen.train.config import LoraSection, TrainConfig
 
     return TrainConfig(
         model=cfg.model, method="lora", precision="auto",
-        lora=LoraSection(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
+        lora=LoraSection(r=8, alpha=16, dropout=0.0, target_modules="all-linear", top_layers=12),
         train_data=str(train_path), eval_data=str(dev_path), max_samples=cfg.train_samples,
-        max_eval_samples=cfg.eval_samples, max_length=640, batching="packed", batch_size=8, grad_accum=1,
-        epochs=1, lr=1e-3, lr_scheduler="cosine", warmup_ratio=0.1, output_dir=str(output_dir),
-        eval_every=0, eval_on_start=True, save_every=0, keep_checkpoints=1, progress=cfg.progress,
+        max_eval_samples=min(cfg.eval_samples, 8), max_length=640, batching="packed", batch_size=8, grad_accum=1,
+        epochs=1, lr=1e-3, lr_scheduler="cosine", warmup_ratio=0.1, output_dir=str(output_dir), max_minutes=minutes,
+        eval_every=0, eval_on_start=False, save_every=0, keep_checkpoints=1, progress=cfg.progress,
     )
+
+
+def training_minutes(cfg: DemoConfig, elapsed_s: float, zero_shot_eval_s: float, tuned_max_new_tokens: int) -> float:
+    """Minutes left for the fine-tune: the budget less what is spent and what the rest will take (the
+    fine-tuned eval: the zero-shot eval's time per token step, for 3/4 of the longer limit; loading,
+    the final eval loss and the comparison: ~45 s). At least one minute."""
+    per_step = zero_shot_eval_s / max(1, min(cfg.zero_shot_max_new_tokens, cfg.max_new_tokens or 10**9))
+    reserve = 0.75 * per_step * tuned_max_new_tokens + 45.0
+    return max(1.0, (cfg.minutes * 60 - elapsed_s - reserve) / 60)
 
 
 def run_demo(cfg: DemoConfig, console=None) -> dict:
@@ -90,14 +107,17 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
 
     console.rule(f"[bold]2/5 zero-shot: {cfg.model} on {len(dev)} dev record(s)")
     t = time.perf_counter()
-    zero = _evaluate(cfg, None, dev, dev_path, out / "eval-zero-shot", console)
+    zero_limit = min(cfg.zero_shot_max_new_tokens, cfg.max_new_tokens or cfg.zero_shot_max_new_tokens)
+    zero_decoding = DecodingConfig(max_new_tokens=zero_limit)
+    zero, tuned_max = _evaluate(cfg, None, dev, dev_path, out / "eval-zero-shot", console, zero_decoding)
     timings["zero_shot_eval_s"] = time.perf_counter() - t
 
-    console.rule(f"[bold]3/5 fine-tune: LoRA on the first {cfg.train_samples} train record(s)")
+    minutes = training_minutes(cfg, time.perf_counter() - t_start, timings["zero_shot_eval_s"], tuned_max)
+    console.rule(f"[bold]3/5 fine-tune: LoRA, {minutes:.1f} min on the first train records")
     from adgen.train import train
 
     t = time.perf_counter()
-    result = train(demo_train_config(cfg, train_path, dev_path, out / "train"), overwrite=True)
+    result = train(demo_train_config(cfg, train_path, dev_path, out / "train", minutes), overwrite=True)
     timings["train_s"] = time.perf_counter() - t
     s = result.summary
     console.print(f"{s['steps']} steps, {s['train_examples']} examples, {s['tokens_per_s']:.0f} tokens/s; "
@@ -107,7 +127,8 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
 
     console.rule(f"[bold]4/5 fine-tuned: the same {len(dev)} dev record(s)")
     t = time.perf_counter()
-    tuned = _evaluate(cfg, adapter, dev, dev_path, out / "eval-fine-tuned", console)
+    tuned, _ = _evaluate(cfg, adapter, dev, dev_path, out / "eval-fine-tuned", console,
+                         DecodingConfig(max_new_tokens=cfg.max_new_tokens))
     timings["fine_tuned_eval_s"] = time.perf_counter() - t
 
     console.rule("[bold]5/5 zero-shot vs fine-tuned")
@@ -139,24 +160,27 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     return summary
 
 
-def _evaluate(cfg: DemoConfig, adapter, records, data_path: Path, out: Path, console):
+def _evaluate(cfg: DemoConfig, adapter, records, data_path: Path, out: Path, console, decoding):
+    """(the eval result, the max_new_tokens the default decoding gets with this model's tokenizer)."""
     from adgen.evaluation.run import resolve_vocab, run_eval
-    from adgen.generation import DecodingConfig, load_generator
+    from adgen.generation import load_generator
 
     t = time.perf_counter()
     gen = load_generator(cfg.model, adapter=adapter, batch_size=cfg.batch_size)
     load_s = time.perf_counter() - t
     vocab, vocab_source = resolve_vocab(None, adapter)
-    result = run_eval(gen, records, out, DecodingConfig(max_new_tokens=cfg.max_new_tokens), data_path=data_path,
+    result = run_eval(gen, records, out, decoding, data_path=data_path,
                       vocab=vocab, vocab_source=vocab_source, overwrite=True, progress=cfg.progress,
                       model_load_s=load_s)
     m = result.metrics["metrics"]
+    finish = result.metrics["finish_reasons"]
     console.print(
         f"ROUGE-1 {m['rouge-1']:.2f}  ROUGE-L {m['rouge-l']:.2f}  BLEU-4 {m['bleu-4']:.2f}  "
-        f"Chinese share {m['chinese_share']:.2f}  repetition {m['repetition_rate']:.2f} "
+        f"coverage {m['attr_coverage']:.2f}  repetition {m['repetition_rate']:.2f}  "
+        f"ended {finish.get('stop', 0)}/{len(records)} (loop {finish.get('loop', 0)}, limit {finish.get('length', 0)}) "
         f"-> {out}", markup=False, highlight=False,
     )
-    return result
+    return result, gen.resolve(DecodingConfig(max_new_tokens=cfg.max_new_tokens)).max_new_tokens
 
 
 def _print_examples(console, records, zero_rows, tuned_rows, k: int = 2) -> None:

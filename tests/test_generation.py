@@ -14,6 +14,8 @@ from adgen.generation import DecodingConfig, Generation, HFGenerator, Incrementa
 EOT, EOS = 128009, 128001  # <|eot_id|>, <|end_of_text|>
 HAO, KAN, DE = 53901, 52030, 9554  # 好 看 的: one token each
 LONG_CHAR = "龘"  # two byte-level tokens in the Llama-3 vocabulary: 84012, 246
+# the engine's own behaviour on models built to loop: repetition control and loop detection off
+PLAIN = {"dry_multiplier": 0.0, "loop_detection": False}
 
 PROMPTS = [
     "类型#裙*颜色#黑色",
@@ -92,7 +94,7 @@ class OnlyEosFormatter:
 # ---- DecodingConfig ---------------------------------------------------------------------------
 def test_decoding_config_defaults_and_validation():
     c = DecodingConfig()
-    assert c.max_new_tokens == 256 and c.greedy and c.stop == ()
+    assert c.max_new_tokens is None and c.greedy and c.stop == ()  # None: sized from the tokenizer
     assert DecodingConfig(stop=["。", ""]).stop == ("。",)
     assert DecodingConfig(stop="x").stop == ("x",)
     assert DecodingConfig(do_sample=True, temperature=0).greedy  # OpenAI convention
@@ -201,7 +203,7 @@ def test_stops_at_eot_emitted_by_the_model(tiny_llama3_dir, tok):
         assert g.token_ids == [HAO, KAN, DE, EOT] and g.completion_tokens == 4
     # the same model with the classic bug (stop on 128001 only) never stops
     buggy = make_gen(gen.model, tok, OnlyEosFormatter(tok))
-    g = buggy.generate(["类型#裙"], DecodingConfig(max_new_tokens=20))[0]
+    g = buggy.generate(["类型#裙"], DecodingConfig(max_new_tokens=20, **PLAIN))[0]
     assert g.finish_reason == "length" and g.completion_tokens == 20 and g.text.startswith("好看的好看的")
 
 
@@ -238,7 +240,7 @@ def test_stops_at_end_of_text_too(tiny_llama3_dir, tok):
 
 def test_length_finish_when_model_never_stops(tiny_llama3_dir, tok):
     gen = make_gen(chain_model(tiny_llama3_dir, [HAO], HAO + 1), tok)  # 好 then a non-stop token, forever
-    g = gen.generate(["类型#裙"], DecodingConfig(max_new_tokens=9))[0]
+    g = gen.generate(["类型#裙"], DecodingConfig(max_new_tokens=9, **PLAIN))[0]
     assert g.finish_reason == "length" and g.completion_tokens == 9 and g.text.startswith("好")
 
 
@@ -355,7 +357,7 @@ def test_stream_close_stops_the_model_promptly(tiny_llama3_dir, tok):
 def test_stream_cancel_event_from_another_thread(tiny_llama3_dir, tok):
     gen = _never_stopping(tiny_llama3_dir, tok)
     cancel = threading.Event()
-    s = gen.stream("类型#裙", DecodingConfig(max_new_tokens=2000), cancel=cancel)
+    s = gen.stream("类型#裙", DecodingConfig(max_new_tokens=2000, **PLAIN), cancel=cancel)
     threading.Timer(0.3, cancel.set).start()
     t = time.perf_counter()
     pieces = list(s)

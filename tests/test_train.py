@@ -448,3 +448,99 @@ def test_resume_config_check_names_changed_keys_and_ignores_the_mutable_ones():
     new["lora"]["r"] = 16
     assert dict_diff(old, new, ignore=RESUME_MUTABLE_KEYS) == ["lora.r: 8 -> 16", "lr: 0.0002 -> 0.001"]
     assert "epochs: 1.0 -> 3" in dict_diff(old, new)
+
+
+def test_time_budget_replans_steps_and_the_lr_schedule(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
+    """max_minutes: after the probe steps the run keeps only the steps that fit, and the cosine schedule
+    is re-planned to end there (the last step's lr is near the schedule's end, not a mid-run value)."""
+    import adgen.train.trainer as trainer_mod
+    from adgen.train import train
+
+    seen = {}
+
+    def fits_six(cfg, step, total, elapsed, start):
+        seen.update(step=step, total=total)
+        return 6
+
+    monkeypatch.setattr(trainer_mod, "_steps_in_budget", fits_six)
+    cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "budget", max_steps=40, max_minutes=1.0,
+                      lr_scheduler="cosine")
+    result = train(cfg)
+    assert seen == {"step": trainer_mod.BUDGET_PROBE_STEPS, "total": 40}
+    assert result.steps == 6 and result.summary["total_steps"] == 6 and max(train_losses(tmp_path / "budget")) == 6
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "budget") if "lr" in r]
+    assert lrs[-1] < 0.1 * cfg.lr < lrs[2]  # cosine brought down to the new end
+    with pytest.raises(ConfigError, match="max_minutes"):
+        tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "x", max_minutes=0).validate()
+
+
+def test_steps_in_budget_uses_the_measured_step_time():
+    from adgen.train.config import TrainConfig
+    from adgen.train.trainer import _steps_in_budget
+
+    cfg = TrainConfig(train_data="x", max_minutes=1.0)
+    assert _steps_in_budget(cfg, step=3, total=100, elapsed=30.0, start=0) == 6  # 10 s a step -> 6 in 60 s
+    assert _steps_in_budget(cfg, step=3, total=5, elapsed=3.0, start=0) == 5  # never more than planned
+    assert _steps_in_budget(cfg, step=3, total=100, elapsed=300.0, start=0) == 3  # over budget: stop now
+
+
+def test_top_layers_adapts_only_the_top_of_the_model(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from adgen.train import train
+
+    result = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "top", max_steps=2,
+                               lora={"top_layers": 1}))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "top" / "adapter" / "adapter_model.safetensors"))
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in weights}
+    assert layers == {1}  # the tiny model has 2 layers: only the top one is adapted
+    assert result.steps == 2
+
+
+def test_generation_metrics_during_training_and_the_best_checkpoint(tiny_llama3_dir, adgen_train_path,
+                                                                     adgen_dev_path, tmp_path):
+    from adgen.train import train
+
+    out = tmp_path / "gen"
+    result = train(tiny_config(tiny_llama3_dir, adgen_train_path, out, max_steps=4, eval_data=str(adgen_dev_path),
+                               max_eval_samples=4, gen_eval_every=2, gen_eval_samples=2, gen_max_new_tokens=8,
+                               best_metric="rouge-1"))
+    rows = [r for r in read_metrics(out) if "gen_eval" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        g = r["gen_eval"]
+        assert g["n"] == 2 and {"rouge-1", "bleu-4", "attr_coverage", "ended_share", "never_stopped_share"} <= set(g)
+        assert g["ended_share"] + g["never_stopped_share"] + g["loop_share"] == pytest.approx(1.0)
+    s = result.summary
+    assert s["best_metric"] == "rouge-1" and s["best_step"] in (2, 4) and s["final_gen_eval"]["n"] == 2
+    assert (out / "best" / "adapter_config.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert "best rouge-1" in (out / "train_summary.md").read_text()
+
+
+def test_early_stopping_on_a_generation_metric_keeps_the_best(tiny_llama3_dir, adgen_train_path, adgen_dev_path,
+                                                              tmp_path, monkeypatch):
+    import adgen.train.gen_eval as gen_eval
+    from safetensors.torch import load_file
+
+    from adgen.train import train
+
+    scripted = iter([0.2, 0.5, 0.4, 0.3, 0.9, 0.9])
+
+    def fake_metrics(*a, **k):
+        return {"n": 2, "rouge-1": next(scripted), "bleu-4": 0.0, "attr_coverage": 0.0, "repetition_rate": 0.0,
+                "ended_share": 1.0, "never_stopped_share": 0.0, "loop_share": 0.0, "example": ""}
+
+    monkeypatch.setattr(gen_eval, "generation_metrics", fake_metrics)
+    out = tmp_path / "early"
+    result = train(tiny_config(tiny_llama3_dir, adgen_train_path, out, max_steps=10, eval_data=str(adgen_dev_path),
+                               gen_eval_every=1, best_metric="rouge-1", early_stopping_patience=2))
+    s = result.summary
+    assert s["status"] == "early_stopped" and s["steps"] == 4 and max(train_losses(out)) == 4
+    assert (s["best_step"], s["best_value"]) == (2, 0.5)
+    best = load_file(str(out / "best" / "adapter_model.safetensors"))
+    last = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # best/ is step 2's weights, not the last ones
+    with pytest.raises(ConfigError, match="gen_eval_every"):
+        tiny_config(tiny_llama3_dir, adgen_train_path, out, eval_data=str(adgen_dev_path), best_metric="bleu-4").validate()
+    with pytest.raises(ConfigError, match="best_metric"):
+        tiny_config(tiny_llama3_dir, adgen_train_path, out, best_metric="accuracy").validate()

@@ -22,9 +22,13 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", "-o", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, metavar="N",
                    help=f"dev records evaluated before and after fine-tuning (default {d.eval_samples})")
+    p.add_argument("--minutes", type=float, default=d.minutes,
+                   help=f"time budget of the whole demo; the fine-tune gets what the evaluations leave, sized from "
+                        f"its measured step time (default {d.minutes:g})")
     p.add_argument("--train-samples", type=int, default=d.train_samples, metavar="N",
-                   help=f"first N train records for the short fine-tune (default {d.train_samples})")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+                   help=f"at most the first N train records for the short fine-tune (default {d.train_samples})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="tokens per output (default: sized from the tokenizer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -33,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from adgen.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(data_dir=args.data_dir, model=args.model, output_dir=args.output_dir,
-                        eval_samples=args.eval_samples, train_samples=args.train_samples,
+                        eval_samples=args.eval_samples, train_samples=args.train_samples, minutes=args.minutes,
                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress))
     return 0

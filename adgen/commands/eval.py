@@ -134,6 +134,7 @@ def print_summary(metrics: dict) -> None:
     table.add_section()
     table.add_row("[bold]run[/bold]", "")
     table.add_row("hit max_new_tokens", f"{metrics['hit_max_new_tokens_share']:.0%}")
+    table.add_row("stopped by loop detection", f"{metrics.get('stopped_by_loop_share', 0.0):.0%}")
     table.add_row("decoding", metrics["decoding"]["description"])
     sps, tps = t.get("samples_per_s"), t.get("tokens_per_s")
     table.add_row("samples/s", f"{sps:.3f}" if sps else "n/a")

@@ -32,8 +32,13 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_model: str | None
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding (greedy unless sampling is asked for)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    from adgen.generation.config import DecodingConfig
+
+    d = DecodingConfig()
+    g = p.add_argument_group("decoding (greedy unless sampling is asked for; character-level repetition control on)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens to generate (default: sized from the tokenizer to hold ~190 characters, "
+                        "e.g. 416 for SmolLM2, 224 for Llama-3)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do-sample; 0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies --do-sample)")
@@ -42,6 +47,18 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
                    help="never repeat an N-token sequence (prompt included), 0 = off (default); "
                         "stays greedy, stops phrase loops")
+    g.add_argument("--dry-multiplier", type=float, default=d.dry_multiplier, metavar="X",
+                   help=f"character-level DRY: penalise text that would repeat a sequence already written "
+                        f"(default {d.dry_multiplier}; 0 = off)")
+    g.add_argument("--dry-base", type=float, default=d.dry_base, help=f"DRY growth per extra character (default {d.dry_base})")
+    g.add_argument("--dry-allowed-length", type=int, default=d.dry_allowed_length, metavar="CHARS",
+                   help=f"repeats up to this many characters are free (default {d.dry_allowed_length})")
+    g.add_argument("--no-repeat-char-ngram", type=int, default=d.no_repeat_char_ngram, metavar="N",
+                   help=f"never write the same N characters twice (default {d.no_repeat_char_ngram}; 0 = off)")
+    g.add_argument("--no-loop-detection", dest="loop_detection", action="store_false",
+                   help="keep generating when the text loops (default: stop, trim the repeats, finish_reason 'loop')")
+    g.add_argument("--plain", action="store_true",
+                   help="plain decoding: no DRY, no character n-gram ban, no loop detection")
     g.add_argument("--seed", type=int, default=None, help="random seed: reproducible sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
@@ -62,6 +79,11 @@ def decoding_config(args: argparse.Namespace):
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         seed=args.seed,
         stop=tuple(args.stop or ()),
+        dry_multiplier=0.0 if args.plain else args.dry_multiplier,
+        dry_base=args.dry_base,
+        dry_allowed_length=args.dry_allowed_length,
+        no_repeat_char_ngram=0 if args.plain else args.no_repeat_char_ngram,
+        loop_detection=False if args.plain else args.loop_detection,
     )
 
 

@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--examples", default=None, help="AdGen file whose first contents are the UI's example products")
     g = p.add_argument_group("limits (per request; 4xx above them)")
     g.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="cap on max_tokens")
-    g.add_argument("--default-max-tokens", type=int, default=lim.default_max_tokens)
+    g.add_argument("--default-max-tokens", type=int, default=lim.default_max_tokens,
+                   help="max_tokens of a request that gives none (default: sized from the tokenizer)")
     g.add_argument("--max-n", type=int, default=lim.max_n, help="cap on n (choices per request)")
     g.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens)
     g.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars)
@@ -62,7 +63,8 @@ def settings_from_args(args: argparse.Namespace):
         max_prompt_chars=args.max_prompt_chars,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens_limit,
-        default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+        default_max_tokens=(None if args.default_max_tokens is None
+                            else min(args.default_max_tokens, args.max_tokens_limit)),
         max_n=args.max_n,
         max_queue=args.max_queue,
     )

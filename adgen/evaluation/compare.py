@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 TABLE_FILE = "comparison.md"
 CHART_FILE = "comparison.png"
 STOPPING = ("hit_max_new_tokens_share", "hit max_new_tokens (never stopped)", "low")
+LOOPS = ("stopped_by_loop_share", "stopped by loop detection", "low")
 SPEED = (("samples_per_s", "samples/s", "high"), ("tokens_per_s", "generated tokens/s", "high"))
 CHART_PROTOCOL = (("rouge-1", "ROUGE-1"), ("rouge-2", "ROUGE-2"), ("rouge-l", "ROUGE-L"), ("bleu-4", "BLEU-4"))
 CHART_SHARES = (
@@ -45,6 +46,7 @@ CHART_SHARES = (
     ("repetition_rate", "repetition\n(lower better)"),
     ("distinct-2", "distinct-2\n(higher better)"),
     ("hit_max_new_tokens_share", "never stopped\n(lower better)"),
+    ("stopped_by_loop_share", "stopped by\nloop detection\n(lower better)"),
 )
 
 
@@ -112,7 +114,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunMetrics:
             means[key] = _number(value)
     if "n" not in means and _number(data.get("n")) is not None:
         means["n"] = data["n"]
-    means[STOPPING[0]] = _number(data.get(STOPPING[0]))
+    for key in (STOPPING[0], LOOPS[0]):
+        means[key] = _number(data.get(key))
     for key, _, _ in SPEED:
         means[key] = _number((data.get("timings") or {}).get(key))
     if not any(means.get(k) is not None for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")):
@@ -166,7 +169,7 @@ class Row:
 
 
 def comparison_rows(runs: Sequence[RunMetrics]) -> list[Row]:
-    specs = [*METRICS, STOPPING, ("n", "examples (n)", None), *SPEED]
+    specs = [*METRICS, STOPPING, LOOPS, ("n", "examples (n)", None), *SPEED]
     rows = []
     for key, label, better in specs:
         values = [r.metrics.get(key) for r in runs]

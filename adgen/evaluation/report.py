@@ -97,6 +97,8 @@ def _example(rank: int, row: Mapping[str, Any]) -> str:
         head += f", coverage {cov:.0%}"
     if row.get("finish_reason") == "length":
         head += " (hit max_new_tokens)"
+    elif row.get("finish_reason") == "loop":
+        head += " (stopped by loop detection, repeats trimmed)"
     parts = [head, "", f"content: `{row['content']}`", "", "label:", "", _fenced(row["label"]), "", "predict:", "",
              _fenced(row["predict"]) if row["predict"] else "*(empty)*", ""]
     return "\n".join(parts)
@@ -122,6 +124,10 @@ def notes(metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
         '(finish_reason "length": the model never stopped'
         + ("; raise --max-new-tokens, or check that generation stops on the end-of-turn token)" if length else ")")
     )
+    loops = sum(r.get("finish_reason") == "loop" for r in rows)
+    if loops:
+        out.append(f"{loops}/{len(rows)} outputs ({loops / n:.0%}) were stopped by loop detection "
+                   '(finish_reason "loop"; the repeated tail is trimmed from the text).')
     empty = sum(not r.get("predict", "").strip() for r in rows)
     if empty:
         out.append(f"{empty} output(s) are empty (scored 0).")

@@ -92,6 +92,7 @@ def resolve_vocab(vocab_path: str | Path | None = None, adapter: str | Path | No
 def decoding_dict(decoding) -> dict[str, Any]:
     d = asdict(decoding)
     d["stop"] = list(d.get("stop") or ())
+    d["dry_sequence_breakers"] = list(d.get("dry_sequence_breakers") or ())
     return d
 
 
@@ -338,6 +339,9 @@ def run_eval(
 
     t0 = time.perf_counter()
     decoding = decoding or DecodingConfig()
+    resolve = getattr(generator, "resolve", None)  # sizes max_new_tokens from the tokenizer when unset
+    if resolve is not None:
+        decoding = resolve(decoding)
     records = list(records)
     if not records:
         raise AdgenError("no records to evaluate (the data file is empty, or --limit is 0)")
@@ -404,6 +408,8 @@ def run_eval(
         "metrics": summary,
         "finish_reasons": dict(sorted(finish.items())),
         "hit_max_new_tokens_share": finish.get("length", 0) / n,
+        "stopped_by_loop_share": finish.get("loop", 0) / n,
+        "ended_on_eot_share": finish.get("stop", 0) / n,
         "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / n,
         "decoding": {**decoding_dict(decoding), "greedy": decoding.greedy, "description": decoding.describe()},
         "model": getattr(generator, "model_name", None),

@@ -108,6 +108,7 @@ class BulkSummary:
     seconds: float = 0.0
     completion_tokens: int = 0
     length_cut: int = 0  # records whose text hit max_new_tokens (finish_reason "length")
+    loops: int = 0  # records stopped by loop detection (finish_reason "loop", repeats trimmed)
 
     @property
     def samples_per_s(self) -> float:
@@ -125,6 +126,8 @@ class BulkSummary:
         )
         if self.length_cut:
             s += f"; {self.length_cut} hit max_new_tokens"
+        if self.loops:
+            s += f"; {self.loops} stopped by loop detection"
         return s
 
 
@@ -236,6 +239,7 @@ def generate_bulk(
                     summary.generated += 1
                     summary.completion_tokens += sum(c.completion_tokens for c in cands)
                     summary.length_cut += cands[best].finish_reason == "length"
+                    summary.loops += cands[best].finish_reason == "loop"
                     if on_write:
                         on_write(obj)
                     if bar is not None:

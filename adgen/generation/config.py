@@ -7,7 +7,10 @@ from typing import Literal
 
 from adgen.errors import ConfigError
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "loop", "cancelled"]
+
+# A text of this many characters fits every AdGen reference (dev p99 176, max 237 characters).
+ROOM_CHARS = 192
 
 
 @dataclass(frozen=True)
@@ -23,10 +26,18 @@ class DecodingConfig:
       (SmolLM2 spends ~2.5 byte tokens on a Chinese character, Llama-3 about one).
     - `seed` makes sampling reproducible (the same seed and prompts give the same text).
     - `stop`: strings that end the text; the text is cut before the first one (finish_reason "stop").
+    - Character-level repetition control (adgen.generation.repetition; on by default, greedy and
+      sampled alike): `dry_multiplier` (0 = off), `dry_base`, `dry_allowed_length` (characters) and
+      `dry_sequence_breakers` -- DRY on characters: a candidate that would extend a sequence of L >=
+      allowed characters already written loses multiplier * base ** (L - allowed) from its logit;
+      `no_repeat_char_ngram=N` (0 = off) bans any character N-gram from occurring twice;
+      `loop_detection` stops a completion whose tail repeats, trims the repeats, finish_reason "loop".
+    - `max_new_tokens=None` sizes the limit from the tokenizer (`max_new_tokens_for`): room for
+      ROOM_CHARS characters, so a model that would end can.
     The model's own end-of-turn ids always stop generation; they are not configured here.
     """
 
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -35,6 +46,12 @@ class DecodingConfig:
     no_repeat_ngram_size: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    dry_multiplier: float = 0.8
+    dry_base: float = 1.75
+    dry_allowed_length: int = 3
+    dry_sequence_breakers: tuple[str, ...] = ("\n",)
+    no_repeat_char_ngram: int = 0
+    loop_detection: bool = True
 
     def __post_init__(self) -> None:
         # Accept a list (or a single string) for `stop`, keep a hashable tuple.
@@ -44,6 +61,10 @@ class DecodingConfig:
         elif isinstance(stop, str):
             stop = (stop,)
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        breakers = self.dry_sequence_breakers
+        if isinstance(breakers, str):
+            breakers = (breakers,)
+        object.__setattr__(self, "dry_sequence_breakers", tuple(breakers or ()))
         self.validate()
 
     @property
@@ -51,8 +72,8 @@ class DecodingConfig:
         return not self.do_sample or self.temperature <= 0
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ConfigError(f"max_new_tokens must be a positive integer (or None: sized from the tokenizer), not {self.max_new_tokens!r}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -65,21 +86,46 @@ class DecodingConfig:
             raise ConfigError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), not {self.no_repeat_ngram_size!r}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ConfigError("stop must be a list of strings")
+        if not self.dry_multiplier >= 0:
+            raise ConfigError(f"dry_multiplier must be >= 0 (0 = off; 0.8 is the usual value), not {self.dry_multiplier}")
+        if not self.dry_base >= 1.0:
+            raise ConfigError(f"dry_base must be >= 1 (1.75 is the usual value), not {self.dry_base}")
+        if not isinstance(self.dry_allowed_length, int) or self.dry_allowed_length < 1:
+            raise ConfigError(f"dry_allowed_length must be an integer >= 1 (characters), not {self.dry_allowed_length!r}")
+        if any(not isinstance(b, str) or len(b) != 1 for b in self.dry_sequence_breakers):
+            raise ConfigError(f"dry_sequence_breakers must be single characters, not {list(self.dry_sequence_breakers)!r}")
+        if not isinstance(self.no_repeat_char_ngram, int) or self.no_repeat_char_ngram < 0 or self.no_repeat_char_ngram == 1:
+            raise ConfigError(f"no_repeat_char_ngram must be 0 (off) or an integer >= 2 (characters), not {self.no_repeat_char_ngram!r}")
+        if not isinstance(self.loop_detection, bool):
+            raise ConfigError(f"loop_detection must be true or false, not {self.loop_detection!r}")
 
     def replace(self, **changes) -> "DecodingConfig":
         return replace(self, **changes)
 
+    def for_tokenizer(self, tokenizer) -> "DecodingConfig":
+        """This config with `max_new_tokens` fixed (sized from the tokenizer when it is None)."""
+        if self.max_new_tokens is not None:
+            return self
+        return self.replace(max_new_tokens=max_new_tokens_for(tokenizer))
+
     def describe(self) -> str:
         """One line for reports: which decoding produced the numbers."""
+        limit = self.max_new_tokens if self.max_new_tokens is not None else "auto"
         if self.greedy:
-            s = f"greedy, max_new_tokens={self.max_new_tokens}"
+            s = f"greedy, max_new_tokens={limit}"
         else:
             s = (f"sampling temperature={self.temperature} top_p={self.top_p} top_k={self.top_k}, "
-                 f"max_new_tokens={self.max_new_tokens}, seed={self.seed}")
+                 f"max_new_tokens={limit}, seed={self.seed}")
         if self.repetition_penalty != 1.0:
             s += f", repetition_penalty={self.repetition_penalty}"
         if self.no_repeat_ngram_size:
             s += f", no_repeat_ngram_size={self.no_repeat_ngram_size}"
+        if self.dry_multiplier > 0:
+            s += f", char DRY {self.dry_multiplier}/{self.dry_base}/{self.dry_allowed_length}"
+        if self.no_repeat_char_ngram:
+            s += f", no_repeat_char_ngram={self.no_repeat_char_ngram}"
+        if self.loop_detection:
+            s += ", loop detection"
         return s
 
 
@@ -98,3 +144,29 @@ class Generation:
     completion_tokens: int
     finish_reason: FinishReason
     token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+def max_new_tokens_for(tokenizer, chars: int = ROOM_CHARS) -> int:
+    """Tokens that hold `chars` characters of ad copy with this tokenizer (measured on the built-in
+    sample of copy, +10%, rounded up to 32): SmolLM2 ~1.9 tokens a character -> 416, Llama-3 ~1.0 -> 224."""
+    cached = _ROOM_CACHE.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer and cached[1] == chars:
+        return cached[2]
+    text = _sample_copy()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    per_char = len(ids) / max(1, len(text))
+    need = int(chars * per_char * 1.1 + 31) // 32 * 32
+    _ROOM_CACHE[id(tokenizer)] = (tokenizer, chars, need)
+    return need
+
+
+_ROOM_CACHE: dict[int, tuple] = {}
+
+
+def _sample_copy() -> str:
+    import json
+    from importlib import resources
+
+    path = resources.files("adgen") / "resources" / "sample_adgen.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "".join(json.loads(line)["summary"] for line in lines if line.strip())

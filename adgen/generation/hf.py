@@ -24,6 +24,7 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from adgen.generation.config import DecodingConfig, FinishReason, Generation
+from adgen.generation.repetition import RepeatRules, repeated_suffix_len, trim_loop
 from adgen.generation.text import (
     IncrementalDecoder,
     clean_text,
@@ -120,7 +121,7 @@ class HFGenerator:
         `progress(k)` is called after each batch with the number of prompts it finished.
         """
         prompts = _check_prompts(prompts)
-        config = config or DecodingConfig()
+        config = self.resolve(config)
         if not prompts:
             return []
         encoded = [self.prompt_ids(p) for p in prompts]
@@ -136,6 +137,19 @@ class HFGenerator:
                     progress(len(idx))
         return results  # type: ignore[return-value]
 
+    def resolve(self, config: DecodingConfig | None) -> DecodingConfig:
+        """The config this generator runs: `max_new_tokens` sized from the tokenizer when unset."""
+        return (config or DecodingConfig()).for_tokenizer(self.tokenizer)
+
+    def repeat_control(self, config: DecodingConfig, batch_size: int, prompt_width: int):
+        """The character-level repetition control for one left-padded batch (None when it is off)."""
+        from adgen.generation.hf_processors import BatchRepeatControl
+
+        rules = RepeatRules.of(config)
+        if not rules.active:
+            return None
+        return BatchRepeatControl(self.tokenizer, rules, self.stop_token_ids, batch_size, prompt_width)
+
     def _generate_batch(self, batch: list[list[int]], config: DecodingConfig) -> list[Generation]:
         import torch
 
@@ -145,12 +159,16 @@ class HFGenerator:
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
         stop_strings = _StopStringCriteria(self.tokenizer, config.stop, width) if config.stop else None
         criteria = [stop_strings] if stop_strings else []
+        repeats = self.repeat_control(config, len(batch), width)
+        if repeats is not None:
+            criteria += repeats.criteria()
         with self.lock, torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 generation_config=self._generation_config(config),
                 stopping_criteria=_criteria_list(criteria),
+                logits_processor=_processor_list(repeats.processors() if repeats is not None else []),
             )
         new = out[:, width:].tolist()
         stops = set(self.stop_token_ids)
@@ -158,9 +176,14 @@ class HFGenerator:
         for row, (ids, gen) in enumerate(zip(batch, new)):
             n = next((j for j, t in enumerate(gen) if t in stops), len(gen))
             hit = stop_strings is not None and stop_strings.hit[row]
-            emitted_eos = n < len(gen) and not hit  # after a stop-string hit, the stop id is HF's padding
+            looped = repeats is not None and repeats.states[row].looped
+            # after a stop-string hit or a loop, the stop id is HF's padding, not the model's end of turn
+            emitted_eos = n < len(gen) and not hit and not looped
             text, cut = cut_at_stop(clean_text(decode(self.tokenizer, gen[:n])), config.stop)
             finish: FinishReason = "stop" if emitted_eos or cut else "length"
+            if looped and not cut:
+                text, _ = trim_loop(text)
+                finish = "loop"
             token_ids = gen[: n + 1] if emitted_eos else gen[:n]
             results.append(Generation(text, len(ids), len(token_ids), finish, token_ids))
         return results
@@ -210,7 +233,7 @@ class HFGenerator:
         the iteration ends, `stream.finish_reason`, `stream.prompt_tokens`, `stream.completion_tokens`
         and `stream.generation` say how it ended.
         """
-        return TextStream(self, prompt, config or DecodingConfig(), cancel)
+        return TextStream(self, prompt, self.resolve(config), cancel)
 
 
 class TextStream:
@@ -219,7 +242,9 @@ class TextStream:
     - `close()` stops generation promptly (one model step) and waits for the thread; also called when
       the stream is garbage-collected or used as a context manager.
     - `cancel` (a `threading.Event`) may be set from any thread to stop it the same way.
-    - When done: `finish_reason` ("stop" | "length" | "cancelled"), `prompt_tokens`,
+    - With loop detection on, the longest tail that repeats earlier text is held back until the text
+      moves on: a loop's repeats are trimmed, never sent (stream == generate).
+    - When done: `finish_reason` ("stop" | "length" | "loop" | "cancelled"), `prompt_tokens`,
       `completion_tokens`, `text`, `generation` (a `Generation`). `finish_reason` is None while running.
     The model thread starts on the first `next()`; until then no lock is held.
     """
@@ -236,6 +261,7 @@ class TextStream:
         self.token_ids: list[int] = []
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._repeats = generator.repeat_control(config, 1, len(self.prompt_ids))
         self._it = self._run()
 
     # iterator protocol
@@ -277,7 +303,8 @@ class TextStream:
         # The thread gets no reference to the stream: a stream dropped without close() is still
         # collected, and its finalizer cancels the generation.
         self._thread = threading.Thread(
-            target=_stream_worker, args=(self._gen, self.prompt_ids, self.config, self.cancel, self._queue),
+            target=_stream_worker,
+            args=(self._gen, self.prompt_ids, self.config, self.cancel, self._queue, self._repeats),
             name="adgen-generate", daemon=True,
         )
         self._thread.start()
@@ -323,6 +350,8 @@ class TextStream:
                     safe = len(text) - stop_prefix_len(text, stop_strings)
                 else:
                     safe = len(text)
+                if self.config.loop_detection:
+                    safe = min(safe, len(text) - repeated_suffix_len(text))
                 if safe > sent:
                     piece, sent = text[sent:safe], safe
                     self.text = text[:sent]
@@ -334,6 +363,9 @@ class TextStream:
                 text, cut = cut_at_stop(decoder.text, stop_strings)
                 if cut:
                     self.finish_reason = "stop"
+                elif self._repeats is not None and self._repeats.states[0].looped:
+                    text, _ = trim_loop(text)
+                    self.finish_reason = "loop"
                 if len(text) > sent:
                     self.text = text
                     yield text[sent:]
@@ -350,7 +382,7 @@ class TextStream:
 
 
 def _stream_worker(gen: HFGenerator, prompt_ids: list[int], config: DecodingConfig, cancel: threading.Event,
-                   q: queue.Queue) -> None:
+                   q: queue.Queue, repeats=None) -> None:
     """Run one generation, putting each step's token ids on `q`, then None (an exception first, if any).
 
     The queue is unbounded: the model never waits for a slow reader, so the lock is held only for
@@ -368,7 +400,8 @@ def _stream_worker(gen: HFGenerator, prompt_ids: list[int], config: DecodingConf
                 attention_mask=torch.ones_like(ids),
                 generation_config=gen._generation_config(config),
                 streamer=_QueueStreamer(q),
-                stopping_criteria=_criteria_list([_CancelCriteria(cancel)]),
+                stopping_criteria=_criteria_list([_CancelCriteria(cancel)] + (repeats.criteria() if repeats else [])),
+                logits_processor=_processor_list(repeats.processors() if repeats else []),
             )
     except BaseException as e:  # handed to the consumer, re-raised there
         q.put(e)
@@ -380,6 +413,12 @@ def _criteria_list(criteria):
     from transformers import StoppingCriteriaList
 
     return StoppingCriteriaList(criteria)
+
+
+def _processor_list(processors):
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList(processors)
 
 
 def _QueueStreamer(q: queue.Queue):

@@ -7,14 +7,18 @@ The prompt ids come from the same `ChatFormatter` as the HF backend, and the sam
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from adgen.errors import AdgenError, ConfigError
 from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.repetition import trim_loop
 from adgen.generation.hf import _check_prompts
 from adgen.generation.text import clean_text, cut_at_stop
+
+log = logging.getLogger(__name__)
 
 VLLM_MISSING = (
     "--backend vllm needs vLLM, which is not installed: `pip install vllm` (Linux + CUDA GPU), "
@@ -92,7 +96,14 @@ class VLLMGenerator:
     def prompt_ids(self, prompt) -> list[int]:
         return self.formatter.prompt_ids(prompt if isinstance(prompt, str) else list(prompt))
 
+    def resolve(self, config: DecodingConfig | None) -> DecodingConfig:
+        return (config or DecodingConfig()).for_tokenizer(self.tokenizer)
+
     def sampling_params(self, config: DecodingConfig):
+        if config.dry_multiplier > 0 or config.no_repeat_char_ngram:
+            # vLLM samples inside its engine, where adgen's per-request character state cannot run.
+            log.warning("character-level DRY / n-gram ban run on the hf backend only; vllm decodes without them "
+                        "(loop detection still trims looping texts afterwards)")
         if config.no_repeat_ngram_size:
             raise ConfigError(
                 "no_repeat_ngram_size is not supported by the vllm backend; use --backend hf, "
@@ -113,7 +124,7 @@ class VLLMGenerator:
 
     def generate(self, prompts: Sequence, config: DecodingConfig | None = None) -> list[Generation]:
         prompts = _check_prompts(prompts)
-        config = config or DecodingConfig()
+        config = self.resolve(config)
         if not prompts:
             return []
         encoded = [self.prompt_ids(p) for p in prompts]
@@ -130,6 +141,9 @@ class VLLMGenerator:
             c = out.outputs[0]
             text, _ = cut_at_stop(clean_text(c.text), config.stop)
             finish = "stop" if c.finish_reason == "stop" else "length"
+            if config.loop_detection and finish == "length":
+                text, looped = trim_loop(text)
+                finish = "loop" if looped else finish
             results.append(Generation(text, len(ids), len(c.token_ids), finish, list(c.token_ids)))
         return results
 

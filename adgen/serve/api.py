@@ -124,6 +124,7 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
                     "message": {"role": "assistant", "content": r.text},
                     "logprobs": None,
                     "finish_reason": _openai_finish(r.finish_reason),
+                    **_stop_reason(r.finish_reason),
                 }
                 for r in results
             ],
@@ -196,6 +197,12 @@ def _openai_finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def _stop_reason(reason: str) -> dict[str, str]:
+    """OpenAI's finish_reason has no value for a loop: it says "stop", and `stop_reason` (the field vLLM
+    uses for what stopped a choice) says "loop" -- loop detection stopped it and trimmed the repeats."""
+    return {"stop_reason": "loop"} if reason == "loop" else {}
+
+
 def _busy(e: Exception) -> ApiError:
     return ApiError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                     code="rate_limit_exceeded", headers={"Retry-After": "1"})
@@ -242,7 +249,8 @@ async def _chat_sse(events, rid, created, model, n, include_usage, prompt_tokens
             elif kind == "done":
                 completion_tokens += payload.completion_tokens
                 yield _sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                                 "finish_reason": _openai_finish(payload.finish_reason)}]})
+                                                 "finish_reason": _openai_finish(payload.finish_reason),
+                                                 **_stop_reason(payload.finish_reason)}]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"

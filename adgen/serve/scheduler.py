@@ -327,7 +327,7 @@ class Scheduler:
         tok = self.generator.tokenizer
         completion = len(tok(text, add_special_tokens=False)["input_ids"])
         prompt_tokens = len(self.generator.prompt_ids(prompt))
-        finish = "length" if completion >= config.max_new_tokens else "stop"
+        finish = "length" if config.max_new_tokens is not None and completion >= config.max_new_tokens else "stop"
         return Completion(index, text, prompt_tokens, completion, finish)
 
     def _finish(self, job: Job, cancelled: bool = False) -> None:

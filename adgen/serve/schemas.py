@@ -57,6 +57,23 @@ class DecodingFields(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    # adgen's extensions (not OpenAI fields): character-level repetition control, on by default
+    dry_multiplier: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    dry_base: Annotated[float, Field(ge=1.0, le=4.0)] | None = None
+    dry_allowed_length: Annotated[int, Field(ge=1, le=64)] | None = None
+    no_repeat_char_ngram: Annotated[int, Field(ge=0, le=64)] | None = None
+    loop_detection: bool | None = None
+
+    @field_validator("no_repeat_char_ngram")
+    @classmethod
+    def _ngram(cls, v):
+        if v == 1:
+            raise ValueError("no_repeat_char_ngram must be 0 (off) or >= 2")
+        return v
+
+    def repetition_fields(self) -> dict[str, Any]:
+        names = ("dry_multiplier", "dry_base", "dry_allowed_length", "no_repeat_char_ngram", "loop_detection")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     @field_validator("stop")
     @classmethod

@@ -149,6 +149,17 @@ class ServeState:
             )
         return n
 
+    @property
+    def default_max_tokens(self) -> int:
+        """max_tokens of a request that names none: the server's setting, else sized from the tokenizer."""
+        if self.limits.default_max_tokens is not None:
+            return self.limits.default_max_tokens
+        from adgen.generation import DecodingConfig
+
+        resolve = getattr(self.generator, "resolve", None)
+        n = resolve(DecodingConfig()).max_new_tokens if resolve is not None else 256
+        return min(n, self.limits.max_tokens)
+
     def decoding_config(self, req, n: int = 1):
         """A DecodingConfig from the request's decoding fields, within the server's caps."""
         from adgen.generation import DecodingConfig
@@ -183,7 +194,13 @@ class ServeState:
             )
         if req.repetition_penalty is not None:
             kwargs["repetition_penalty"] = req.repetition_penalty
-        return DecodingConfig(**kwargs)
+        kwargs.update(req.repetition_fields())
+        config = DecodingConfig(**kwargs)
+        resolve = getattr(self.generator, "resolve", None)
+        if config.max_new_tokens is None and resolve is not None:  # sized from the tokenizer, within the cap
+            config = resolve(config)
+            config = config.replace(max_new_tokens=min(config.max_new_tokens, lim.max_tokens))
+        return config
 
     # ---- attributes and figures ---------------------------------------------------------------
     @staticmethod

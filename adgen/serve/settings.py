@@ -23,16 +23,18 @@ class Limits:
     max_prompt_chars: int = 16_000  # cheap check before tokenizing
     max_prompt_tokens: int = 2048  # rendered prompt, in the model's tokens
     max_tokens: int = 1024  # cap on max_tokens / max_completion_tokens
-    default_max_tokens: int = 256  # when a request gives none
+    default_max_tokens: int | None = None  # when a request gives none (None: sized from the tokenizer)
     max_n: int = 4  # choices per request
     max_stop: int = 4  # stop strings per request (OpenAI's own cap)
     max_queue: int = 256  # waiting requests; 429 above
 
     def validate(self) -> None:
         for name, value in vars(self).items():
+            if value is None and name == "default_max_tokens":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serve limit {name} must be a positive integer, not {value!r}")
-        if self.default_max_tokens > self.max_tokens:
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens:
             raise ConfigError(
                 f"default max_tokens ({self.default_max_tokens}) is above the max_tokens cap ({self.max_tokens})"
             )

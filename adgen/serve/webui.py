@@ -19,6 +19,7 @@ import os
 import re
 from typing import Any
 
+from adgen.generation.config import DecodingConfig
 from adgen.serve.security import check_ui_login
 from adgen.serve.service import ServeState
 
@@ -26,6 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 UI_PATH = "/ui"
 N_ROWS = 8
+_DEFAULT = DecodingConfig()  # the decoding panel starts at the library's defaults
 CATEGORY_KEY = "类型"
 _VALUE_SEP = re.compile(r"[,，、;；]")
 
@@ -141,12 +143,19 @@ def build_ui(state: ServeState):
                     length = gr.Slider(0, 300, value=0, step=10, label="篇幅提示（字，0 = 不提示）",
                                        elem_id="length-hint")
                 with gr.Accordion("解码设置 decoding", open=False):
-                    max_tokens = gr.Slider(8, limits.max_tokens, value=min(limits.default_max_tokens, limits.max_tokens),
+                    max_tokens = gr.Slider(8, limits.max_tokens, value=state.default_max_tokens,
                                            step=8, label="max_tokens", elem_id="max-tokens")
                     sampling = gr.Checkbox(value=False, label="采样 sampling（关闭 = greedy，结果可复现）")
                     temperature = gr.Slider(0.05, 2.0, value=0.95, step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="top_p")
                     seed = gr.Number(value=-1, precision=0, label="seed（采样时使用，-1 = 随机）")
+                    dry = gr.Slider(0.0, 3.0, value=_DEFAULT.dry_multiplier, step=0.1, elem_id="dry-multiplier",
+                                    label="字级重复惩罚 DRY（0 = 关闭）",
+                                    info=f"续写会重复已写过的 {_DEFAULT.dry_allowed_length} 字以上片段时降低其概率")
+                    ngram = gr.Number(value=_DEFAULT.no_repeat_char_ngram, precision=0, minimum=0, maximum=64,
+                                      label="禁止重复的字数 N（0 = 关闭）", elem_id="no-repeat-char-ngram")
+                    loops = gr.Checkbox(value=_DEFAULT.loop_detection, elem_id="loop-detection",
+                                        label="循环检测：文本开始循环时停止并删去重复部分")
                 compare = gr.Checkbox(value=False, label="对比基座模型（关闭 adapter）", info=compare_info,
                                       interactive=compare_ok, elem_id="compare-base")
                 with gr.Row():
@@ -189,13 +198,13 @@ def build_ui(state: ServeState):
 
         async def generate(request: gr.Request, *args):
             (cat, *kv), rest = args[: 1 + 2 * N_ROWS], args[1 + 2 * N_ROWS :]
-            raw_s, style_s, length_v, max_t, samp, temp, topp, seed_v, cmp = rest
+            raw_s, style_s, length_v, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, loops_v, cmp = rest
             rows = list(zip(kv[0::2], kv[1::2]))
             try:
                 content, pairs = form_to_content(cat, rows, raw_s)
                 messages = state.adcopy_messages(content, style_s, int(length_v or 0) or None)
                 state.check_prompt(messages, param="attributes")
-                config = _ui_config(limits, max_t, samp, temp, topp, seed_v)
+                config = _ui_config(limits, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, loops_v)
             except Exception as e:  # ValueError, ApiError: shown, never raised into Gradio
                 yield "", "", "", "", f"⚠️ {getattr(e, 'message', None) or e}"
                 return
@@ -233,7 +242,8 @@ def build_ui(state: ServeState):
 
         event = go.click(
             generate,
-            inputs=[*form_inputs, style, length, max_tokens, sampling, temperature, top_p, seed, compare],
+            inputs=[*form_inputs, style, length, max_tokens, sampling, temperature, top_p, seed, dry, ngram, loops,
+                    compare],
             outputs=[out_main, fig_main, out_base, fig_base, status],
             api_visibility="private",
             concurrency_limit=8,
@@ -247,15 +257,20 @@ def build_ui(state: ServeState):
     return demo
 
 
-def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed):
+def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed, dry=None, ngram=None, loops=None):
     from adgen.generation import DecodingConfig
 
-    max_tokens = max(1, min(int(max_tokens or limits.default_max_tokens), limits.max_tokens))
+    max_tokens = max(1, min(int(max_tokens or limits.default_max_tokens or 256), limits.max_tokens))
+    repetition = dict(
+        dry_multiplier=float(_DEFAULT.dry_multiplier if dry is None else dry),
+        no_repeat_char_ngram=int(_DEFAULT.no_repeat_char_ngram if ngram in (None, "") else ngram),
+        loop_detection=bool(_DEFAULT.loop_detection if loops is None else loops),
+    )
     if not sampling:
-        return DecodingConfig(max_new_tokens=max_tokens)
+        return DecodingConfig(max_new_tokens=max_tokens, **repetition)
     return DecodingConfig(
         max_new_tokens=max_tokens, do_sample=True, temperature=float(temperature), top_p=float(top_p),
-        seed=int(seed) if seed not in (None, "") and int(seed) >= 0 else None,
+        seed=int(seed) if seed not in (None, "") and int(seed) >= 0 else None, **repetition,
     )
 
 

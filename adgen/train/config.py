@@ -31,6 +31,9 @@ class LoraSection:
     rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None  # e.g. [embed_tokens, lm_head] when new tokens are trained
+    # adapt only the top N decoder layers (null = all): the backward pass then stops at the lowest adapted
+    # layer, which makes a step cheaper on CPUs (the demo's lever for time-bound runs)
+    top_layers: int | None = None
 
     def __post_init__(self) -> None:
         # YAML/CLI give "all-linear" as a one-item list (the loader splits strings into lists)
@@ -85,6 +88,9 @@ class TrainConfig:
     grad_accum: int = 4
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
+    # time budget for the training loop: after BUDGET_PROBE_STEPS steps the run is re-planned (steps and LR
+    # schedule) to the steps that fit, from the measured step time; never more than epochs / max_steps give
+    max_minutes: float | None = None
     lr: float = 2e-4
     lr_scheduler: Scheduler = "cosine"
     warmup_ratio: float = 0.03
@@ -102,6 +108,13 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics.jsonl rows
     eval_every: int = 50  # steps between eval losses (0: only at the end)
     eval_on_start: bool = False  # also the eval loss of the untrained model (step 0)
+    # generation metrics during training (adgen.train.gen_eval): generate for the first gen_eval_samples
+    # eval records every gen_eval_every steps (0 = off) and at the end; ROUGE / BLEU-4 / coverage / stops
+    gen_eval_every: int = 0
+    gen_eval_samples: int = 16
+    gen_max_new_tokens: int | None = None  # None: sized from the tokenizer
+    best_metric: str | None = None  # eval_loss, rouge-1, bleu-4, attr_coverage, ended_share, ...: keeps best/
+    early_stopping_patience: int = 0  # evaluations without a new best_metric before the run stops (0 = off)
     save_every: int = 50  # steps between checkpoints (0: only the final artefacts)
     keep_checkpoints: int = 2  # newest checkpoints kept
     plot: bool = True
@@ -125,6 +138,22 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"config key 'max_steps' must be >= 1, got {self.max_steps}")
+        from adgen.train.gen_eval import GEN_METRICS, check_best_metric
+
+        check_best_metric(self.best_metric)
+        if self.gen_eval_every < 0 or self.gen_eval_samples < 1:
+            raise ConfigError("config keys 'gen_eval_every' must be >= 0 (0 = off) and 'gen_eval_samples' >= 1")
+        if self.gen_eval_every and not self.eval_data:
+            raise ConfigError("gen_eval_every needs eval_data (set eval_data or pass --eval-data FILE)")
+        if self.best_metric in GEN_METRICS and not self.gen_eval_every:
+            raise ConfigError(f"best_metric '{self.best_metric}' is a generation figure: set gen_eval_every "
+                              "(e.g. gen_eval_every=50), or use best_metric=eval_loss")
+        if self.early_stopping_patience < 0 or (self.early_stopping_patience and not self.best_metric):
+            raise ConfigError("early_stopping_patience must be >= 0 and needs best_metric (e.g. best_metric=rouge-1)")
+        if self.lora.top_layers is not None and self.lora.top_layers < 1:
+            raise ConfigError(f"config key 'lora.top_layers' must be >= 1 (or null for every layer), got {self.lora.top_layers}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"config key 'max_minutes' must be > 0 (or null for no time budget), got {self.max_minutes}")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError(f"config key 'epochs' must be > 0, got {self.epochs}")
         if self.lr <= 0:
@@ -172,6 +201,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | dic
 # Keys that may change between a run and its --resume without changing what is computed up to the
 # checkpoint (anything else that differs is reported).
 RESUME_MUTABLE_KEYS = {
-    "max_steps", "epochs", "output_dir", "log_every", "eval_every", "save_every", "keep_checkpoints",
+    "max_steps", "max_minutes", "epochs", "output_dir", "gen_eval_every", "gen_eval_samples",
+    "gen_max_new_tokens", "best_metric", "early_stopping_patience", "log_every", "eval_every", "save_every", "keep_checkpoints",
     "plot", "progress", "device", "eval_data", "max_eval_samples",
 }

@@ -102,21 +102,39 @@ def check_4bit_support(device) -> None:
         ) from None
 
 
-def _lora_config(cfg: TrainConfig):
+def _lora_config(cfg: TrainConfig, model=None):
     from peft import LoraConfig
 
     lc = cfg.lora
+    layers, targets = None, lc.target_modules
+    if lc.top_layers is not None:
+        num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if not num_layers:
+            raise ConfigError("lora.top_layers needs a model whose config names num_hidden_layers; set it to null")
+        layers = list(range(max(0, num_layers - lc.top_layers), num_layers))
+        if targets == "all-linear":  # PEFT takes a layer subset only with named modules
+            targets = _linear_module_names(model)
     return LoraConfig(
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
-        target_modules=lc.target_modules,
+        target_modules=targets,
         use_rslora=lc.rslora,
         use_dora=cfg.method == "dora",
         bias=lc.bias,
         modules_to_save=lc.modules_to_save,
     )
+
+
+def _linear_module_names(model) -> list[str]:
+    """The names of the decoder layers' linear modules (what "all-linear" means), e.g. q_proj ... down_proj."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"}
+    return sorted(names)
 
 
 def _prefix_config(cfg: TrainConfig):
@@ -184,7 +202,7 @@ def apply_method(model, cfg: TrainConfig, precision: Precision):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    peft_config = _prefix_config(cfg) if cfg.method == "prefix" else _lora_config(cfg)
+    peft_config = _prefix_config(cfg) if cfg.method == "prefix" else _lora_config(cfg, model)
     # bf16-frozen / bf16 / fp16: PEFT keeps the adapter weights in fp32 (autocast_adapter_dtype).
     try:
         peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)

@@ -81,6 +81,17 @@ def _peak_memory_gb(device) -> tuple[float, str]:
     return rss_kb / 2**20, "process RSS"
 
 
+BUDGET_PROBE_STEPS = 3  # steps timed before a time budget re-plans the run
+
+
+def _steps_in_budget(cfg, step: int, total: int, elapsed: float, start: int) -> int:
+    """The last step that fits cfg.max_minutes, from the mean time of the steps so far (the first one
+    pays one-time costs, so the mean over-estimates a little: the budget is kept, not overrun)."""
+    per_step = elapsed / max(1, step - start)
+    fit = start + int(cfg.max_minutes * 60 / per_step) if per_step > 0 else total
+    return max(step, min(total, fit))
+
+
 def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
     def fn(step: int) -> float:  # `step` = optimizer steps taken so far
         if warmup and step < warmup:
@@ -230,9 +241,10 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     if not train_examples:
         raise AdgenError(f"no training example fits max_length={cfg.max_length}: raise max_length")
     say(f"[adgen] train data: {cfg.train_data}: {stats.summary()}")
-    eval_examples = []
+    eval_examples, eval_records = [], []
     if cfg.eval_data:
-        eval_examples, estats = encode_records(formatter, _read(cfg.eval_data, cfg, cfg.max_eval_samples, "eval"))
+        eval_records = _read(cfg.eval_data, cfg, cfg.max_eval_samples, "eval")
+        eval_examples, estats = encode_records(formatter, eval_records)
         say(f"[adgen] eval data: {cfg.eval_data}: {estats.summary()}")
 
     # -- model + method ------------------------------------------------------------------------
@@ -352,6 +364,40 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
+    gen_records = [r for r in eval_records if r.summary][: cfg.gen_eval_samples] if cfg.gen_eval_every else []
+    gen_vocab = None
+
+    def gen_evaluate(step: int) -> None:
+        """Generation metrics on the first eval records (every process generates: the same greedy text,
+        so each one takes the same best / early-stopping decision)."""
+        nonlocal gen_vocab
+        from adgen.metrics import AttributeVocab
+        from adgen.train.gen_eval import generation_metrics
+
+        if gen_vocab is None:
+            gen_vocab = AttributeVocab.from_records(train_records, source=str(cfg.train_data))
+        t = time.perf_counter()
+        figures = generation_metrics(model, tokenizer, formatter, gen_records, gen_vocab,
+                                     max_new_tokens=cfg.gen_max_new_tokens)
+        wrapped.train()
+        write_metrics_row({"step": step, "gen_eval": figures, "gen_eval_s": round(time.perf_counter() - t, 1)})
+        say(f"[adgen] step {step}: generation on {figures['n']} eval records: ROUGE-1 {figures['rouge-1']:.2f} "
+            f"BLEU-4 {figures['bleu-4']:.2f} coverage {figures['attr_coverage'] or 0:.2f} "
+            f"ended {figures['ended_share']:.0%} never stopped {figures['never_stopped_share']:.0%} "
+            f"repetition {figures['repetition_rate']:.2f}")
+
+    def track_best(step: int) -> bool:
+        """Save best/ when `step` is the best evaluation so far; True when early stopping ends the run."""
+        if not cfg.best_metric:
+            return False
+        from adgen.train.gen_eval import best_so_far
+
+        best_step, best, since = best_so_far(metrics, cfg.best_metric)
+        if best_step == step and since == 0:
+            save_final(accelerator, cfg, out, model, wrapped, tokenizer, name="best")
+            say(f"[adgen] step {step}: new best {cfg.best_metric} {best:.4f} -> {out / 'best'}")
+        return bool(cfg.early_stopping_patience) and since >= cfg.early_stopping_patience
+
     # -- the loop ------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
@@ -367,8 +413,10 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     if cfg.eval_on_start and start_step == 0 and eval_examples:
         write_metrics_row({"step": 0, "eval_loss": evaluate()})
         say(f"[adgen] step 0: eval loss {metrics[-1]['eval_loss']:.4f}")
+    loop_t0 = time.perf_counter()
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        while step < total_steps:
+            step += 1
             t0 = time.perf_counter()
             batches = [collate([train_examples[i] for i in idx], batching, pad_id, share_prefix)
                        for idx in order.step_indices(step - 1, rank)]
@@ -411,6 +459,18 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             window["loss"] += loss * n_targets
             window["targets"] += n_targets
             window["steps"] += 1
+            if cfg.max_minutes and step == start_step + BUDGET_PROBE_STEPS:
+                planned = _steps_in_budget(cfg, step, total_steps, time.perf_counter() - loop_t0, start_step)
+                if planned < total_steps:
+                    total_steps = planned
+                    warmup = min(warmup, max(0, total_steps - 1)) if cfg.warmup_steps is not None else \
+                        math.ceil(cfg.warmup_ratio * total_steps)
+                    scheduler.lr_lambdas = [_lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
+                                            for _ in scheduler.lr_lambdas]
+                    summary_base["total_steps"] = total_steps
+                    bar.total = total_steps
+                    say(f"[adgen] time budget {cfg.max_minutes:g} min: {total_steps} steps fit "
+                        f"({order.epoch_at(total_steps):.2f} epochs), warmup {warmup}")
 
             if step % cfg.log_every == 0 or step == total_steps:
                 row = {
@@ -431,10 +491,21 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
 
+            evaluated = False
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and eval_examples:
                 last_eval = evaluate()
                 write_metrics_row({"step": step, "eval_loss": last_eval})
                 say(f"[adgen] step {step}: eval loss {last_eval:.4f}")
+                evaluated = True
+            if cfg.gen_eval_every and step % cfg.gen_eval_every == 0 and step != total_steps and gen_records:
+                gen_evaluate(step)
+                evaluated = True
+            if evaluated and track_best(step):
+                status = "early_stopped"
+                say(f"[adgen] step {step}: early stopping, no better {cfg.best_metric} in "
+                    f"{cfg.early_stopping_patience} evaluation(s); the best is in {out / 'best'}")
+                total_steps = step
+                summary_base["total_steps"] = step
             if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
                 path = ckpt_mod.save_checkpoint(
                     accelerator, out, step, model=model, wrapped=wrapped, optimizer=optimizer,
@@ -452,9 +523,13 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     bar.close()
 
     # -- final eval and artefacts --------------------------------------------------------------
-    if eval_examples:
-        last_eval = evaluate()
-        write_metrics_row({"step": total_steps, "eval_loss": last_eval})
+    if status != "early_stopped":  # (an early stop was decided on this step's evaluation)
+        if eval_examples:
+            last_eval = evaluate()
+            write_metrics_row({"step": total_steps, "eval_loss": last_eval})
+        if gen_records:
+            gen_evaluate(total_steps)
+        track_best(total_steps)
     artefact = save_final(accelerator, cfg, out, model, wrapped, tokenizer)
     peak, peak_kind = _peak_memory_gb(device)
     peak = max([peak] + [r.get("peak_mem_gb", 0.0) for r in metrics if "loss" in r])
@@ -475,6 +550,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         "final_eval_loss": last_eval,
         "artefact": str(artefact),
         "last_checkpoint": last_ckpt,
+        **_best_summary(cfg, metrics, out),
         "files": {k: str(out / k) for k in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json",
                                             "train_summary.md", "attribute_vocab.json")},
     }
@@ -493,9 +569,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     return TrainResult(out, status, total_steps, summary, metrics)
 
 
-def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokenizer) -> Path:
-    """adapter/ (PEFT) or model/ (full): complete directories, moved into place at once."""
-    final = out / ("adapter" if cfg.is_peft else "model")
+def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokenizer, name: str | None = None) -> Path:
+    """adapter/ (PEFT) or model/ (full), or `name`/ (best/): complete directories, moved into place at once."""
+    final = out / (name or ("adapter" if cfg.is_peft else "model"))
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     state_dict = None
     if sharded:  # every process takes part in gathering the full weights
@@ -509,6 +585,21 @@ def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokeniz
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _best_summary(cfg: TrainConfig, metrics: list[dict], out: Path) -> dict:
+    """best_metric / best_step / best_value / best (the directory), and the last generation figures."""
+    extra: dict = {}
+    gen_rows = [r for r in metrics if "gen_eval" in r]
+    if gen_rows:
+        extra["final_gen_eval"] = {k: v for k, v in gen_rows[-1]["gen_eval"].items() if k != "example"}
+    if cfg.best_metric:
+        from adgen.train.gen_eval import best_so_far
+
+        step, value, _ = best_so_far(metrics, cfg.best_metric)
+        extra.update(best_metric=cfg.best_metric, best_step=step, best_value=value,
+                     best=str(out / "best") if (out / "best").is_dir() else None)
+    return extra
 
 
 def _save_vocab(records, path: Path, source: str, say) -> None:
@@ -539,6 +630,14 @@ def summary_markdown(s: dict) -> str:
         f"- result: `{s.get('artefact', '-')}`; last checkpoint: `{s.get('last_checkpoint') or '-'}`",
         f"- files: config.yaml, metrics.jsonl, loss.png, summary.json, attribute_vocab.json in `{s['output_dir']}`",
     ]
+    g = s.get("final_gen_eval")
+    if g:
+        lines.append(f"- generation on {g['n']} eval records (last evaluation): ROUGE-1 {fmt(g.get('rouge-1'), '.2f')}, "
+                     f"BLEU-4 {fmt(g.get('bleu-4'), '.2f')}, coverage {fmt(g.get('attr_coverage'), '.2f')}, "
+                     f"ended on end-of-turn {fmt(g.get('ended_share'), '.0%')}, repetition {fmt(g.get('repetition_rate'), '.3f')}")
+    if s.get("best_metric"):
+        lines.append(f"- best {s['best_metric']}: {fmt(s.get('best_value'))} at step {s.get('best_step')} "
+                     f"-> `{s.get('best') or '-'}`")
     for n in s.get("notes") or []:
         lines.append(f"- note: {n}")
     return "\n".join(lines) + "\n"
