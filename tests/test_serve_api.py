@@ -325,6 +325,13 @@ def test_bad_input_temperature_a_string(server, http):
         ("stream", "yes", "stream"),
         ("stop", [""], "stop"),
         ("seed", 1.5, "seed"),
+        # adgen's extension fields (character-level repetition control)
+        ("dry_multiplier", -0.5, "dry_multiplier"),
+        ("dry_multiplier", "0.8", "dry_multiplier"),
+        ("dry_base", 0.5, "dry_base"),
+        ("dry_allowed_length", 0, "dry_allowed_length"),
+        ("no_repeat_char_ngram", 1, "no_repeat_char_ngram"),
+        ("loop_detection", "yes", "loop_detection"),
     ],
 )
 def test_bad_input_wrong_types_and_ranges(server, http, field, value, param):

@@ -327,3 +327,21 @@ def test_cors_only_when_configured(origins):
     else:
         assert "access-control-allow-origin" not in r.headers
         assert "access-control-allow-origin" not in got.headers
+
+
+def test_repetition_fields_reach_the_decoding_config_and_loops_are_reported():
+    from adgen.serve.api import _openai_finish, _stop_reason
+    from adgen.serve.schemas import ChatCompletionRequest, parse_body
+    from adgen.serve.service import ServeState
+
+    state = ServeState(FakeServedGenerator(), ServeSettings(model="fake"), vocab=object(), examples=[])
+    body = b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}'
+    default = state.decoding_config(parse_body(ChatCompletionRequest, body))
+    assert default.dry_multiplier == DecodingConfig().dry_multiplier and default.loop_detection  # on by default
+    body = (b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}], "dry_multiplier": 0, '
+            b'"no_repeat_char_ngram": 5, "loop_detection": false, "dry_allowed_length": 4}')
+    cfg = state.decoding_config(parse_body(ChatCompletionRequest, body))
+    assert (cfg.dry_multiplier, cfg.no_repeat_char_ngram, cfg.loop_detection, cfg.dry_allowed_length) == (0, 5, False, 4)
+    # a loop is an OpenAI "stop", with vLLM's stop_reason field saying why
+    assert _openai_finish("loop") == "stop" and _stop_reason("loop") == {"stop_reason": "loop"}
+    assert _stop_reason("stop") == {}
