@@ -458,7 +458,7 @@ def test_time_budget_replans_steps_and_the_lr_schedule(tiny_llama3_dir, adgen_tr
 
     seen = {}
 
-    def fits_six(cfg, step, total, elapsed, start):
+    def fits_six(cfg, step, total, elapsed, per_step):
         seen.update(step=step, total=total)
         return 6
 
@@ -479,9 +479,10 @@ def test_steps_in_budget_uses_the_measured_step_time():
     from adgen.train.trainer import _steps_in_budget
 
     cfg = TrainConfig(train_data="x", max_minutes=1.0)
-    assert _steps_in_budget(cfg, step=3, total=100, elapsed=30.0, start=0) == 6  # 10 s a step -> 6 in 60 s
-    assert _steps_in_budget(cfg, step=3, total=5, elapsed=3.0, start=0) == 5  # never more than planned
-    assert _steps_in_budget(cfg, step=3, total=100, elapsed=300.0, start=0) == 3  # over budget: stop now
+    # 30 s spent after 3 steps, 10 s a step from now on: 3 more fit in the minute
+    assert _steps_in_budget(cfg, step=3, total=100, elapsed=30.0, per_step=10.0) == 6
+    assert _steps_in_budget(cfg, step=3, total=5, elapsed=3.0, per_step=1.0) == 5  # never more than planned
+    assert _steps_in_budget(cfg, step=3, total=100, elapsed=300.0, per_step=10.0) == 3  # over budget: stop now
 
 
 def test_top_layers_adapts_only_the_top_of_the_model(tiny_llama3_dir, adgen_train_path, tmp_path):

@@ -84,11 +84,10 @@ def _peak_memory_gb(device) -> tuple[float, str]:
 BUDGET_PROBE_STEPS = 3  # steps timed before a time budget re-plans the run
 
 
-def _steps_in_budget(cfg, step: int, total: int, elapsed: float, start: int) -> int:
-    """The last step that fits cfg.max_minutes, from the mean time of the steps so far (the first one
-    pays one-time costs, so the mean over-estimates a little: the budget is kept, not overrun)."""
-    per_step = elapsed / max(1, step - start)
-    fit = start + int(cfg.max_minutes * 60 / per_step) if per_step > 0 else total
+def _steps_in_budget(cfg, step: int, total: int, elapsed: float, per_step: float) -> int:
+    """The last step that fits cfg.max_minutes: `elapsed` seconds are spent after `step` steps, and each
+    further step takes `per_step` (measured without the first step, which pays one-time costs)."""
+    fit = step + int((cfg.max_minutes * 60 - elapsed) / per_step) if per_step > 0 else total
     return max(step, min(total, fit))
 
 
@@ -413,7 +412,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     if cfg.eval_on_start and start_step == 0 and eval_examples:
         write_metrics_row({"step": 0, "eval_loss": evaluate()})
         say(f"[adgen] step 0: eval loss {metrics[-1]['eval_loss']:.4f}")
-    loop_t0 = time.perf_counter()
+    loop_t0 = first_step_end = time.perf_counter()
     try:
         while step < total_steps:
             step += 1
@@ -459,8 +458,12 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             window["loss"] += loss * n_targets
             window["targets"] += n_targets
             window["steps"] += 1
+            if cfg.max_minutes and step == start_step + 1:
+                first_step_end = time.perf_counter()
             if cfg.max_minutes and step == start_step + BUDGET_PROBE_STEPS:
-                planned = _steps_in_budget(cfg, step, total_steps, time.perf_counter() - loop_t0, start_step)
+                now = time.perf_counter()
+                per_step = (now - first_step_end) / (BUDGET_PROBE_STEPS - 1)
+                planned = _steps_in_budget(cfg, step, total_steps, now - loop_t0, per_step)
                 if planned < total_steps:
                     total_steps = planned
                     warmup = min(warmup, max(0, total_steps - 1)) if cfg.warmup_steps is not None else \
