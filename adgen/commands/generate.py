@@ -38,7 +38,7 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (greedy unless sampling is asked for; character-level repetition control on)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="most tokens to generate (default: sized from the tokenizer to hold ~190 characters, "
-                        "e.g. 416 for SmolLM2, 224 for Llama-3)")
+                        "e.g. 448 for SmolLM2, 224 for Llama-3)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do-sample; 0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies --do-sample)")
