@@ -56,3 +56,15 @@ def test_demo_names_a_data_dir_without_dev_json(tmp_path, capsys):
     assert main(["demo", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "dev.json" in err and str(tmp_path) in err
+
+
+def test_demo_gives_the_fine_tune_what_the_evaluations_leave():
+    from adgen.demo import training_minutes
+
+    cfg = DemoConfig(minutes=9.0, zero_shot_max_new_tokens=128)
+    # 60 s spent; the zero-shot eval took 64 s for 128 token steps -> the tuned eval (448 steps) is
+    # reserved at 3/4 of 0.5 s x 448 = 168 s, plus 45 s for loading and the comparison
+    assert training_minutes(cfg, 60.0, 64.0, 448) == pytest.approx((540 - 60 - 168 - 45) / 60)
+    # a slower machine gets less training time, never less than a minute
+    assert training_minutes(cfg, 60.0, 128.0, 448) < training_minutes(cfg, 60.0, 64.0, 448)
+    assert training_minutes(cfg, 500.0, 128.0, 448) == 1.0
