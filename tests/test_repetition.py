@@ -8,7 +8,6 @@ import pytest
 from adgen.errors import ConfigError
 from adgen.generation import DecodingConfig
 from adgen.generation.repetition import (
-    RepeatRules,
     RepeatState,
     dangerous_chars,
     loop_cut,
@@ -20,7 +19,7 @@ from adgen.generation.repetition import (
 
 from test_generation import DE, EOT, HAO, KAN, LONG_CHAR, OnlyEosFormatter, chain_model, make_gen
 
-DRY = RepeatRules(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+DRY = DecodingConfig(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, loop_detection=False)
 
 
 # ---- text analysis ------------------------------------------------------------------------------
@@ -53,11 +52,11 @@ def test_dry_penalises_the_character_that_extends_a_repeat():
 def test_sequence_breakers_stop_the_match():
     text = "舒适\n自然舒适"
     assert "自" not in dangerous_chars(text, DRY)  # the earlier "舒适" is followed by a breaker
-    assert dangerous_chars("ab\nxyab", RepeatRules(dry_multiplier=1.0, dry_allowed_length=2, dry_sequence_breakers=("\n",))) == {}
+    assert dangerous_chars("ab\nxyab", DecodingConfig(dry_multiplier=1.0, dry_allowed_length=2, dry_sequence_breakers=("\n",))) == {}
 
 
 def test_char_ngram_ban_is_infinite_and_only_from_n_minus_1():
-    rules = RepeatRules(no_repeat_char_ngram=4)
+    rules = DecodingConfig(dry_multiplier=0, no_repeat_char_ngram=4, loop_detection=False)
     assert dangerous_chars("舒适自然，舒适", rules) == {}  # 舒适自 would be a repeated 3-gram only
     assert dangerous_chars("舒适自然，舒适自", rules) == {"然": float("inf")}
 
@@ -109,7 +108,7 @@ def test_token_table_maps_llama3_bytes(tok):
 def test_state_penalises_only_at_character_boundaries(tok):
     table = token_table(tok)
     lead, cont = tok.encode(LONG_CHAR, add_special_tokens=False)
-    state = RepeatState(table, RepeatRules(no_repeat_char_ngram=2), stop_ids=[EOT])
+    state = RepeatState(table, DecodingConfig(dry_multiplier=0, no_repeat_char_ngram=2, loop_detection=False), stop_ids=[EOT])
     state.push([lead, cont, lead, cont])  # 龘龘
     assert state.text == LONG_CHAR * 2
     assert state.penalties()[lead] == float("inf")  # a third 龘 would repeat the 2-gram: its lead byte is banned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -99,6 +100,15 @@ class DecodingConfig:
         if not isinstance(self.loop_detection, bool):
             raise ConfigError(f"loop_detection must be true or false, not {self.loop_detection!r}")
 
+    @property
+    def shapes_logits(self) -> bool:
+        """The character-level DRY or n-gram ban changes the logits."""
+        return self.dry_multiplier > 0 or self.no_repeat_char_ngram > 0
+
+    @property
+    def controls_repetition(self) -> bool:
+        return self.shapes_logits or self.loop_detection
+
     def replace(self, **changes) -> "DecodingConfig":
         return replace(self, **changes)
 
@@ -149,18 +159,15 @@ class Generation:
 def max_new_tokens_for(tokenizer, chars: int = ROOM_CHARS) -> int:
     """Tokens that hold `chars` characters of ad copy with this tokenizer (measured on the built-in
     sample of copy, +10%, rounded up to 32): SmolLM2 ~2.1 tokens a character on the sample -> 448, Llama-3 ~1.0 -> 224."""
-    cached = _ROOM_CACHE.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer and cached[1] == chars:
-        return cached[2]
-    text = _sample_copy()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    per_char = len(ids) / max(1, len(text))
-    need = int(chars * per_char * 1.1 + 31) // 32 * 32
-    _ROOM_CACHE[id(tokenizer)] = (tokenizer, chars, need)
-    return need
+    per_char = _TOKENS_PER_CHAR.get(tokenizer)
+    if per_char is None:
+        text = _sample_copy()
+        per_char = len(tokenizer(text, add_special_tokens=False)["input_ids"]) / max(1, len(text))
+        _TOKENS_PER_CHAR[tokenizer] = per_char
+    return int(chars * per_char * 1.1 + 31) // 32 * 32
 
 
-_ROOM_CACHE: dict[int, tuple] = {}
+_TOKENS_PER_CHAR: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> tokens per character
 
 
 def _sample_copy() -> str:

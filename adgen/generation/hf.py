@@ -24,7 +24,7 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from adgen.generation.config import DecodingConfig, FinishReason, Generation
-from adgen.generation.repetition import RepeatRules, repeated_suffix_len, trim_loop
+from adgen.generation.repetition import repeated_suffix_len, trim_loop
 from adgen.generation.text import (
     IncrementalDecoder,
     clean_text,
@@ -145,10 +145,9 @@ class HFGenerator:
         """The character-level repetition control for one left-padded batch (None when it is off)."""
         from adgen.generation.hf_processors import BatchRepeatControl
 
-        rules = RepeatRules.of(config)
-        if not rules.active:
+        if not config.controls_repetition:
             return None
-        return BatchRepeatControl(self.tokenizer, rules, self.stop_token_ids, batch_size, prompt_width)
+        return BatchRepeatControl(self.tokenizer, config, self.stop_token_ids, batch_size, prompt_width)
 
     def _generate_batch(self, batch: list[list[int]], config: DecodingConfig) -> list[Generation]:
         import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from adgen.generation.repetition import RepeatRules, RepeatState, token_table
+from adgen.generation.repetition import RepeatState, token_table
 
 
 def apply_penalties(scores, rows: Sequence[tuple[int, RepeatState]]) -> None:
@@ -29,11 +29,11 @@ def apply_penalties(scores, rows: Sequence[tuple[int, RepeatState]]) -> None:
 
 
 class BatchRepeatControl:
-    def __init__(self, tokenizer, rules: RepeatRules, stop_ids: Sequence[int], batch_size: int, prompt_width: int):
+    def __init__(self, tokenizer, config, stop_ids: Sequence[int], batch_size: int, prompt_width: int):
         table = token_table(tokenizer)
-        self.rules = rules
+        self.config = config
         self.prompt_width = prompt_width
-        self.states = [RepeatState(table, rules, stop_ids) for _ in range(batch_size)]
+        self.states = [RepeatState(table, config, stop_ids) for _ in range(batch_size)]
         self._seen = [0] * batch_size
 
     def sync(self, input_ids) -> None:
@@ -49,10 +49,10 @@ class BatchRepeatControl:
         return [s.looped for s in self.states]
 
     def processors(self) -> list:
-        return [_LogitsProcessor(self)] if self.rules.shapes_logits else []
+        return [_LogitsProcessor(self)] if self.config.shapes_logits else []
 
     def criteria(self) -> list:
-        return [_LoopCriteria(self)] if self.rules.loop_detection else []
+        return [_LoopCriteria(self)] if self.config.loop_detection else []
 
 
 def _LogitsProcessor(control: BatchRepeatControl):

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Sequence
+
+from adgen.generation.config import DecodingConfig
 
 # Loop detection: a unit of P characters repeated REPEATS(P) times at the end of the completion, and at
 # least LOOP_MIN_CHARS characters of repeated text in all. Units longer than LOOP_MAX_PERIOD are not looked for.
@@ -43,34 +44,6 @@ LOOP_MAX_PERIOD = 64
 
 def loop_repeats(period: int) -> int:
     return 3 if period < 8 else 2
-
-
-@dataclass(frozen=True)
-class RepeatRules:
-    """The repetition settings of one request (a view of DecodingConfig's fields)."""
-
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 3
-    dry_sequence_breakers: tuple[str, ...] = ("\n",)
-    no_repeat_char_ngram: int = 0
-    loop_detection: bool = False
-
-    @classmethod
-    def of(cls, config) -> "RepeatRules":
-        return cls(
-            dry_multiplier=config.dry_multiplier, dry_base=config.dry_base,
-            dry_allowed_length=config.dry_allowed_length, dry_sequence_breakers=tuple(config.dry_sequence_breakers),
-            no_repeat_char_ngram=config.no_repeat_char_ngram, loop_detection=config.loop_detection,
-        )
-
-    @property
-    def shapes_logits(self) -> bool:
-        return self.dry_multiplier > 0 or self.no_repeat_char_ngram > 0
-
-    @property
-    def active(self) -> bool:
-        return self.shapes_logits or self.loop_detection
 
 
 # ---- text analysis (pure functions on strings) ------------------------------------------------------
@@ -129,21 +102,21 @@ def trim_loop(text: str) -> tuple[str, bool]:
     return (text, False) if cut is None else (text[:cut], True)
 
 
-def dangerous_chars(text: str, rules: RepeatRules, z: list[int] | None = None) -> dict[str, float]:
+def dangerous_chars(text: str, config: DecodingConfig, z: list[int] | None = None) -> dict[str, float]:
     """Next characters that would extend a repeat: {char: logit penalty} (inf = banned)."""
     n = len(text)
-    if n == 0 or not rules.shapes_logits:
+    if n == 0 or not config.shapes_logits:
         return {}
     z = suffix_matches(text) if z is None else z
-    breakers = set(rules.dry_sequence_breakers)
+    breakers = set(config.dry_sequence_breakers)
     # the current tail may not reach back over a breaker
     tail_cap = n
     for i in range(n - 1, -1, -1):
         if text[i] in breakers:
             tail_cap = n - 1 - i
             break
-    ban_from = rules.no_repeat_char_ngram - 1 if rules.no_repeat_char_ngram > 0 else None
-    dry_from = rules.dry_allowed_length if rules.dry_multiplier > 0 else None
+    ban_from = config.no_repeat_char_ngram - 1 if config.no_repeat_char_ngram > 0 else None
+    dry_from = config.dry_allowed_length if config.dry_multiplier > 0 else None
     out: dict[str, float] = {}
     last_breaker = -1  # index of the last breaker before position j
     for j in range(1, n):
@@ -159,7 +132,7 @@ def dangerous_chars(text: str, rules: RepeatRules, z: list[int] | None = None) -
             penalty = float("inf")
         elif dry_from is not None and length >= dry_from:
             exponent = min(length - dry_from, 64)
-            penalty = rules.dry_multiplier * rules.dry_base ** exponent
+            penalty = config.dry_multiplier * config.dry_base ** exponent
         else:
             continue
         if penalty > out.get(x, 0.0):
@@ -272,18 +245,17 @@ class RepeatState:
 
     `push(ids)` adds generated tokens (stop / special tokens end the request's text); `penalties()`
     gives {token id: logit penalty} for the next step (empty in the middle of a character);
-    `looped` / `cut` say whether the completion ends in a loop and where to trim it.
+    `looped` says whether the completion ends in a loop (`trim_loop` cuts it).
     """
 
-    def __init__(self, table: TokenTable, rules: RepeatRules, stop_ids: Sequence[int] = ()) -> None:
+    def __init__(self, table: TokenTable, config: DecodingConfig, stop_ids: Sequence[int] = ()) -> None:
         self.table = table
-        self.rules = rules
+        self.config = config
         self.stop_ids = set(int(i) for i in stop_ids)
         self.text = ""
         self.pending = b""  # bytes of a character not yet complete
         self.finished = False
         self.looped = False
-        self.cut: int | None = None
         self._z: list[int] | None = None
 
     def push(self, ids: Sequence[int]) -> None:
@@ -302,10 +274,9 @@ class RepeatState:
             if text:
                 self.text += text
                 self._z = None
-                if self.rules.loop_detection and not self.looped:
-                    cut = loop_cut(self.text, self._matches())
-                    if cut is not None:
-                        self.looped, self.cut, self.finished = True, cut, True
+                if self.config.loop_detection and not self.looped:
+                    if loop_cut(self.text, self._matches()) is not None:
+                        self.looped = self.finished = True
 
     def _matches(self) -> list[int]:
         if self._z is None:
@@ -313,10 +284,10 @@ class RepeatState:
         return self._z
 
     def penalties(self) -> dict[int, float]:
-        if self.finished or self.pending or not self.text or not self.rules.shapes_logits:
+        if self.finished or self.pending or not self.text or not self.config.shapes_logits:
             return {}
         out: dict[int, float] = {}
-        for char, penalty in dangerous_chars(self.text, self.rules, self._matches()).items():
+        for char, penalty in dangerous_chars(self.text, self.config, self._matches()).items():
             for tok in self.table.heading_for(char):
                 if penalty > out.get(tok, 0.0):
                     out[tok] = penalty

@@ -181,7 +181,7 @@ class ServeState:
             raise ApiError(400, "a stop string may be at most 64 characters", param="stop")
         sampling = req.sampling()
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_tokens or lim.default_max_tokens,
+            max_new_tokens=max_tokens or self.default_max_tokens,
             do_sample=sampling,
             stop=tuple(stop),
             seed=req.seed,
@@ -195,12 +195,7 @@ class ServeState:
         if req.repetition_penalty is not None:
             kwargs["repetition_penalty"] = req.repetition_penalty
         kwargs.update(req.repetition_fields())
-        config = DecodingConfig(**kwargs)
-        resolve = getattr(self.generator, "resolve", None)
-        if config.max_new_tokens is None and resolve is not None:  # sized from the tokenizer, within the cap
-            config = resolve(config)
-            config = config.replace(max_new_tokens=min(config.max_new_tokens, lim.max_tokens))
-        return config
+        return DecodingConfig(**kwargs)
 
     # ---- attributes and figures ---------------------------------------------------------------
     @staticmethod

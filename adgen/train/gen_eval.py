@@ -55,8 +55,7 @@ def generation_metrics(model, tokenizer, formatter, records: Sequence, vocab, *,
                        max_new_tokens: int | None = None) -> dict[str, Any]:
     """Generate for `records` (with `.content`, `.summary`) and return the summary figures."""
     from adgen.generation import DecodingConfig, HFGenerator
-    from adgen.metrics import score_all
-    from adgen.metrics.scoring import aggregate
+    from adgen.metrics import score_predictions
 
     was_training = model.training
     model.eval()
@@ -66,7 +65,7 @@ def generation_metrics(model, tokenizer, formatter, records: Sequence, vocab, *,
     finally:
         model.train(was_training)
     rows = [{"predict": g.text, "label": r.summary, "content": r.content} for g, r in zip(outs, records)]
-    summary = aggregate(score_all(rows, vocab))
+    summary = score_predictions(rows, vocab)
     n = max(1, len(outs))
     finish = [g.finish_reason for g in outs]
     keep = ("rouge-1", "rouge-2", "rouge-l", "bleu-4", "attr_coverage", "attr_contradiction_rate",

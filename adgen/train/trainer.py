@@ -84,6 +84,10 @@ def _peak_memory_gb(device) -> tuple[float, str]:
 BUDGET_PROBE_STEPS = 3  # steps timed before a time budget re-plans the run
 
 
+def _warmup_steps(cfg, total: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+
+
 def _steps_in_budget(cfg, step: int, total: int, elapsed: float, per_step: float) -> int:
     """The last step that fits cfg.max_minutes: `elapsed` seconds are spent after `step` steps, and each
     further step takes `per_step` (measured without the first step, which pays one-time costs)."""
@@ -292,7 +296,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         world_size=world, seed=cfg.seed, batching=batching,
     )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.num_examples / order.examples_per_step))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
+    warmup = _warmup_steps(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
     )
@@ -377,8 +381,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             gen_vocab = AttributeVocab.from_records(train_records, source=str(cfg.train_data))
         t = time.perf_counter()
         figures = generation_metrics(model, tokenizer, formatter, gen_records, gen_vocab,
-                                     max_new_tokens=cfg.gen_max_new_tokens)
-        wrapped.train()
+                                     max_new_tokens=cfg.gen_max_new_tokens)  # puts the model back in train mode
         write_metrics_row({"step": step, "gen_eval": figures, "gen_eval_s": round(time.perf_counter() - t, 1)})
         say(f"[adgen] step {step}: generation on {figures['n']} eval records: ROUGE-1 {figures['rouge-1']:.2f} "
             f"BLEU-4 {figures['bleu-4']:.2f} coverage {figures['attr_coverage'] or 0:.2f} "
@@ -392,7 +395,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         from adgen.train.gen_eval import best_so_far
 
         best_step, best, since = best_so_far(metrics, cfg.best_metric)
-        if best_step == step and since == 0:
+        if best_step == step:
             save_final(accelerator, cfg, out, model, wrapped, tokenizer, name="best")
             say(f"[adgen] step {step}: new best {cfg.best_metric} {best:.4f} -> {out / 'best'}")
         return bool(cfg.early_stopping_patience) and since >= cfg.early_stopping_patience
@@ -466,8 +469,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
                 planned = _steps_in_budget(cfg, step, total_steps, now - loop_t0, per_step)
                 if planned < total_steps:
                     total_steps = planned
-                    warmup = min(warmup, max(0, total_steps - 1)) if cfg.warmup_steps is not None else \
-                        math.ceil(cfg.warmup_ratio * total_steps)
+                    warmup = _warmup_steps(cfg, total_steps)
+                    if cfg.warmup_steps is not None:  # a fixed warmup must leave a step to decay in
+                        warmup = min(warmup, max(0, total_steps - 1))
                     scheduler.lr_lambdas = [_lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
                                             for _ in scheduler.lr_lambdas]
                     summary_base["total_steps"] = total_steps
@@ -563,7 +567,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             from adgen.train.plots import plot_losses
 
             plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}")
-        _save_vocab(train_records, out / "attribute_vocab.json", cfg.train_data, say)
+        _save_vocab(train_records, out / "attribute_vocab.json", cfg.train_data, say, vocab=gen_vocab)
         atomic_write_text(out / "train_summary.md", summary_markdown(summary))
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
@@ -605,7 +609,11 @@ def _best_summary(cfg: TrainConfig, metrics: list[dict], out: Path) -> dict:
     return extra
 
 
-def _save_vocab(records, path: Path, source: str, say) -> None:
+def _save_vocab(records, path: Path, source: str, say, vocab=None) -> None:
+    """attribute_vocab.json; `vocab` is the one generation metrics already built from the same records."""
+    if vocab is not None:
+        vocab.save(path)
+        return
     try:
         from adgen.metrics import AttributeVocab
     except ImportError:  # adgen.metrics is optional for training
