@@ -16,11 +16,13 @@ def _check_journey(out, summary, eval_records):
     assert (out / "eval-zero-shot" / "metrics.json").is_file()
     assert (out / "eval-fine-tuned" / "metrics.json").is_file()
     tuned = json.loads((out / "eval-fine-tuned" / "metrics.json").read_text())
-    assert tuned["adapter"] and (out / "train" / "adapter" / "adapter_config.json").is_file()
+    # the fine-tune trains the top layers' own weights: the result is a whole model directory
+    assert (out / "train" / "model" / "config.json").is_file() and summary["fine_tuned_model"] == str(out / "train" / "model")
+    assert tuned["model"].endswith("model") and not tuned.get("adapter")
     md = (out / "comparison.md").read_text()
     assert "zero-shot" in md and "fine-tuned" in md and "ROUGE-1" in md
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert summary["serve_command"].startswith("adgen serve ") and "--adapter" in summary["serve_command"]
+    assert summary["serve_command"] == f"adgen serve --model {out / 'train' / 'model'}"
     assert json.loads((out / "summary.json").read_text())["serve_command"] == summary["serve_command"]
 
 

@@ -229,3 +229,27 @@ def test_killed_run_resumes_with_each_record_once(model_dir, tmp_path):
     assert [r["line"] for r in rows] == list(range(1, len(CONTENTS) + 1))
     assert [r["content"] for r in rows] == CONTENTS
     assert out.read_bytes() == clean.read_bytes()
+
+
+def test_continuous_batching_results_are_written_in_input_order(tmp_path):
+    """With generate_each, candidates come back in completion order; the catalog output keeps input order."""
+    from types import SimpleNamespace
+
+    from adgen.generation import DecodingConfig, Generation
+    from adgen.generation.bulk import generate_bulk
+
+    class OutOfOrder:
+        batch_size = 4
+
+        def generate_each(self, prompts, config):
+            for i in reversed(range(len(prompts))):  # the last request finishes first
+                yield i, Generation(f"{prompts[i]}-{i}", 3, 2, "stop", [1, 2])
+
+    records = [SimpleNamespace(line=k + 1, content=f"类型#{k}", summary=None, extra={}) for k in range(5)]
+    out = tmp_path / "ads.jsonl"
+    written = []
+    generate_bulk(OutOfOrder(), records, out, DecodingConfig(do_sample=True), n=2, progress=False,
+                  on_write=lambda obj: written.append(obj))
+    rows = read_jsonl(out)
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5] == [w["line"] for w in written]
+    assert rows[1]["candidates"] == ["类型#1-2", "类型#1-3"]  # record 2's own two candidates, in order

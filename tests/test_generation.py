@@ -165,6 +165,8 @@ def test_batched_equals_one_at_a_time(tiny_gen):
 
 
 def test_batches_are_length_sorted(tiny_gen, monkeypatch):
+    """Without continuous batching (models the engine cannot drive): length-sorted left-padded batches."""
+    monkeypatch.setattr(tiny_gen, "continuous", False)
     widths = []
     orig = tiny_gen._generate_batch
 

@@ -498,6 +498,25 @@ def test_top_layers_adapts_only_the_top_of_the_model(tiny_llama3_dir, adgen_trai
     assert result.steps == 2
 
 
+def test_full_fine_tuning_of_the_top_layers_leaves_the_rest_as_it_was(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from adgen.train import train
+
+    train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "full", max_steps=2, method="full",
+                      top_layers=1, lr=1e-2))
+    base = load_file(str(tiny_llama3_dir / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k].float(), tuned[k].float())}
+    assert changed and all(".layers.1." in k for k in changed)  # the top layer learned; nothing else moved
+    assert any(".layers.1.mlp" in k for k in changed)
+
+
+def test_top_layers_is_refused_for_prefix_tuning(tiny_llama3_dir, adgen_train_path, tmp_path):
+    with pytest.raises(ConfigError, match="top_layers"):
+        tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "p", method="prefix", top_layers=1).validate()
+
+
 def test_generation_metrics_during_training_and_the_best_checkpoint(tiny_llama3_dir, adgen_train_path,
                                                                      adgen_dev_path, tmp_path):
     from adgen.train import train

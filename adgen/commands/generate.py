@@ -26,7 +26,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_model: str | None
     g.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend (vllm needs `pip install vllm`)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), bf16, fp32, fp16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="prompts decoding together (default 32; continuous batching: a finished one's place is "
+                        "taken at once; on CPUs a decode step of 32 rows costs little more than one of 8)")
     g.add_argument("--system-prompt", default=None,
                    help="system prompt (default: adgen's Chinese copywriter prompt; '' for none)")
 

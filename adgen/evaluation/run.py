@@ -265,29 +265,38 @@ def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, d
     from adgen.generation.bulk import JsonlAppender
 
     todo = sorted(todo, key=lambda r: -len(r.content))
-    chunk = max(1, int(getattr(generator, "batch_size", 8) or 8))
     tokens = 0
     start = time.perf_counter()
     with JsonlAppender(partial_path) as out:
-        for i in range(0, len(todo), chunk):
-            part = todo[i : i + chunk]
-            gens = generator.generate([r.content for r in part], decoding)
-            for rec, g in zip(part, gens):
-                row = {
-                    "line": rec.line,
-                    "content": rec.content,
-                    "predict": g.text,
-                    "finish_reason": g.finish_reason,
-                    "prompt_tokens": g.prompt_tokens,
-                    "completion_tokens": g.completion_tokens,
-                }
-                out.write(row)
-                done[_record_key(rec.line, rec.content)] = row
-                tokens += g.completion_tokens
+        for i, g in _each_generation(generator, [r.content for r in todo], decoding):
+            rec = todo[i]
+            row = {
+                "line": rec.line,
+                "content": rec.content,
+                "predict": g.text,
+                "finish_reason": g.finish_reason,
+                "prompt_tokens": g.prompt_tokens,
+                "completion_tokens": g.completion_tokens,
+            }
+            out.write(row)
+            done[_record_key(rec.line, rec.content)] = row
+            tokens += g.completion_tokens
             if bar is not None:
-                bar.update(len(part))
+                bar.update(1)
     seconds = time.perf_counter() - start
     return {"records": len(todo), "tokens": tokens, "seconds": seconds}
+
+
+def _each_generation(generator, prompts: list, decoding):
+    """(index, Generation) as each is done: continuous batching over the whole list where the generator
+    has it (`generate_each`), else `generate` a batch at a time."""
+    each = getattr(generator, "generate_each", None)
+    if each is not None:
+        yield from each(prompts, decoding)
+        return
+    chunk = max(1, int(getattr(generator, "batch_size", 8) or 8))
+    for start in range(0, len(prompts), chunk):
+        yield from enumerate(generator.generate(prompts[start : start + chunk], decoding), start)
 
 
 def _prompt_text(generator, content: str) -> str | None:

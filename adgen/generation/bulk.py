@@ -199,8 +199,9 @@ def generate_bulk(
 ) -> BulkSummary:
     """Generate for every record (objects with `.line`, `.content`, `.summary`, `.extra`) into `output`.
 
-    Records are taken in input order, `chunk_size` (default: the generator's batch size) at a time;
-    each chunk's records are appended as soon as the chunk is done. `n > 1` makes K candidates per
+    Records are written in input order, each as soon as it and those before it are done (continuous
+    batching over the whole input where the generator has it; `chunk_size` records per `generate` call
+    otherwise, or when given). `n > 1` makes K candidates per
     record (needs sampling) and keeps `best_of` ("first" or "coverage").
     """
     config = config or DecodingConfig()
@@ -223,32 +224,55 @@ def generate_bulk(
         log.warning("%s holds %d record(s) that are not in this input (another input file?)", output, stale)
     todo = [r for r, k in zip(records, keys) if k not in state.done]
     summary = BulkSummary(total=len(records), already_done=len(records) - len(todo))
-    chunk = chunk_size or max(1, getattr(generator, "batch_size", 8))
     bar = _progress(len(records), summary.already_done, progress)
     start = time.perf_counter()
     try:
         with JsonlAppender(output) as out:
-            for i in range(0, len(todo), chunk):
-                part = todo[i : i + chunk]
-                gens = generator.generate([r.content for r in part for _ in range(n)], config)
-                for j, rec in enumerate(part):
-                    cands = gens[j * n : (j + 1) * n]
-                    best, faith = pick_best(_attributes(rec.content), cands, best_of, vocab) if n > 1 else (0, None)
-                    obj = make_output_record(rec, cands, best, faith)
-                    out.write(obj)
-                    summary.generated += 1
-                    summary.completion_tokens += sum(c.completion_tokens for c in cands)
-                    summary.length_cut += cands[best].finish_reason == "length"
-                    summary.loops += cands[best].finish_reason == "loop"
-                    if on_write:
-                        on_write(obj)
-                    if bar is not None:
-                        bar.update(1)
+            for rec, cands in _candidates_in_order(generator, todo, n, config, chunk_size):
+                best, faith = pick_best(_attributes(rec.content), cands, best_of, vocab) if n > 1 else (0, None)
+                obj = make_output_record(rec, cands, best, faith)
+                out.write(obj)
+                summary.generated += 1
+                summary.completion_tokens += sum(c.completion_tokens for c in cands)
+                summary.length_cut += cands[best].finish_reason == "length"
+                summary.loops += cands[best].finish_reason == "loop"
+                if on_write:
+                    on_write(obj)
+                if bar is not None:
+                    bar.update(1)
     finally:
         summary.seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
     return summary
+
+
+def _candidates_in_order(generator, todo: Sequence, n: int, config, chunk_size: int | None):
+    """(record, its n candidates) in input order.
+
+    With continuous batching (`generator.generate_each`, no `chunk_size`) the whole list runs as one stream of
+    requests and a record is handed out as soon as it and every record before it are done (a record that
+    ends early waits for slower ones before it: the output keeps the input's order, and an interrupted run
+    loses at most the few finished records held back). Otherwise `chunk_size` records (default: the
+    generator's batch size) per `generate` call."""
+    prompts = [r.content for r in todo for _ in range(n)]
+    each = getattr(generator, "generate_each", None)
+    if each is not None and chunk_size is None:
+        held: dict[int, list] = {}
+        next_record = 0
+        for i, g in each(prompts, config):
+            record, j = divmod(i, n)
+            held.setdefault(record, [None] * n)[j] = g
+            while next_record in held and all(c is not None for c in held[next_record]):
+                yield todo[next_record], held.pop(next_record)
+                next_record += 1
+        return
+    chunk = chunk_size or max(1, getattr(generator, "batch_size", 8))
+    for i in range(0, len(todo), chunk):
+        part = todo[i : i + chunk]
+        gens = generator.generate(prompts[i * n : (i + len(part)) * n], config)
+        for j, rec in enumerate(part):
+            yield rec, gens[j * n : (j + 1) * n]
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -65,6 +65,7 @@ class HFGenerator:
         *,
         model_name: str | None = None,
         adapter: str | None = None,
+        continuous: bool = True,
     ) -> None:
         from adgen.data.chat import ChatFormatter
 
@@ -77,6 +78,9 @@ class HFGenerator:
         self.model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or "model"
         self.adapter = str(adapter) if adapter is not None else None
         self.lock = threading.RLock()
+        # continuous batching (adgen.generation.engine) where the model allows it, else model.generate
+        self.continuous = bool(continuous)
+        self.last_engine_stats: dict | None = None  # decode steps / prefix tokens saved by the last generate()
         # Streams and bulk jobs run the model in worker threads: see prime_torch_threads.
         if threading.current_thread() is threading.main_thread():
             prime_torch_threads()
@@ -115,16 +119,21 @@ class HFGenerator:
     ) -> list[Generation]:
         """One `Generation` per prompt, in the order given.
 
-        Prompts are sorted by length (longest first) and cut into batches of `batch_size`; each
-        batch is left-padded, so every row's new tokens start at the same column and the KV cache
-        is shared by the batch. With `config.seed`, sampling is reproducible for the same call.
-        `progress(k)` is called after each batch with the number of prompts it finished.
+        Continuous batching (`adgen.generation.engine`): up to `batch_size` prompts decode together, a
+        finished one leaves at once and the next prompt takes its place; the prompts' shared start
+        (chat header + system prompt) is computed once. Models the engine cannot drive (see
+        `engine.supports_engine`), or `continuous=False`: prompts sorted by length (longest first) and
+        cut into left-padded batches of `batch_size` for `model.generate`.
+        With `config.seed`, sampling is reproducible for the same call. `progress(k)` is called as
+        prompts finish, with how many.
         """
         prompts = _check_prompts(prompts)
         config = self.resolve(config)
         if not prompts:
             return []
         encoded = [self.prompt_ids(p) for p in prompts]
+        if self.uses_engine:
+            return self._generate_continuous(encoded, config, progress)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         results: list[Generation | None] = [None] * len(encoded)
         with self._seeded(config):
@@ -136,6 +145,43 @@ class HFGenerator:
                 if progress is not None:
                     progress(len(idx))
         return results  # type: ignore[return-value]
+
+    @property
+    def uses_engine(self) -> bool:
+        from adgen.generation.engine import supports_engine
+
+        return self.continuous and supports_engine(self.model)
+
+    def generate_each(self, prompts: Sequence, config: DecodingConfig | None = None) -> Iterator[tuple[int, Generation]]:
+        """(index, Generation) for every prompt, each as soon as it is done (continuous batching keeps
+        `batch_size` prompts running over the whole list), or batch by batch without the engine."""
+        prompts = _check_prompts(prompts)
+        config = self.resolve(config)
+        encoded = [self.prompt_ids(p) for p in prompts]
+        if not self.uses_engine:
+            for start in range(0, len(encoded), self.batch_size):
+                outs = self.generate(prompts[start : start + self.batch_size], config)
+                yield from enumerate(outs, start)
+            return
+        from adgen.generation.engine import DecodeEngine, Request
+
+        engine = DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=self.batch_size)
+        requests = [Request(ids, config) for ids in encoded]
+        index = {id(r): i for i, r in enumerate(requests)}
+        with self.lock:
+            for request in engine.run_each(requests):
+                yield index[id(request)], request.result  # type: ignore[misc]
+        self.last_engine_stats = engine.stats()
+
+    def _generate_continuous(self, encoded, config: DecodingConfig, progress) -> list[Generation]:
+        from adgen.generation.engine import DecodeEngine, Request
+
+        # one engine (and prefix cache) per call: the adapter may be switched between calls (serving)
+        engine = DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=self.batch_size)
+        with self.lock:
+            results = engine.run([Request(ids, config) for ids in encoded], progress)
+        self.last_engine_stats = engine.stats()
+        return results
 
     def resolve(self, config: DecodingConfig | None) -> DecodingConfig:
         """The config this generator runs: `max_new_tokens` sized from the tokenizer when unset."""

@@ -31,9 +31,7 @@ class LoraSection:
     rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None  # e.g. [embed_tokens, lm_head] when new tokens are trained
-    # adapt only the top N decoder layers (null = all): the backward pass then stops at the lowest adapted
-    # layer, which makes a step cheaper on CPUs (the demo's lever for time-bound runs)
-    top_layers: int | None = None
+    top_layers: int | None = None  # older spelling of the top-level `top_layers` (kept for saved configs)
 
     def __post_init__(self) -> None:
         # YAML/CLI give "all-linear" as a one-item list (the loader splits strings into lists)
@@ -67,6 +65,10 @@ class TrainConfig:
     share_prompt_prefix: bool = True
     precision: Precision = "auto"
     allow_fp16: bool = False  # fp16 is refused unless this is set (NaN risk)
+    # train only the top N decoder layers (null = all): LoRA adapters there (lora / dora / qlora), or those
+    # layers' own weights with everything else frozen (full). The backward pass stops at the lowest trained
+    # layer, which makes a step cheaper on CPUs (the demo's lever for time-bound runs)
+    top_layers: int | None = None
     lora: LoraSection = field(default_factory=LoraSection)
     prefix: PrefixSection = field(default_factory=PrefixSection)
 
@@ -150,8 +152,14 @@ class TrainConfig:
                               "(e.g. gen_eval_every=50), or use best_metric=eval_loss")
         if self.early_stopping_patience < 0 or (self.early_stopping_patience and not self.best_metric):
             raise ConfigError("early_stopping_patience must be >= 0 and needs best_metric (e.g. best_metric=rouge-1)")
-        if self.lora.top_layers is not None and self.lora.top_layers < 1:
-            raise ConfigError(f"config key 'lora.top_layers' must be >= 1 (or null for every layer), got {self.lora.top_layers}")
+        if self.lora.top_layers is not None:
+            if self.top_layers not in (None, self.lora.top_layers):
+                raise ConfigError("config keys 'top_layers' and 'lora.top_layers' disagree; set only top_layers")
+            self.top_layers = self.lora.top_layers
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ConfigError(f"config key 'top_layers' must be >= 1 (or null for every layer), got {self.top_layers}")
+        if self.top_layers is not None and self.method == "prefix":
+            raise ConfigError("top_layers does not apply to method=prefix (its prefixes reach every layer); set it to null")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"config key 'max_minutes' must be > 0 (or null for no time budget), got {self.max_minutes}")
         if self.max_steps is None and self.epochs <= 0:

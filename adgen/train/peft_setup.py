@@ -107,11 +107,8 @@ def _lora_config(cfg: TrainConfig, model=None):
 
     lc = cfg.lora
     layers, targets = None, lc.target_modules
-    if lc.top_layers is not None:
-        num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-        if not num_layers:
-            raise ConfigError("lora.top_layers needs a model whose config names num_hidden_layers; set it to null")
-        layers = list(range(max(0, num_layers - lc.top_layers), num_layers))
+    if cfg.top_layers is not None:
+        layers = _top_layer_indices(model, cfg.top_layers)
         if targets == "all-linear":  # PEFT takes a layer subset only with named modules
             targets = _linear_module_names(model)
     return LoraConfig(
@@ -199,8 +196,9 @@ def apply_method(model, cfg: TrainConfig, precision: Precision):
         if cfg.is_peft:
             model.enable_input_require_grads()
     if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        keep = None if cfg.top_layers is None else tuple(f"layers.{i}." for i in _top_layer_indices(model, cfg.top_layers))
+        for name, p in model.named_parameters():
+            p.requires_grad_(keep is None or any(k in name for k in keep))
         return model
     peft_config = _prefix_config(cfg) if cfg.method == "prefix" else _lora_config(cfg, model)
     # bf16-frozen / bf16 / fp16: PEFT keeps the adapter weights in fp32 (autocast_adapter_dtype).
@@ -219,6 +217,13 @@ def apply_method(model, cfg: TrainConfig, precision: Precision):
             ) from None
         raise AdgenError(f"could not attach {cfg.method} to the model: {msg}") from None
     return peft_model
+
+
+def _top_layer_indices(model, top: int) -> list[int]:
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not num_layers:
+        raise ConfigError("top_layers needs a model whose config names num_hidden_layers; set it to null")
+    return list(range(max(0, num_layers - top), num_layers))
 
 
 def count_parameters(model) -> tuple[int, int]:
