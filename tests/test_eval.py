@@ -112,7 +112,8 @@ def test_tiny_eval_writes_all_three_artefacts(tiny_run, adgen_dev_path, tiny_lla
     assert m["model"] == str(tiny_llama3_dir) and m["adapter"] is None
     assert m["decoding"]["max_new_tokens"] == 6 and m["decoding"]["greedy"] is True
     assert m["protocol"].startswith("jieba+rouge_chinese f*100")
-    assert m["engine"] == {"backend": "hf", "device": "cpu", "dtype": "float32", "batch_size": 4}
+    assert m["engine"] == {"backend": "hf", "device": "cpu", "dtype": "float32", "batch_size": 4,
+                           "continuous_batching": True}
     t = m["timings"]
     tokens = sum(r["completion_tokens"] for r in rows)
     assert t["generated_tokens"] == tokens and t["generated_records"] == N_TINY
@@ -151,6 +152,19 @@ def _check_metrics_match_recomputed(run_dir: Path) -> None:
     assert set(again) == set(m)
     for key, value in again.items():
         assert (value is None and m[key] is None) or m[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_eval_without_continuous_batching_writes_the_same_predictions(tiny_run, tmp_path, tiny_llama3_dir,
+                                                                      adgen_dev_path):
+    out = tmp_path / "padded"
+    assert main(["eval", "--model", str(tiny_llama3_dir), "--data", str(adgen_dev_path), "--limit", str(N_TINY),
+                 "--max-new-tokens", "6", "--batch-size", "4", "--device", "cpu", "--output-dir", str(out),
+                 "--no-progress", "--no-continuous-batching"]) == 0
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert m["engine"]["continuous_batching"] is False
+    keep = ("line", "predict", "finish_reason", "completion_tokens")
+    assert ([{k: r[k] for k in keep} for r in _rows(out / "generated_predictions.jsonl")]
+            == [{k: r[k] for k in keep} for r in _rows(tiny_run / "generated_predictions.jsonl")])
 
 
 def test_tiny_eval_metrics_match_recomputed(tiny_run):

@@ -61,7 +61,7 @@ def default_output_dir(model: str, adapter: str | None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from adgen.commands.data import read_data
-    from adgen.commands.generate import decoding_config
+    from adgen.commands.generate import continuous_option, decoding_config
     from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
     from adgen.errors import AdgenError
     from adgen.evaluation.run import make_fingerprint, prepare_output_dir, resolve_vocab, run_eval, sha256_file
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     generator = load_generator(
         args.model, adapter=args.adapter, backend=args.backend, dtype=args.dtype, device=args.device,
-        batch_size=args.batch_size, system_prompt=system_prompt,
+        batch_size=args.batch_size, system_prompt=system_prompt, **continuous_option(args),
     )
     load_s = time.perf_counter() - t
     result = run_eval(

@@ -29,6 +29,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_model: str | None
     g.add_argument("--batch-size", type=int, default=32,
                    help="prompts decoding together (default 32; continuous batching: a finished one's place is "
                         "taken at once; on CPUs a decode step of 32 rows costs little more than one of 8)")
+    g.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
+                   help="hf backend: length-sorted left-padded model.generate batches (the path before continuous "
+                        "batching; also what models the engine cannot drive use)")
     g.add_argument("--system-prompt", default=None,
                    help="system prompt (default: adgen's Chinese copywriter prompt; '' for none)")
 
@@ -192,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         kw["system_prompt"] = args.system_prompt or None
     generator = load_generator(
         args.model, adapter=args.adapter, backend=args.backend, dtype=args.dtype, device=args.device,
-        batch_size=args.batch_size, **kw,
+        batch_size=args.batch_size, **kw, **continuous_option(args),
     )
     if data is not None:
         return _run_bulk(args, generator, data, config, vocab)
@@ -247,3 +250,9 @@ def _run_bulk(args, generator, data, config, vocab) -> int:
     summary.bad_lines = list(data.errors)
     print(f"{args.output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
     return 0
+
+
+def continuous_option(args) -> dict:
+    """load_generator's `continuous` for the hf backend (vLLM batches continuously by itself)."""
+    return {} if args.backend == "vllm" else {"continuous": args.continuous_batching}
+

@@ -249,6 +249,7 @@ def _engine(generator) -> dict[str, Any]:
         "device": device,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "batch_size": getattr(generator, "batch_size", None),
+        "continuous_batching": getattr(generator, "uses_engine", None),
     }
 
 

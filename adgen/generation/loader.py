@@ -34,13 +34,15 @@ def load_generator(
     *,
     quantization: str | None = None,
     trust_remote_code: bool = False,
+    continuous: bool = True,
     **backend_kwargs,
 ):
     """Load a model (built-in alias, local dir, .gguf, hub id), optionally + a PEFT adapter.
 
     Returns an `HFGenerator` (backend "hf") or a `VLLMGenerator` (backend "vllm"); both expose
     `generate`, `stream`, `tokenizer`, `formatter`, `model_name`, `adapter`, `device`, `backend`.
-    `system_prompt=None` renders prompts without a system turn.
+    `system_prompt=None` renders prompts without a system turn. `continuous=False` (hf): left-padded
+    `model.generate` batches instead of continuous batching (vLLM always batches continuously).
     """
     from adgen.data.chat import ChatFormatter
     from adgen.models import load_model, load_tokenizer, resolve_model
@@ -74,4 +76,5 @@ def load_generator(
         resolved, dtype=dtype, device=device, quantization=quantization,
         trust_remote_code=trust_remote_code, adapter=adapter,
     )
-    return HFGenerator(model, tokenizer, formatter, batch_size=batch_size, model_name=name, adapter=adapter)
+    return HFGenerator(model, tokenizer, formatter, batch_size=batch_size, model_name=name, adapter=adapter,
+                       continuous=continuous)
