@@ -128,3 +128,17 @@ def test_generate_each_yields_every_prompt_once_as_it_finishes(gen):
     assert sorted(i for i, _ in got) == list(range(len(PROMPTS)))
     assert [g for _, g in sorted(got, key=lambda x: x[0])] == whole
     assert order[0] == 1 and sorted(order) == list(range(len(PROMPTS)))
+
+
+def test_the_engine_under_training_s_packed_attention_equals_sdpa(tiny_llama3_dir):
+    """Generation metrics during training run the engine on a model switched to adgen's packed attention;
+    a prefix-cached prefill there (fewer queries than keys) must see the whole prefix."""
+    from adgen.train.packed_attention import enable_packed_attention
+
+    sdpa = load_generator(str(tiny_llama3_dir), dtype="fp32", device="cpu", batch_size=2)
+    packed = load_generator(str(tiny_llama3_dir), dtype="fp32", device="cpu", batch_size=2)
+    assert enable_packed_attention(packed.model) and packed.uses_engine
+    config = DecodingConfig(max_new_tokens=8, **PLAIN)
+    a, b = sdpa.generate(PROMPTS, config), packed.generate(PROMPTS, config)
+    assert packed.last_engine_stats["prefix_tokens_saved"] > 0
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]

@@ -282,10 +282,16 @@ class DecodeEngine:
         cache = DynamicCache()
         for layer, (k, v) in enumerate(prefix_kv or ()):
             cache.update(k, v, layer)  # concatenates into new tensors: the cached prefix stays as it was
+        n = len(ids)
+        kwargs = {}
+        if start:  # an explicit mask: the new tokens see the whole prefix, then causally each other
+            # (left to itself, an attention could treat q_len != kv_len as top-left-aligned causal)
+            visible = torch.arange(start + n, device=device).unsqueeze(0) <= torch.arange(start, start + n, device=device).unsqueeze(1)
+            kwargs["attention_mask"] = visible[None, None]
         out = self.model(input_ids=torch.tensor([list(ids)], device=device),
-                         position_ids=torch.arange(start, start + len(ids), device=device).unsqueeze(0),
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        self.prefill_tokens += len(ids)
+                         position_ids=torch.arange(start, start + n, device=device).unsqueeze(0),
+                         use_cache=True, logits_to_keep=1, **kwargs, **{self._cache_kw: cache})
+        self.prefill_tokens += n
         return out.logits[0, -1].float(), _layer_kv(_out_cache(out))
 
     def _admit(self, request: Request, slot: int, capacity: int) -> _Running | None:
