@@ -49,6 +49,24 @@ def test_padded_batches_and_generation_still_use_the_mask(tiny_model):
         assert torch.equal(tiny_model.generate(**kwargs), reference)
 
 
+def test_new_tokens_after_a_cache_see_the_whole_cache(tiny_model):
+    """A prefill in two parts (3 tokens cached, then 4 at once, no mask) equals one 7-token forward."""
+    from transformers import DynamicCache
+
+    from adgen.generation.engine import _cache_kwarg
+
+    ids = torch.tensor([[41, 42, 43, 44, 45, 46, 47]])
+    name = _cache_kwarg(tiny_model)  # `cache` in transformers 5.x, `past_key_values` before
+    with torch.no_grad():
+        assert enable_packed_attention(tiny_model)
+        whole = tiny_model(input_ids=ids).logits[0, 3:]
+        cache = DynamicCache()
+        tiny_model(input_ids=ids[:, :3], use_cache=True, **{name: cache})
+        rest = tiny_model(input_ids=ids[:, 3:], position_ids=torch.arange(3, 7)[None], use_cache=True,
+                          **{name: cache}).logits[0]
+    assert torch.allclose(rest, whole, atol=1e-5)
+
+
 def test_shared_prefix_rows_equal_each_example_alone(tiny_model):
     prefix = torch.tensor([1, 2, 3, 4])
     a = torch.cat([prefix, torch.tensor([11, 12, 13])])

@@ -70,6 +70,13 @@ def packed_sdpa_forward(
     if attention_mask is not None or position_ids is None or q_len != kv_len or q_len <= 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if attention_mask is None and 1 < q_len < kv_len:
+            # several new tokens after a cache, and `_packed_mask` asked for no mask: the new tokens see every
+            # cached key, then causally each other (sdpa's is_causal alone would align them top-left)
+            offset = kv_len - q_len
+            keys = torch.arange(kv_len, device=query.device)
+            attention_mask = (keys[None] <= torch.arange(offset, kv_len, device=query.device)[:, None])[None, None]
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     groups = query.shape[1] // key.shape[1]
