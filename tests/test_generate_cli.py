@@ -240,6 +240,7 @@ def test_continuous_batching_results_are_written_in_input_order(tmp_path):
 
     class OutOfOrder:
         batch_size = 4
+        uses_engine = True
 
         def generate_each(self, prompts, config):
             for i in reversed(range(len(prompts))):  # the last request finishes first

@@ -263,13 +263,13 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, done: dict, bar) -> dict[str, Any]:
     """Generate for `todo` records (longest content first: less padding), appending each to the partial file."""
-    from adgen.generation.bulk import JsonlAppender
+    from adgen.generation.bulk import JsonlAppender, generations_as_done
 
     todo = sorted(todo, key=lambda r: -len(r.content))
     tokens = 0
     start = time.perf_counter()
     with JsonlAppender(partial_path) as out:
-        for i, g in _each_generation(generator, [r.content for r in todo], decoding):
+        for i, g in generations_as_done(generator, [r.content for r in todo], decoding):
             rec = todo[i]
             row = {
                 "line": rec.line,
@@ -286,18 +286,6 @@ def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, d
                 bar.update(1)
     seconds = time.perf_counter() - start
     return {"records": len(todo), "tokens": tokens, "seconds": seconds}
-
-
-def _each_generation(generator, prompts: list, decoding):
-    """(index, Generation) as each is done: continuous batching over the whole list where the generator
-    has it (`generate_each`), else `generate` a batch at a time."""
-    each = getattr(generator, "generate_each", None)
-    if each is not None:
-        yield from each(prompts, decoding)
-        return
-    chunk = max(1, int(getattr(generator, "batch_size", 8) or 8))
-    for start in range(0, len(prompts), chunk):
-        yield from enumerate(generator.generate(prompts[start : start + chunk], decoding), start)
 
 
 def _prompt_text(generator, content: str) -> str | None:

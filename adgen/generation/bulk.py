@@ -247,32 +247,33 @@ def generate_bulk(
     return summary
 
 
-def _candidates_in_order(generator, todo: Sequence, n: int, config, chunk_size: int | None):
-    """(record, its n candidates) in input order.
+def generations_as_done(generator, prompts: Sequence, config, chunk_size: int | None = None):
+    """(index, Generation) for every prompt, as soon as it is done.
 
-    With continuous batching (`generator.generate_each`, no `chunk_size`) the whole list runs as one stream of
-    requests and a record is handed out as soon as it and every record before it are done (a record that
-    ends early waits for slower ones before it: the output keeps the input's order, and an interrupted run
-    loses at most the few finished records held back). Otherwise `chunk_size` records (default: the
-    generator's batch size) per `generate` call."""
-    prompts = [r.content for r in todo for _ in range(n)]
-    each = getattr(generator, "generate_each", None)
-    if each is not None and chunk_size is None:
-        held: dict[int, list] = {}
-        next_record = 0
-        for i, g in each(prompts, config):
-            record, j = divmod(i, n)
-            held.setdefault(record, [None] * n)[j] = g
-            while next_record in held and all(c is not None for c in held[next_record]):
-                yield todo[next_record], held.pop(next_record)
-                next_record += 1
+    Continuous batching over the whole list where the generator runs it (`uses_engine`, no `chunk_size`);
+    otherwise `chunk_size` prompts (default: the generator's batch size) per `generate` call, so a long job
+    still hands out results (and can be resumed) a chunk at a time."""
+    if chunk_size is None and getattr(generator, "uses_engine", False):
+        yield from generator.generate_each(prompts, config)
         return
-    chunk = chunk_size or max(1, getattr(generator, "batch_size", 8))
-    for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
-        gens = generator.generate(prompts[i * n : (i + len(part)) * n], config)
-        for j, rec in enumerate(part):
-            yield rec, gens[j * n : (j + 1) * n]
+    chunk = chunk_size or max(1, int(getattr(generator, "batch_size", 8) or 8))
+    for start in range(0, len(prompts), chunk):
+        yield from enumerate(generator.generate(prompts[start : start + chunk], config), start)
+
+
+def _candidates_in_order(generator, todo: Sequence, n: int, config, chunk_size: int | None):
+    """(record, its n candidates) in input order, each record as soon as it and every record before it
+    are done (with continuous batching a record that ends early waits for slower ones before it; an
+    interrupted run loses at most the few finished records held back)."""
+    prompts = [r.content for r in todo for _ in range(n)]
+    held: dict[int, list] = {}
+    next_record = 0
+    for i, g in generations_as_done(generator, prompts, config, chunk_size):
+        record, j = divmod(i, n)
+        held.setdefault(record, [None] * n)[j] = g
+        while next_record in held and all(c is not None for c in held[next_record]):
+            yield todo[next_record], held.pop(next_record)
+            next_record += 1
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -295,6 +296,7 @@ __all__: Iterable[str] = [
     "JsonlAppender",
     "OutputState",
     "generate_bulk",
+    "generations_as_done",
     "make_output_record",
     "pick_best",
     "read_input",

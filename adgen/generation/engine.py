@@ -43,10 +43,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from adgen.generation.config import DecodingConfig, Generation
-from adgen.generation.repetition import RepeatState, token_table, trim_loop
-from adgen.generation.text import clean_text, cut_at_stop, decode, find_stop
+from adgen.generation.repetition import RepeatState, token_table
+from adgen.generation.text import decode, find_stop, finished_generation, stop_window
+from adgen.train.packed_attention import PACKED_ATTENTION  # the training's attention takes 4D masks too
 
-MASK_ATTENTIONS = ("sdpa", "eager", "adgen_packed_sdpa")
+MASK_ATTENTIONS = ("sdpa", "eager", PACKED_ATTENTION)
 
 
 def supports_engine(model) -> bool:
@@ -99,10 +100,6 @@ class SlotCache:
         self.width = 0  # columns the step's attention looks at (max position + 1)
         self.is_compileable = False
 
-    @property
-    def slots(self) -> int:
-        return self.keys[0].shape[0]
-
     def put(self, slot: int, layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0) -> None:
         """Write a prefilled sequence ([1, kv_heads, n, head_dim] per layer) at columns start..start+n-1."""
         for layer, (k, v) in enumerate(layer_kv):
@@ -138,7 +135,6 @@ class PrefixCache:
         self.max_entries = max_entries
         self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._previous: list[int] | None = None
-        self.hits = 0
 
     def lookup(self, prompt: Sequence[int]) -> tuple[int, list | None]:
         """(length, per-layer KV) of the longest cached prefix of `prompt` that leaves >= 1 token to run."""
@@ -149,7 +145,6 @@ class PrefixCache:
         if best is None:
             return 0, None
         self.entries.move_to_end(best)
-        self.hits += 1
         return len(best), self.entries[best]
 
     def candidate(self, prompt: Sequence[int]) -> tuple[int, ...] | None:
@@ -353,29 +348,20 @@ class DecodeEngine:
         if seq.repeat is not None:
             seq.repeat.push([token])
         if config.stop and token not in self.stop_ids:
-            window = max(len(s.encode("utf-8")) for s in config.stop) + 2
-            seq.stop_hit = find_stop(decode(self.tokenizer, seq.generated[-window:]), config.stop) != -1
+            tail = seq.generated[-stop_window(config.stop):]
+            seq.stop_hit = find_stop(decode(self.tokenizer, tail), config.stop) != -1
         done = (token in self.stop_ids or seq.stop_hit or (seq.repeat is not None and seq.repeat.looped)
                 or len(seq.generated) >= self._limit(request) or request.cancel.is_set())
         if done:
             request.result = self._result(seq)
 
     def _result(self, seq: _Running) -> Generation:
-        """The same text, counts and finish reason as the `model.generate` path (HFGenerator._generate_batch)."""
-        request, gen = seq.request, seq.generated
-        stops = set(self.stop_ids)
-        n = next((j for j, t in enumerate(gen) if t in stops), len(gen))
-        looped = seq.repeat is not None and seq.repeat.looped
-        emitted_eos = n < len(gen) and not seq.stop_hit and not looped
-        text, cut = cut_at_stop(clean_text(decode(self.tokenizer, gen[:n])), request.config.stop)
-        finish = "stop" if emitted_eos or cut else "length"
-        if looped and not cut:
-            text, _ = trim_loop(text)
-            finish = "loop"
-        if request.cancel.is_set() and not (emitted_eos or cut or looped):
-            finish = "cancelled"
-        token_ids = gen[: n + 1] if emitted_eos else gen[:n]
-        return Generation(text, len(request.prompt_ids), len(token_ids), finish, token_ids)
+        request = seq.request
+        return finished_generation(
+            self.tokenizer, len(request.prompt_ids), seq.generated, self.stop_ids, request.config.stop,
+            stop_hit=seq.stop_hit, looped=seq.repeat is not None and seq.repeat.looped,
+            cancelled=request.cancel.is_set(),
+        )
 
     def _release(self, running: list[_Running], slot: int) -> None:
         last = len(running) - 1

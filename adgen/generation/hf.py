@@ -27,11 +27,12 @@ from adgen.generation.config import DecodingConfig, FinishReason, Generation
 from adgen.generation.repetition import repeated_suffix_len, trim_loop
 from adgen.generation.text import (
     IncrementalDecoder,
-    clean_text,
     cut_at_stop,
     decode,
     find_stop,
+    finished_generation,
     stop_prefix_len,
+    stop_window,
 )
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,14 @@ class HFGenerator:
             return []
         encoded = [self.prompt_ids(p) for p in prompts]
         if self.uses_engine:
-            return self._generate_continuous(encoded, config, progress)
+            results: list[Generation | None] = [None] * len(encoded)
+            for i, g in self._continuous(encoded, config):
+                results[i] = g
+                if progress is not None:
+                    progress(1)
+            return results  # type: ignore[return-value]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        results: list[Generation | None] = [None] * len(encoded)
+        results = [None] * len(encoded)
         with self._seeded(config):
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
@@ -153,18 +159,18 @@ class HFGenerator:
         return self.continuous and supports_engine(self.model)
 
     def generate_each(self, prompts: Sequence, config: DecodingConfig | None = None) -> Iterator[tuple[int, Generation]]:
-        """(index, Generation) for every prompt, each as soon as it is done (continuous batching keeps
-        `batch_size` prompts running over the whole list), or batch by batch without the engine."""
-        prompts = _check_prompts(prompts)
-        config = self.resolve(config)
-        encoded = [self.prompt_ids(p) for p in prompts]
+        """(index, Generation) for every prompt: with continuous batching each as soon as it is done
+        (`batch_size` prompts keep running over the whole list); without it, all after `generate`."""
         if not self.uses_engine:
-            for start in range(0, len(encoded), self.batch_size):
-                outs = self.generate(prompts[start : start + self.batch_size], config)
-                yield from enumerate(outs, start)
+            yield from enumerate(self.generate(prompts, config))
             return
+        config = self.resolve(config)
+        yield from self._continuous([self.prompt_ids(p) for p in _check_prompts(prompts)], config)
+
+    def _continuous(self, encoded: list[list[int]], config: DecodingConfig) -> Iterator[tuple[int, Generation]]:
         from adgen.generation.engine import DecodeEngine, Request
 
+        # one engine (and prefix cache) per call: the adapter may be switched between calls (serving)
         engine = DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=self.batch_size)
         requests = [Request(ids, config) for ids in encoded]
         index = {id(r): i for i, r in enumerate(requests)}
@@ -172,16 +178,6 @@ class HFGenerator:
             for request in engine.run_each(requests):
                 yield index[id(request)], request.result  # type: ignore[misc]
         self.last_engine_stats = engine.stats()
-
-    def _generate_continuous(self, encoded, config: DecodingConfig, progress) -> list[Generation]:
-        from adgen.generation.engine import DecodeEngine, Request
-
-        # one engine (and prefix cache) per call: the adapter may be switched between calls (serving)
-        engine = DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=self.batch_size)
-        with self.lock:
-            results = engine.run([Request(ids, config) for ids in encoded], progress)
-        self.last_engine_stats = engine.stats()
-        return results
 
     def resolve(self, config: DecodingConfig | None) -> DecodingConfig:
         """The config this generator runs: `max_new_tokens` sized from the tokenizer when unset."""
@@ -216,22 +212,14 @@ class HFGenerator:
                 logits_processor=_processor_list(repeats.processors() if repeats is not None else []),
             )
         new = out[:, width:].tolist()
-        stops = set(self.stop_token_ids)
-        results = []
-        for row, (ids, gen) in enumerate(zip(batch, new)):
-            n = next((j for j, t in enumerate(gen) if t in stops), len(gen))
-            hit = stop_strings is not None and stop_strings.hit[row]
-            looped = repeats is not None and repeats.states[row].looped
-            # after a stop-string hit or a loop, the stop id is HF's padding, not the model's end of turn
-            emitted_eos = n < len(gen) and not hit and not looped
-            text, cut = cut_at_stop(clean_text(decode(self.tokenizer, gen[:n])), config.stop)
-            finish: FinishReason = "stop" if emitted_eos or cut else "length"
-            if looped and not cut:
-                text, _ = trim_loop(text)
-                finish = "loop"
-            token_ids = gen[: n + 1] if emitted_eos else gen[:n]
-            results.append(Generation(text, len(ids), len(token_ids), finish, token_ids))
-        return results
+        return [
+            finished_generation(
+                self.tokenizer, len(ids), gen, self.stop_token_ids, config.stop,
+                stop_hit=stop_strings is not None and stop_strings.hit[row],
+                looped=repeats is not None and repeats.states[row].looped,
+            )
+            for row, (ids, gen) in enumerate(zip(batch, new))
+        ]
 
     def _generation_config(self, config: DecodingConfig):
         from transformers import GenerationConfig
@@ -502,8 +490,7 @@ def _StopStringCriteria(tokenizer, stops: Sequence[str], prompt_width: int):
     import torch
     from transformers import StoppingCriteria
 
-    # A token carries at least one byte, so a stop string of B bytes spans at most B + 1 tokens.
-    window = max(len(s.encode("utf-8")) for s in stops) + 2
+    window = stop_window(stops)
 
     class StopStringCriteria(StoppingCriteria):
         def __init__(self) -> None:

@@ -97,3 +97,36 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
         return text, False
     i = find_stop(text, stops)
     return (text[:i], True) if i != -1 else (text, False)
+
+
+def stop_window(stops: Sequence[str]) -> int:
+    """Newest tokens to decode to see a stop string complete: a token carries at least one byte, so a stop
+    string of B bytes spans at most B + 1 tokens."""
+    return max(len(s.encode("utf-8")) for s in stops) + 2
+
+
+def finished_generation(tokenizer, prompt_tokens: int, generated: Sequence[int], stop_ids, stops: Sequence[str],
+                        *, stop_hit: bool, looped: bool, cancelled: bool = False):
+    """The `Generation` for a completion's token ids (both decoding paths end here).
+
+    Text up to the first stop id, cleaned and cut at a stop string; a loop's repeats trimmed. After a
+    stop-string hit or a loop, a trailing stop id is padding, not the model's end of turn, so it is not
+    counted. finish_reason: "stop" (end of turn or stop string), "loop", "cancelled", else "length".
+    """
+    from adgen.generation.config import Generation
+    from adgen.generation.repetition import trim_loop
+
+    stops_ids = set(stop_ids)
+    gen = list(generated)
+    n = next((j for j, t in enumerate(gen) if t in stops_ids), len(gen))
+    emitted_eos = n < len(gen) and not stop_hit and not looped
+    text, cut = cut_at_stop(clean_text(decode(tokenizer, gen[:n])), stops)
+    finish = "stop" if emitted_eos or cut else "length"
+    if looped and not cut:
+        text, _ = trim_loop(text)
+        finish = "loop"
+    if cancelled and finish == "length":
+        finish = "cancelled"
+    token_ids = gen[: n + 1] if emitted_eos else gen[:n]
+    return Generation(text, prompt_tokens, len(token_ids), finish, token_ids)
+
