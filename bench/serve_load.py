@@ -4,6 +4,7 @@
     python bench/serve_load.py --requests 64 --max-tokens 64
     python bench/serve_load.py --model smollm2-135m  # a real model
     python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY --model-id NAME   # a running server
+    python bench/serve_load.py --model smollm2-135m --max-tokens 64 --batching both   # on vs off, one run
 
 What it does, bounded in count and time (--timeout, default 300 s), on 127.0.0.1 only:
 1. starts `python -m adgen serve` on a free loopback port (unless --url), waits for /health;
@@ -13,6 +14,11 @@ What it does, bounded in count and time (--timeout, default 300 s), on 127.0.0.1
    response id, and its text equals the reference text of its own prompt (greedy is deterministic,
    so a lost, truncated or mixed-up stream shows); /health answered during and after;
 5. prints p50/p95 latency, time to first token, requests/s and tokens/s (and --json for machines).
+With `--batching both` it does all of it twice, against a server with continuous batching and one
+started with `--no-continuous-batching`, and ends with `batching_speedup=X` (aggregate generated
+tokens/s, on / off). A stream whose text differs from its one-at-a-time reference is a problem unless
+it is the float-rounding kind batching causes (`--max-differ-share`: the share allowed; a text that
+equals another prompt's reference is always a mix-up); the share and an example are reported.
 
 Exit status 0 when every check passed, 1 otherwise.
 """
@@ -80,7 +86,7 @@ def pct(values: list[float], q: float) -> float:
 class Server:
     """`python -m adgen serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: str, api_key: str, timeout: float) -> None:
+    def __init__(self, model: str, api_key: str, timeout: float, extra: list[str] | None = None) -> None:
         from adgen.serve.server import free_port
 
         self.port = free_port()
@@ -89,7 +95,7 @@ class Server:
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adgen", "serve", "--model", model, "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-ui", "--log-level", "warning", "--max-queue", "1024"],
+             "--port", str(self.port), "--no-ui", "--log-level", "warning", "--max-queue", "1024", *(extra or [])],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(REPO),
         )
         deadline = time.monotonic() + timeout
@@ -197,9 +203,10 @@ async def run_load(url: str, api_key: str, model: str, n: int, max_tokens: int) 
             "health_after": (after.status_code, after.json())}
 
 
-def check(run: dict) -> tuple[list[str], dict]:
-    problems = []
+def check(run: dict, max_differ_share: float = 0.0) -> tuple[list[str], dict]:
+    problems, differ = [], []
     results, reference = run["results"], run["reference"]
+    owner = {text: content for content, text in reference.items()}
     for i, r in enumerate(results):
         tag = f"request {i} ({r['content']})"
         if r["status"] != 200:
@@ -212,7 +219,10 @@ def check(run: dict) -> tuple[list[str], dict]:
         if len(r["ids"]) != 1:
             problems.append(f"{tag}: chunks carried {len(r['ids'])} response ids")
         if r["text"] != reference[r["content"]]:
-            problems.append(f"{tag}: text differs from its own non-concurrent run (lost or mixed up)")
+            if owner.get(r["text"], r["content"]) != r["content"] or not r["done"]:
+                problems.append(f"{tag}: text differs from its own non-concurrent run (lost or mixed up)")
+            else:
+                differ.append(r)
     ids = [next(iter(r["ids"])) for r in results if len(r["ids"]) == 1]
     if len(set(ids)) != len(ids):
         problems.append("two streams share a response id")
@@ -222,6 +232,9 @@ def check(run: dict) -> tuple[list[str], dict]:
     code, body = run["health_after"]
     if code != 200 or body.get("active_generations") != 0:
         problems.append(f"/health after the load: {code} {body}")
+    if differ and len(differ) / max(len(results), 1) > max_differ_share:
+        problems.append(f"{len(differ)} of {len(results)} texts differ from their own non-concurrent run "
+                        f"(allowed share {max_differ_share:g}; lost or mixed up)")
     ok = [r for r in results if r["status"] == 200 and r["latency"] is not None]
     lat = [r["latency"] for r in ok]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -240,8 +253,58 @@ def check(run: dict) -> tuple[list[str], dict]:
         "health_samples_during": len(during),
         "health_p95_s": round(pct([s[1] for s in during], 0.95), 3),
         "max_queued_seen": max((s[2] for s in during if isinstance(s[2], int)), default=None),
+        "differ_from_reference": len(differ),
+        "differ_example": (None if not differ else
+                           {"content": differ[0]["content"], "reference": reference[differ[0]["content"]],
+                            "stream": differ[0]["text"]}),
     }
     return problems, figures
+
+
+def measure(args, extra: list[str], started: float) -> tuple[list[str], dict, str]:
+    """One server (or --url), one load run: (problems, figures, model id)."""
+    server, tmp = None, None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            model = args.model
+            if model is None:
+                tmp = tempfile.TemporaryDirectory(prefix="adgen-load-")
+                model = str(build_tiny_model(Path(tmp.name) / "tiny-llama3"))
+            server = Server(model, args.api_key, timeout=args.timeout, extra=extra)
+            url = server.url
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model_id = args.model_id or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        remaining = args.timeout - (time.monotonic() - started)
+        run = asyncio.run(asyncio.wait_for(
+            run_load(url, args.api_key, model_id, args.requests, args.max_tokens), timeout=max(remaining, 1.0)))
+    finally:
+        if server is not None:
+            server.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    problems, figures = check(run, args.max_differ_share)
+    figures["max_tokens"] = args.max_tokens
+    return problems, figures, model_id
+
+
+def report(label: str, figures: dict, problems: list[str], model_id: str, max_tokens: int) -> None:
+    print(f"[{label}] {figures['requests']} concurrent streams x {max_tokens} tokens on {model_id}: "
+          f"{figures['completed']} complete, {figures['distinct_texts']} distinct texts, "
+          f"{figures['differ_from_reference']} differ from their one-at-a-time text")
+    print(f"  latency p50 {figures['latency_p50_s']:.3f} s, p95 {figures['latency_p95_s']:.3f} s; "
+          f"first token p50 {figures['ttft_p50_s']:.3f} s, p95 {figures['ttft_p95_s']:.3f} s")
+    print(f"  {figures['requests_per_s']} requests/s, {figures['completion_tokens_per_s']} tokens/s "
+          f"(wall {figures['wall_s']} s)")
+    print(f"  /health during load: {figures['health_samples_during']} answers, p95 {figures['health_p95_s']:.3f} s, "
+          f"max queued {figures['max_queued_seen']}")
+    if figures["differ_example"]:
+        ex = figures["differ_example"]
+        print(f"  differs (batching arithmetic): {ex['content']}\n    alone:   {ex['reference']!r}\n"
+              f"    batched: {ex['stream']!r}")
+    for problem in problems:
+        print(f"  PROBLEM: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,55 +315,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="use a running server on loopback instead of starting one")
     p.add_argument("--api-key", default="load-test-key")
     p.add_argument("--model-id", default=None, help="model id to request (default: the first of /v1/models)")
+    p.add_argument("--batching", choices=["on", "off", "both"], default="on",
+                   help="the server's continuous batching (both: two servers, one after the other, compared)")
+    p.add_argument("--max-differ-share", type=float, default=0.0,
+                   help="share of streams allowed to differ from their one-at-a-time text by batching arithmetic")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds in all")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 256:
         p.error("--requests must be in 1..256 (this is a bounded check, not a stress tool)")
+    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        p.error("--url must be a loopback address")
+    if args.url and args.batching == "both":
+        p.error("--batching both starts its own two servers: drop --url")
 
     started = time.monotonic()
-    server, tmp = None, None
+    modes = ["on", "off"] if args.batching == "both" else [args.batching]
+    results = {}
     try:
-        if args.url:
-            if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
-                p.error("--url must be a loopback address")
-            url = args.url.rstrip("/")
-        else:
-            model = args.model
-            if model is None:
-                tmp = tempfile.TemporaryDirectory(prefix="adgen-load-")
-                model = str(build_tiny_model(Path(tmp.name) / "tiny-llama3"))
-            server = Server(model, args.api_key, timeout=args.timeout)
-            url = server.url
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model_id = args.model_id or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        remaining = args.timeout - (time.monotonic() - started)
-        run = asyncio.run(asyncio.wait_for(
-            run_load(url, args.api_key, model_id, args.requests, args.max_tokens), timeout=max(remaining, 1.0)))
+        for mode in modes:
+            extra = ["--batch-size", str(max(args.requests, 1))] if mode == "on" else ["--no-continuous-batching"]
+            results[mode] = measure(args, [] if args.url else extra, started)
     except (asyncio.TimeoutError, TimeoutError):
         print(f"serve_load: FAILED: did not finish within {args.timeout:.0f}s", file=sys.stderr)
         return 1
-    finally:
-        if server is not None:
-            server.stop()
-        if tmp is not None:
-            tmp.cleanup()
-    problems, figures = check(run)
-    figures["max_tokens"] = args.max_tokens
+    problems = [f"[{mode}] {p}" for mode, (probs, _, _) in results.items() for p in probs]
+    speedup = None
+    if len(results) == 2:
+        on, off = results["on"][1], results["off"][1]
+        speedup = round(on["completion_tokens_per_s"] / max(off["completion_tokens_per_s"], 1e-9), 2)
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems, **figures}, ensure_ascii=False))
+        out = {"ok": not problems, "problems": problems, **results[modes[0]][1],
+               "runs": {mode: figures for mode, (_, figures, _) in results.items()}, "batching_speedup": speedup}
+        print(json.dumps(out, ensure_ascii=False))
     else:
-        print(f"{figures['requests']} concurrent streams x {args.max_tokens} tokens on {model_id}: "
-              f"{figures['completed']} complete, {figures['distinct_texts']} distinct texts")
-        print(f"  latency p50 {figures['latency_p50_s']:.3f} s, p95 {figures['latency_p95_s']:.3f} s; "
-              f"first token p50 {figures['ttft_p50_s']:.3f} s, p95 {figures['ttft_p95_s']:.3f} s")
-        print(f"  {figures['requests_per_s']} requests/s, {figures['completion_tokens_per_s']} tokens/s "
-              f"(wall {figures['wall_s']} s)")
-        print(f"  /health during load: {figures['health_samples_during']} answers, p95 {figures['health_p95_s']:.3f} s, "
-              f"max queued {figures['max_queued_seen']}")
-        for problem in problems:
-            print(f"  PROBLEM: {problem}")
+        for mode, (probs, figures, model_id) in results.items():
+            report(f"batching {mode}", figures, probs, model_id, args.max_tokens)
         print("serve_load: OK" if not problems else f"serve_load: FAILED ({len(problems)} problems)")
+        if speedup is not None:
+            on, off = results["on"][1], results["off"][1]
+            print(f"batching_speedup={speedup} ttft_p50_on={on['ttft_p50_s']} ttft_p50_off={off['ttft_p50_s']} "
+                  f"ttft_p95_on={on['ttft_p95_s']} ttft_p95_off={off['ttft_p95_s']}")
     return 0 if not problems else 1
 
 

@@ -112,3 +112,18 @@ def tiny_llama3_lora_dir(tmp_path_factory, tiny_llama3_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama3-lora")
     get_peft_model(base, config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_lora_b_dir(tmp_path_factory, tiny_llama3_dir) -> Path:
+    """A second random LoRA adapter for tiny_llama3_dir (another brand's tone, for multi-adapter serving)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("tiny-llama3-lora-b")
+    get_peft_model(base, config).save_pretrained(out)
+    return out

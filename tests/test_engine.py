@@ -142,3 +142,66 @@ def test_the_engine_under_training_s_packed_attention_equals_sdpa(tiny_llama3_di
     a, b = sdpa.generate(PROMPTS, config), packed.generate(PROMPTS, config)
     assert packed.last_engine_stats["prefix_tokens_saved"] > 0
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_requests_submitted_while_others_run_join_between_steps(gen):
+    """The server's way to drive the engine: submit() at any time, step() in a loop. A request longer
+    than any before grows the cache without disturbing the rows already running."""
+    config = gen.resolve(DecodingConfig(max_new_tokens=12, **PLAIN))
+    long_config = gen.resolve(DecodingConfig(max_new_tokens=300, **PLAIN))
+    engine = DecodeEngine(gen.model, gen.tokenizer, gen.stop_token_ids, slots=3)
+    first = Request(gen.prompt_ids(PROMPTS[0]), config)
+    engine.submit(first)
+    done = []
+    for _ in range(4):
+        done += engine.step()
+    capacity = engine._cache.capacity
+    late = [Request(gen.prompt_ids(PROMPTS[1]), long_config), Request(gen.prompt_ids(PROMPTS[2]), config)]
+    for r in late:
+        engine.submit(r)
+    assert engine.waiting == 2 and engine.running == 1
+    done += engine.step()
+    assert engine.running == 3 and engine._cache.capacity > capacity  # both joined; the cache grew
+    while engine.busy:
+        done += engine.step()
+    assert {id(r) for r in done} == {id(first), *(id(r) for r in late)}
+    singles = _old_path(gen, [PROMPTS[0], PROMPTS[1], PROMPTS[2]], config)
+    assert first.result.token_ids == singles[0].token_ids
+    assert late[1].result.token_ids == singles[2].token_ids
+    long_single = _old_path(gen, [PROMPTS[1]], long_config)[0]
+    assert late[0].result.token_ids == long_single.token_ids
+
+
+def test_requests_for_different_adapters_decode_in_one_batch(tiny_llama3_dir, tiny_llama3_lora_dir, tmp_path):
+    """PEFT's mixed-adapter forward: adapter "default", a second adapter and the base model in one batch,
+    each output equal to that adapter (or the base) run alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    other.save_pretrained(tmp_path / "b")
+    g = load_generator(str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_dir), dtype="fp32", device="cpu", batch_size=3)
+    g.model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    config = g.resolve(DecodingConfig(max_new_tokens=10, **PLAIN))
+    adapters = ["default", "b", "__base__", "b", None, "__base__"]
+    reqs = [Request(g.prompt_ids(PROMPTS[i % len(PROMPTS)]), config, adapter=a) for i, a in enumerate(adapters)]
+    engine = DecodeEngine(g.model, g.tokenizer, g.stop_token_ids, slots=3)
+    engine.run(reqs)
+    assert engine.max_running == 3
+
+    def alone(name, prompt):
+        if name == "__base__":
+            with g.model.disable_adapter():
+                return _old_path(g, [prompt], config)[0]
+        g.model.set_adapter(name or "default")
+        try:
+            return _old_path(g, [prompt], config)[0]
+        finally:
+            g.model.set_adapter("default")
+
+    expected = [alone(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapters)]
+    assert [r.result.token_ids for r in reqs] == [e.token_ids for e in expected]
+    assert len({tuple(e.token_ids) for e in expected[:3]}) == 3  # the three really differ

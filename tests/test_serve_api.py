@@ -32,9 +32,10 @@ CONTENT = "类型#裙*颜色#黑色*风格#简约"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama3_dir, tiny_llama3_lora_dir):
+def server(tiny_llama3_dir, tiny_llama3_lora_dir, tiny_llama3_lora_b_dir):
     settings = ServeSettings(
-        model=str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_dir), api_key=KEY, limits=LIMITS, batch_size=8
+        model=str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_dir), api_key=KEY, limits=LIMITS, batch_size=8,
+        extra_adapters={"brand-b": str(tiny_llama3_lora_b_dir)},
     )
     state, app = build(settings)
     with ServerThread(app, state=state) as srv:
@@ -475,8 +476,9 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server, http):
     assert [r.json()["content"] for r in outs] == contents
     assert [r.json()["text"] for r in outs] == expected
     after = http.get("/health").json()
-    assert after["max_batch_seen"] >= 2, after
-    assert after["batches"] - before["batches"] < len(contents)
+    assert after["continuous_batching"] is True
+    assert after["max_batch_seen"] >= 1 + len(contents), after  # they joined the running stream's batch
+    assert after["prefix_tokens_saved"] > before["prefix_tokens_saved"]  # the shared system prompt, once
 
 
 def test_disconnect_mid_stream_stops_generation(server, http):
@@ -551,3 +553,67 @@ def test_disconnect_of_a_running_non_streaming_request_stops_its_batch(server, h
     assert 0 < calls < 1500 // 3, calls  # it had started, and stopped early
     r = http.post("/v1/adcopy", json={"attributes": CONTENT, "max_tokens": 3})
     assert r.status_code == 200
+
+
+def test_a_disconnect_frees_its_slot_and_the_other_streams_go_on(server, http):
+    """Three streams decode in one batch; the first client leaves after two pieces. Its row leaves before
+    the next step, the model keeps running only for the others, and their texts are what they would be alone."""
+    wait_idle(http)
+    contents = [f"类型#裙*颜色#{c}" for c in ("黑色", "白色", "红色")]
+    alone = [http.post("/v1/adcopy", json={"attributes": c, "max_tokens": 40}).json()["text"] for c in contents[1:]]
+    before = http.get("/health").json()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
+            async def stream(content, max_tokens, leave_after=None):
+                text, pieces = "", 0
+                async with c.stream("POST", "/v1/adcopy", json={"attributes": content, "max_tokens": max_tokens,
+                                                                 "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            if chunk.get("object") == "adcopy.chunk":
+                                text += chunk["delta"]
+                                pieces += 1
+                            elif chunk.get("object") == "adcopy":
+                                return chunk["text"]
+                        if leave_after is not None and pieces >= leave_after:
+                            return None  # leaving the block closes the connection mid-stream
+                return text
+
+            return await asyncio.gather(stream(contents[0], 1500, leave_after=2),
+                                        *[stream(x, 40) for x in contents[1:]])
+
+    left, *others = asyncio.run(scenario())
+    h = wait_idle(http, timeout=10.0)
+    assert left is None and others == alone
+    assert h["cancelled"] == before["cancelled"] + 1 and h["completed"] == before["completed"] + 2
+    calls = h["model_forward_calls"] - before["model_forward_calls"]
+    assert calls < 1500 // 5  # the long one stopped soon after its client left
+
+
+def test_two_adapters_and_the_base_in_one_batch(server, http, tiny_llama3_dir, tiny_llama3_lora_b_dir):
+    """`--adapter A --adapter brand-b=B`: /v1/models lists both and the base; concurrent requests for all three
+    decode together, each equal to serving that adapter (or the base model) alone."""
+    from adgen.generation import DecodingConfig, load_generator
+
+    ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert ids == [server.state.model_id, "brand-b", server.state.base_id]
+    assert http.get("/v1/models/brand-b").json()["adapter"] == "brand-b"
+    messages = server.state.adcopy_messages(CONTENT)
+    wait_idle(http)
+    before = http.get("/health").json()
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/chat/completions", json={
+                "model": m, "messages": messages, "max_tokens": 30}) for m in ids * 2])
+
+    outs = [r.json()["choices"][0]["message"]["content"] for r in asyncio.run(together())]
+    assert outs[:3] == outs[3:] and len(set(outs[:3])) == 3
+    config = DecodingConfig(max_new_tokens=30)
+    b_alone = load_generator(str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_b_dir), continuous=False)
+    base_alone = load_generator(str(tiny_llama3_dir), continuous=False)
+    assert outs[1] == b_alone.generate([messages], config)[0].text
+    assert outs[2] == base_alone.generate([messages], config)[0].text
+    assert before["failed"] == http.get("/health").json()["failed"]

@@ -23,7 +23,10 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--model", required=True, help="hub id, local HF dir, .gguf file, or built-in alias (smollm2-135m)")
-    p.add_argument("--adapter", default=None, help="PEFT adapter directory (the UI can compare with it switched off)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="PEFT (LoRA) adapter directory; repeat to serve several (the request's `model` field picks "
+                        "one by NAME, or the base model): requests for different adapters decode in one batch. "
+                        "The first one is the default; the UI compares it with the base model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -38,7 +41,11 @@ def register(subparsers) -> None:
     p.add_argument("--served-model-name", default=None, help="model id shown in /v1/models (default: the model's name)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), bf16, fp32, fp16")
-    p.add_argument("--batch-size", type=int, default=8, help="most prompts run together in one batch")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="most requests decoding together (continuous batching's slots; one batch without it)")
+    p.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
+                   help="run one job at a time (streams one by one; equal waiting non-streaming requests batched): "
+                        "the baseline bench/serve_load.py compares with")
     p.add_argument("--no-ui", action="store_true", help="API only, no web UI at /ui")
     p.add_argument("--vocab", default=None, help="attribute vocabulary JSON for the faithfulness figures (default: built-in)")
     p.add_argument("--examples", default=None, help="AdGen file whose first contents are the UI's example products")
@@ -56,6 +63,7 @@ def register(subparsers) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
+    from adgen.errors import ConfigError
     from adgen.serve.settings import Limits, ServeSettings
 
     limits = Limits(
@@ -69,9 +77,18 @@ def settings_from_args(args: argparse.Namespace):
         max_queue=args.max_queue,
     )
     limits.validate()
+    from pathlib import Path
+
+    adapters = [_named_adapter(spec) for spec in args.adapter]
+    adapters[1:] = [(n or Path(p.rstrip("/\\")).name, p) for n, p in adapters[1:]]
+    names = [n for n, _ in adapters[1:]]
+    if len(set(names)) != len(names):
+        raise ConfigError("each further --adapter needs a distinct name: --adapter NAME=PATH")
     return ServeSettings(
         model=args.model,
-        adapter=args.adapter,
+        adapter=adapters[0][1] if adapters else None,
+        adapter_name=adapters[0][0] if adapters else None,
+        extra_adapters=dict(adapters[1:]),
         host=args.host,
         port=args.port,
         api_key=args.api_key,
@@ -81,11 +98,22 @@ def settings_from_args(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,
+        continuous_batching=args.continuous_batching,
         ui=not args.no_ui,
         vocab=args.vocab,
         examples=args.examples,
         limits=limits,
     )
+
+
+def _named_adapter(spec: str) -> tuple[str | None, str]:
+    """'NAME=PATH' -> (NAME, PATH); a plain PATH -> (None, PATH)."""
+    from pathlib import Path
+
+    name, sep, path = spec.partition("=")
+    if sep and name and not Path(spec).exists():
+        return name, path
+    return None, spec
 
 
 def run(args) -> int:
@@ -103,7 +131,8 @@ def run(args) -> int:
         print(f"adgen serve: WARNING: {settings.host} is exposed without an API key (--insecure)", file=sys.stderr)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(
-        f"adgen serve: loading {settings.model}" + (f" + adapter {settings.adapter}" if settings.adapter else ""),
+        f"adgen serve: loading {settings.model}"
+        + "".join(f" + adapter {p}" for p in [settings.adapter, *settings.extra_adapters.values()] if p),
         file=sys.stderr,
     )
     print(

@@ -36,7 +36,7 @@ that takes a 4D mask (sdpa, eager, adgen's packed attention). Others keep `model
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -107,6 +107,15 @@ class SlotCache:
             self.keys[layer][slot, :, start : start + n] = k[0]
             self.values[layer][slot, :, start : start + n] = v[0]
 
+    def grown(self, capacity: int) -> "SlotCache":
+        """A larger cache holding this one's contents (a request longer than any before joined)."""
+        k0 = self.keys[0]
+        bigger = SlotCache(len(self.keys), k0.shape[0], k0.shape[1], k0.shape[3], capacity, k0.dtype, k0.device)
+        for layer in range(len(self.keys)):
+            bigger.keys[layer][:, :, : self.capacity] = self.keys[layer]
+            bigger.values[layer][:, :, : self.capacity] = self.values[layer]
+        return bigger
+
     def move(self, src: int, dst: int, length: int) -> None:
         for layer in range(len(self.keys)):
             self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
@@ -167,12 +176,18 @@ class PrefixCache:
 # ---- requests ---------------------------------------------------------------------------------
 @dataclass(eq=False)
 class Request:
-    """One prompt to complete. `on_tokens(ids)` (optional) is called with each step's new token ids."""
+    """One prompt to complete. `on_tokens(ids)` (optional) is called with each step's new token ids.
+
+    `adapter`: for a PEFT model with LoRA adapters, the adapter this request runs with ("__base__" = none);
+    None = the model's active adapter. Requests for different adapters decode in one batch (PEFT's
+    mixed-adapter forward). `cancel`: set it from any thread; the request leaves before the next step.
+    """
 
     prompt_ids: list[int]
     config: DecodingConfig
     cancel: threading.Event = field(default_factory=threading.Event)
     on_tokens: Callable[[list[int]], None] | None = None
+    adapter: str | None = None
     result: Generation | None = None
 
 
@@ -189,7 +204,11 @@ class _Running:
 
 
 class DecodeEngine:
-    """Runs requests with continuous batching; one engine per model, used from one thread at a time."""
+    """Runs requests with continuous batching; one engine per model, driven from one thread at a time.
+
+    Two ways to drive it: `run` / `run_each(requests)` for a known list (eval, bulk generation), or
+    `submit(request)` + `step()` in a loop for requests that keep arriving (the server's scheduler).
+    """
 
     def __init__(self, model, tokenizer, stop_ids: Sequence[int], *, slots: int = 16,
                  prefix_cache: PrefixCache | None = None) -> None:
@@ -200,15 +219,23 @@ class DecodeEngine:
         self.tokenizer = tokenizer
         self.stop_ids = [int(i) for i in stop_ids]
         self.slots = max(1, int(slots))
-        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        # one prefix cache per adapter: the same tokens have other keys / values under another adapter
+        self._prefix_caches: dict[str | None, PrefixCache] = {None: prefix_cache if prefix_cache is not None else PrefixCache()}
         self._layers, self._kv_heads, self._head_dim = shape
         self._cache: SlotCache | None = None
         self._cache_kw = _cache_kwarg(model)
+        self._waiting: deque[Request] = deque()
+        self._running: list[_Running] = []
         self.steps = 0  # decode steps run (each one forward of the running batch)
         self.prefill_tokens = 0  # prompt tokens computed (the prefix cache's share is not)
         self.prompt_tokens = 0  # prompt tokens of the requests run
+        self.max_running = 0  # the largest batch a step ran
 
-    # ---- public ------------------------------------------------------------------------------
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        return self._prefix_caches[None]
+
+    # ---- a known list of requests ---------------------------------------------------------------
     def run(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Generation]:
         """Complete every request; results in the order given (also on `request.result`)."""
         for _ in self.run_each(requests):
@@ -218,58 +245,110 @@ class DecodeEngine:
 
     def run_each(self, requests: Sequence[Request]) -> Iterator[Request]:
         """Complete every request, yielding each as it finishes (admitted in the order given)."""
-        waiting = list(requests)[::-1]  # pop() takes the next in order
-        running: list[_Running] = []
-        capacity = max((len(r.prompt_ids) + self._limit(r) for r in requests), default=0) + 1
-        # inference mode per call, never across a yield (it is thread-local state the caller would inherit)
-        while waiting or running:
-            while waiting and len(running) < self.slots:
-                request = waiting.pop()
-                with torch.inference_mode():
-                    seq = self._admit(request, len(running), capacity)
+        self.reserve(max((self._needed(r) for r in requests), default=0))
+        for request in requests:
+            self.submit(request)
+        while self.busy:
+            yield from self.step()
+
+    # ---- requests that keep arriving --------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; it takes a slot at a coming `step()` (in the order submitted)."""
+        self._waiting.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def step(self) -> list[Request]:
+        """Admit waiting requests into free slots, run one decode step, return the requests that ended.
+
+        Cancelled requests leave first (a cancelled request costs no further forward)."""
+        finished: list[Request] = []
+        # inference mode per call, never across calls (thread-local state the caller would inherit)
+        with torch.inference_mode():
+            for slot in range(len(self._running) - 1, -1, -1):
+                seq = self._running[slot]
+                if seq.request.cancel.is_set() and seq.request.result is None:
+                    seq.request.result = self._result(seq)
+                    self._release(slot)
+                    finished.append(seq.request)
+            while self._waiting and len(self._running) < self.slots:
+                request = self._waiting.popleft()
+                seq = self._admit(request, len(self._running))
                 if seq is None:  # cancelled before it started, or ended on its first token
-                    yield request
+                    finished.append(request)
                 else:
-                    running.append(seq)
-            if running:
-                with torch.inference_mode():
-                    self._step(running)
-                for slot in range(len(running) - 1, -1, -1):
-                    if running[slot].request.result is not None:
-                        request = running[slot].request
-                        with torch.inference_mode():
-                            self._release(running, slot)
-                        yield request
+                    self._running.append(seq)
+            if self._running:
+                self._step(self._running)
+                for slot in range(len(self._running) - 1, -1, -1):
+                    if self._running[slot].request.result is not None:
+                        request = self._running[slot].request
+                        self._release(slot)
+                        finished.append(request)
+        return finished
+
+    def abort(self) -> list[Request]:
+        """Drop every request (after an error in a step): each is returned, its result unset."""
+        dropped = [seq.request for seq in self._running] + list(self._waiting)
+        self._running.clear()
+        self._waiting.clear()
+        return dropped
 
     def stats(self) -> dict:
-        """What the last runs cost: decode steps, prompt tokens, and those the prefix cache saved."""
+        """What the runs so far cost: decode steps, prompt tokens, and those the prefix cache saved."""
         return {"decode_steps": self.steps, "prompt_tokens": self.prompt_tokens,
-                "prefill_tokens": self.prefill_tokens, "prefix_tokens_saved": self.prompt_tokens - self.prefill_tokens}
+                "prefill_tokens": self.prefill_tokens, "prefix_tokens_saved": self.prompt_tokens - self.prefill_tokens,
+                "max_batch": self.max_running}
 
     # ---- admission: prefill one request into a slot ------------------------------------------
     def _limit(self, request: Request) -> int:
         return int(request.config.max_new_tokens or 256)
 
-    def _ensure_cache(self, capacity: int) -> SlotCache:
-        if self._cache is None or self._cache.capacity < capacity:
-            param = next(self.model.parameters())
-            dtype = param.dtype if param.is_floating_point() else torch.float32
-            self._cache = SlotCache(self._layers, self.slots, self._kv_heads, self._head_dim, capacity,
-                                    dtype, param.device)
+    def _needed(self, request: Request) -> int:
+        return len(request.prompt_ids) + self._limit(request) + 1
+
+    def reserve(self, capacity: int) -> SlotCache:
+        """A cache of at least `capacity` tokens per slot (grown in place of the old one, contents kept)."""
+        with torch.inference_mode():
+            if self._cache is None:
+                param = next(self.model.parameters())
+                dtype = param.dtype if param.is_floating_point() else torch.float32
+                self._cache = SlotCache(self._layers, self.slots, self._kv_heads, self._head_dim, max(capacity, 1),
+                                        dtype, param.device)
+            elif self._cache.capacity < capacity:
+                # grow by whole blocks so a stream of slightly longer requests does not copy every time
+                self._cache = self._cache.grown(-(-capacity // 256) * 256)
         return self._cache
 
-    def _prefill(self, ids: Sequence[int]):
-        """(last-position logits [V], per-layer KV [(k, v)] of the whole prompt)."""
-        n, kv = self.prefix_cache.lookup(ids)
-        key = self.prefix_cache.candidate(ids)
-        if key is not None and len(key) >= n + self.prefix_cache.min_prefix:
-            # a start shared with the previous prompt: computed once (after what is cached), kept for the next
-            _, kv = self._forward(key[n:], n, kv)
-            self.prefix_cache.add(key, kv)
-            n = len(key)
-        return self._forward(ids[n:], n, kv)
+    def _prefix_cache_for(self, adapter: str | None) -> PrefixCache:
+        cache = self._prefix_caches.get(adapter)
+        if cache is None:
+            cache = self._prefix_caches[adapter] = PrefixCache(self.prefix_cache.min_prefix, self.prefix_cache.max_entries)
+        return cache
 
-    def _forward(self, ids: Sequence[int], start: int, prefix_kv):
+    def _prefill(self, ids: Sequence[int], adapter: str | None):
+        """(last-position logits [V], per-layer KV [(k, v)] of the whole prompt)."""
+        prefixes = self._prefix_cache_for(adapter)
+        n, kv = prefixes.lookup(ids)
+        key = prefixes.candidate(ids)
+        if key is not None and len(key) >= n + prefixes.min_prefix:
+            # a start shared with the previous prompt: computed once (after what is cached), kept for the next
+            _, kv = self._forward(key[n:], n, kv, adapter)
+            prefixes.add(key, kv)
+            n = len(key)
+        return self._forward(ids[n:], n, kv, adapter)
+
+    def _forward(self, ids: Sequence[int], start: int, prefix_kv, adapter: str | None):
         """Run `ids` (positions start..) after `prefix_kv` (None: from scratch): (last logits, KV of all)."""
         from transformers import DynamicCache
 
@@ -278,7 +357,7 @@ class DecodeEngine:
         for layer, (k, v) in enumerate(prefix_kv or ()):
             cache.update(k, v, layer)  # concatenates into new tensors: the cached prefix stays as it was
         n = len(ids)
-        kwargs = {}
+        kwargs = self._adapter_kwargs([adapter])
         if start:  # an explicit mask: the new tokens see the whole prefix, then causally each other
             # (left to itself, an attention could treat q_len != kv_len as top-left-aligned causal)
             visible = torch.arange(start + n, device=device).unsqueeze(0) <= torch.arange(start, start + n, device=device).unsqueeze(1)
@@ -289,13 +368,20 @@ class DecodeEngine:
         self.prefill_tokens += n
         return out.logits[0, -1].float(), _layer_kv(_out_cache(out))
 
-    def _admit(self, request: Request, slot: int, capacity: int) -> _Running | None:
+    def _adapter_kwargs(self, adapters: Sequence[str | None]) -> dict:
+        """PEFT's per-row adapter choice, when some row asks for one (else the model's active adapter runs)."""
+        if all(a is None for a in adapters):
+            return {}
+        active = getattr(self.model, "active_adapter", None)
+        return {"adapter_names": [a if a is not None else active for a in adapters]}
+
+    def _admit(self, request: Request, slot: int) -> _Running | None:
         if request.cancel.is_set():
             request.result = Generation("", len(request.prompt_ids), 0, "cancelled", [])
             return None
-        cache = self._ensure_cache(capacity)
+        cache = self.reserve(self._needed(request))
         self.prompt_tokens += len(request.prompt_ids)
-        logits, layer_kv = self._prefill(request.prompt_ids)
+        logits, layer_kv = self._prefill(request.prompt_ids, request.adapter)
         cache.put(slot, layer_kv)
         config = request.config
         seq = _Running(
@@ -318,8 +404,10 @@ class DecodeEngine:
         mask = torch.arange(cache.width, device=device).unsqueeze(0) <= lengths.unsqueeze(1)
         tokens = torch.tensor([[max(s.next_token, 0)] for s in running], device=device)
         out = self.model(input_ids=tokens, position_ids=lengths.unsqueeze(1), attention_mask=mask[:, None, None, :],
-                         use_cache=True, **{self._cache_kw: cache})
+                         use_cache=True, **self._adapter_kwargs([s.request.adapter for s in running]),
+                         **{self._cache_kw: cache})
         self.steps += 1
+        self.max_running = max(self.max_running, len(running))
         logits = out.logits[:, -1].float()
         for row, seq in enumerate(running):
             seq.length += 1
@@ -363,7 +451,8 @@ class DecodeEngine:
             cancelled=request.cancel.is_set(),
         )
 
-    def _release(self, running: list[_Running], slot: int) -> None:
+    def _release(self, slot: int) -> None:
+        running = self._running
         last = len(running) - 1
         if slot != last:
             self._cache.move(last, slot, running[last].length)  # type: ignore[union-attr]

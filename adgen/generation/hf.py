@@ -24,14 +24,10 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from adgen.generation.config import DecodingConfig, FinishReason, Generation
-from adgen.generation.repetition import repeated_suffix_len, trim_loop
 from adgen.generation.text import (
-    IncrementalDecoder,
-    cut_at_stop,
     decode,
     find_stop,
     finished_generation,
-    stop_prefix_len,
     stop_window,
 )
 
@@ -167,11 +163,17 @@ class HFGenerator:
         config = self.resolve(config)
         yield from self._continuous([self.prompt_ids(p) for p in _check_prompts(prompts)], config)
 
-    def _continuous(self, encoded: list[list[int]], config: DecodingConfig) -> Iterator[tuple[int, Generation]]:
-        from adgen.generation.engine import DecodeEngine, Request
+    def decode_engine(self, slots: int | None = None):
+        """A continuous-batching engine over this generator's model (`uses_engine` must be true)."""
+        from adgen.generation.engine import DecodeEngine
 
-        # one engine (and prefix cache) per call: the adapter may be switched between calls (serving)
-        engine = DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=self.batch_size)
+        return DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=slots or self.batch_size)
+
+    def _continuous(self, encoded: list[list[int]], config: DecodingConfig) -> Iterator[tuple[int, Generation]]:
+        from adgen.generation.engine import Request
+
+        # one engine (and prefix cache) per call: the adapter may be switched between calls
+        engine = self.decode_engine()
         requests = [Request(ids, config) for ids in encoded]
         index = {id(r): i for i, r in enumerate(requests)}
         with self.lock:
@@ -343,12 +345,10 @@ class TextStream:
         self._thread.start()
 
     def _run(self) -> Iterator[str]:
+        from adgen.generation.pieces import StreamPieces
+
         gen = self._gen
-        stops = set(gen.stop_token_ids)
-        stop_strings = self.config.stop
-        decoder = IncrementalDecoder(gen.tokenizer)
-        sent = 0  # characters of decoder.text already yielded
-        found = False
+        pieces = StreamPieces(gen.tokenizer, self.config, gen.stop_token_ids)
         self._start()
         try:
             while True:
@@ -357,59 +357,29 @@ class TextStream:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if found or self.cancel.is_set():
+                if pieces.ended or self.cancel.is_set():
                     continue  # tokens made after we decided to stop: drain, don't count
-                for tok in item:
-                    self.completion_tokens += 1
-                    self.token_ids.append(tok)
-                    if tok in stops:
-                        self.finish_reason = "stop"
-                        break
-                    decoder.push([tok])
-                if self.finish_reason == "stop":
-                    continue
-                text = decoder.text
-                if stop_strings:
-                    i = find_stop(text, stop_strings, max(0, sent - max(len(s) for s in stop_strings)))
-                    if i != -1:
-                        found = True
-                        self.finish_reason = "stop"
-                        self.cancel.set()
-                        piece, sent = text[sent:i], i
-                        self.text = text[:i]
-                        if piece:
-                            yield piece
-                        continue
-                    safe = len(text) - stop_prefix_len(text, stop_strings)
-                else:
-                    safe = len(text)
-                if self.config.loop_detection:
-                    safe = min(safe, len(text) - repeated_suffix_len(text))
-                if safe > sent:
-                    piece, sent = text[sent:safe], safe
-                    self.text = text[:sent]
+                self.token_ids.extend(int(t) for t in item)
+                piece = pieces.push(item)
+                if pieces.ended:
+                    self.cancel.set()  # an end of turn or a stop string: the model thread may stop
+                if piece:
+                    self.text = pieces.sent
                     yield piece
-            if not found and self.finish_reason != "stop" and self.cancel.is_set():
+            if self.cancel.is_set() and not pieces.ended:
                 self.finish_reason = "cancelled"  # stopped from outside: nothing more to say
-            elif not found:
-                decoder.flush()
-                text, cut = cut_at_stop(decoder.text, stop_strings)
-                if cut:
-                    self.finish_reason = "stop"
-                elif self._repeats is not None and self._repeats.states[0].looped:
-                    text, _ = trim_loop(text)
-                    self.finish_reason = "loop"
-                if len(text) > sent:
-                    self.text = text
-                    yield text[sent:]
-                self.text = text
-                if self.finish_reason is None:
-                    if self.cancel.is_set():
-                        self.finish_reason = "cancelled"
-                    else:
-                        self.finish_reason = "length"
+                return
+            looped = self._repeats is not None and self._repeats.states[0].looped
+            done = finished_generation(gen.tokenizer, self.prompt_tokens, self.token_ids, gen.stop_token_ids,
+                                       self.config.stop, stop_hit=pieces.stop_string_hit, looped=looped)
+            rest = pieces.finish(done.text)
+            self.text, self.finish_reason = pieces.sent, done.finish_reason
+            self.token_ids, self.completion_tokens = list(done.token_ids), done.completion_tokens
+            if rest:
+                yield rest
         finally:
             self.cancel.set()
+            self.completion_tokens = self.completion_tokens or len(self.token_ids)
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
 

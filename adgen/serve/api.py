@@ -142,7 +142,7 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
         config = state.decoding_config(req)
         state.check_prompt(messages, param="attributes")
         rid, created = f"adcopy-{uuid.uuid4().hex}", int(time.time())
-        model_name = state.model_id if use_adapter else state.base_id
+        model_name = state.id_for(use_adapter)
         head = {"id": rid, "created": created, "model": model_name, "content": content}
         if req.stream:
             events = _open_stream(state, [messages], config, use_adapter)
@@ -189,7 +189,7 @@ def _model_card(state: ServeState, model_id: str) -> dict[str, Any]:
         "object": "model",
         "created": int(state.started),
         "owned_by": "adgen",
-        "adapter": state.adapter_name if model_id == state.model_id else None,
+        "adapter": state.adapter_of(model_id),
     }
 
 
@@ -212,7 +212,7 @@ class _ClientGone(Exception):
     pass
 
 
-async def _complete(state: ServeState, prompts, config, use_adapter: bool, request: Request):
+async def _complete(state: ServeState, prompts, config, use_adapter: bool | str, request: Request):
     try:
         return await state.scheduler.complete(
             prompts, config, use_adapter=use_adapter, disconnected=request.is_disconnected
@@ -223,7 +223,7 @@ async def _complete(state: ServeState, prompts, config, use_adapter: bool, reque
         raise _ClientGone() from None  # answered with 499, which nobody reads
 
 
-def _open_stream(state: ServeState, prompts, config, use_adapter: bool):
+def _open_stream(state: ServeState, prompts, config, use_adapter: bool | str):
     """Queue the stream now, so a full queue is a 429 before any byte of the response is sent."""
     try:
         return state.scheduler.open_stream(prompts, config, use_adapter=use_adapter)

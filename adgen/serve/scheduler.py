@@ -1,18 +1,22 @@
 """The request queue between the async web server and the (blocking) generator.
 
-One worker thread owns the model: requests wait in a bounded FIFO and run one job at a time, so
-they never interleave on the model (that is also what makes "adapter off" safe: the adapter is
-switched off for exactly one job and on again before the next). Non-streaming requests that
-arrive while the model is busy are batched together into one `generator.generate` call when
-their decoding settings match (greedy, or sampling without a seed); streams run one by one.
+One worker thread owns the model; nothing else runs it. Two ways it works:
 
-Cancellation: every job carries a `threading.Event`. The API sets it when a client disconnects
-(or a waiting client gives up); a queued job is then skipped, and a running stream stops after
-its current model step (the event is the stream's `cancel`).
+- Continuous batching (models the decode engine drives: `generator.uses_engine`; the default): every
+  request, streaming or not, becomes one engine request per choice. New requests join the running batch
+  between decode steps and finished ones leave (`adgen.generation.engine`); a stream's text pieces are
+  sent as its tokens come (`StreamPieces`). Adapter on / off is a per-request choice the engine passes
+  to PEFT's mixed-adapter forward, so requests for both decode in one batch. Cancellation is the
+  request's flag: a disconnected client's rows leave before the next step.
+- One job at a time (other backends, or `continuous=False`): requests wait in a bounded FIFO and run
+  one job at a time; non-streaming requests with equal decoding settings are batched into one
+  `generator.generate` call, streams run one by one; the adapter is switched off for exactly one job.
+  A running batch whose clients all left is stopped from a forward hook.
 
-`stats()` reports queue length, active jobs and `model_forward_calls`: a forward hook on the
-model counts every step it really computes, which is how the tests tell that a cancelled
-stream stopped burning compute rather than merely stopped being sent.
+Every job carries a `threading.Event`: the API sets it when a client disconnects (or a waiting client
+gives up). `stats()` reports queue length, active jobs and `model_forward_calls`: a forward hook counts
+every model call really computed, which is how the tests tell that a cancelled request stopped burning
+compute rather than merely stopped being sent.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adgen.generation.hf import prime_torch_threads
+from adgen.generation.pieces import StreamPieces
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ class Completion:
 class Job:
     prompts: list  # one prompt per choice (a message list)
     config: Any  # DecodingConfig
-    use_adapter: bool
+    use_adapter: bool | str  # True: the default adapter; False: none (the base model); a name: that adapter
     stream: bool
     loop: asyncio.AbstractEventLoop
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -115,11 +120,24 @@ class Job:
             self.loop.call_soon_threadsafe(settle)
 
 
+@dataclass(eq=False)
+class _EngineJob:
+    """A job on the engine: its requests (one per distinct choice) and the completions so far."""
+
+    job: Job
+    completions: list
+    remaining: int
+
+
 class Scheduler:
-    def __init__(self, generator, *, max_queue: int = 256, max_batch: int | None = None) -> None:
+    def __init__(self, generator, *, max_queue: int = 256, max_batch: int | None = None,
+                 continuous: bool = True) -> None:
         self.generator = generator
         self.max_queue = max_queue
         self.max_batch = max_batch or getattr(generator, "batch_size", 8)
+        self.engine = (generator.decode_engine(self.max_batch)
+                       if continuous and getattr(generator, "uses_engine", False) else None)
+        self._owners: dict = {}  # engine request -> (its _EngineJob, choice indices, StreamPieces | None)
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -130,7 +148,8 @@ class Scheduler:
         self._running_batch: list[Job] | None = None
         self._hook = self._install_forward_counter()
         prime_torch_threads()
-        self._thread = threading.Thread(target=self._work, name="adgen-serve-worker", daemon=True)
+        work = self._work_engine if self.engine is not None else self._work
+        self._thread = threading.Thread(target=work, name="adgen-serve-worker", daemon=True)
         self._thread.start()
 
     # ---- model access -----------------------------------------------------------------------
@@ -157,7 +176,9 @@ class Scheduler:
 
         return inner.register_forward_hook(count)
 
-    def _adapter_context(self, use_adapter: bool):
+    def _adapter_context(self, use_adapter: bool | str):
+        if isinstance(use_adapter, str):
+            return _adapter_switched(self.model, use_adapter)
         if use_adapter or not self.can_disable_adapter:
             return contextlib.nullcontext()
         # Safe without generator.lock here: this worker is the only thread that runs the model.
@@ -170,8 +191,9 @@ class Scheduler:
         with self._cv:
             if self._closing:
                 raise QueueFull("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are already waiting")
+            queued = self._queued()
+            if queued >= self.max_queue:
+                raise QueueFull(f"{queued} requests are already waiting")
             self._pending.append(job)
             job.on_abandon = self._drop
             self._cv.notify()
@@ -186,7 +208,7 @@ class Scheduler:
                 return  # already taken by the worker
         self._finish(job, cancelled=True)
 
-    async def complete(self, prompts: list, config, *, use_adapter: bool = True, disconnected=None) -> list[Completion]:
+    async def complete(self, prompts: list, config, *, use_adapter: bool | str = True, disconnected=None) -> list[Completion]:
         """Run `prompts` (one per choice) to the end. `disconnected`: async callable, polled while waiting."""
         loop = asyncio.get_running_loop()
         job = Job(list(prompts), config, use_adapter, False, loop, future=loop.create_future())
@@ -202,7 +224,7 @@ class Scheduler:
         finally:
             job.abandon()  # no-op when finished; stops a queued job when the caller went away
 
-    def open_stream(self, prompts: list, config, *, use_adapter: bool = True) -> "StreamHandle":
+    def open_stream(self, prompts: list, config, *, use_adapter: bool | str = True) -> "StreamHandle":
         """Queue a streaming job now (QueueFull is raised here, before any response is sent).
 
         Call from the event loop. Iterate the handle for ("piece", index, text) and
@@ -213,7 +235,102 @@ class Scheduler:
         self._submit(job)
         return StreamHandle(job)
 
-    # ---- the worker thread ------------------------------------------------------------------
+    def _queued(self) -> int:
+        return len(self._pending) + (self.engine.waiting if self.engine is not None else 0)
+
+    # ---- the worker thread: continuous batching ----------------------------------------------
+    def _work_engine(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cv:
+                while not self._pending and not engine.busy and not self._closing:
+                    self._cv.wait()
+                new = list(self._pending)
+                self._pending.clear()
+                closing = self._closing
+            for job in new:
+                self._start_on_engine(job)
+            if closing:  # shutting down: running requests end as cancelled at the next step
+                for job_run, _indices, _pieces in list(self._owners.values()):
+                    job_run.job.cancel.set()
+                if not engine.busy:
+                    return
+            try:
+                finished = engine.step()
+            except Exception as e:  # never let one failure kill the worker: fail what was running
+                log.exception("generation failed")
+                failed = {id(self._owners[r][0]): self._owners.pop(r)[0] for r in engine.abort() if r in self._owners}
+                for job_run in failed.values():
+                    self._active -= 1
+                    self._fail(job_run.job, e)
+                continue
+            with self._stats_lock:
+                self._counts["max_batch_seen"] = max(self._counts["max_batch_seen"], engine.max_running)
+            for request in finished:
+                self._engine_request_done(request)
+
+    def _start_on_engine(self, job: Job) -> None:
+        from adgen.generation.engine import Request
+
+        if job.cancel.is_set():
+            self._finish(job, cancelled=True)
+            return
+        config = job.config
+        if config.greedy and len({repr(p) for p in job.prompts}) == 1:
+            groups = [(job.prompts[0], list(range(len(job.prompts))))]  # equal greedy choices: computed once
+        else:
+            groups = [(p, [i]) for i, p in enumerate(job.prompts)]
+        try:
+            encoded = [self.generator.prompt_ids(p) for p, _ in groups]
+        except Exception as e:
+            self._fail(job, e)
+            return
+        run = _EngineJob(job, [None] * len(job.prompts), len(groups))
+        adapter = (job.use_adapter if isinstance(job.use_adapter, str)
+                   else None if job.use_adapter or getattr(self.generator, "adapter", None) is None else "__base__")
+        self._active += 1
+        for k, (ids, (_prompt, indices)) in enumerate(zip(encoded, groups)):
+            # choices of one seeded request differ: choice k samples with seed + k
+            cfg = replace(config, seed=config.seed + k) if k and not config.greedy and config.seed is not None else config
+            pieces = StreamPieces(self.generator.tokenizer, cfg, self.generator.stop_token_ids) if job.stream else None
+            request = Request(ids, cfg, cancel=job.cancel, adapter=adapter,
+                              on_tokens=self._piece_sender(job, pieces, indices) if pieces is not None else None)
+            self._owners[request] = (run, indices, pieces)
+            self.engine.submit(request)
+
+    @staticmethod
+    def _piece_sender(job: Job, pieces: StreamPieces, indices: list[int]):
+        def send(ids: list[int]) -> None:
+            piece = pieces.push(ids)
+            if piece and not job.cancel.is_set():
+                for i in indices:
+                    job._emit(("piece", i, piece))
+
+        return send
+
+    def _engine_request_done(self, request) -> None:
+        run, indices, pieces = self._owners.pop(request)
+        job, g = run.job, request.result
+        for i in indices:
+            run.completions[i] = Completion(i, g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
+        if pieces is not None and not job.cancel.is_set():
+            rest = pieces.finish(g.text)
+            for i in indices:
+                if rest:
+                    job._emit(("piece", i, rest))
+                job._emit(("done", i, run.completions[i]))
+        run.remaining -= 1
+        if run.remaining:
+            return
+        self._active -= 1
+        if job.cancel.is_set():
+            self._finish(job, cancelled=True)
+            return
+        if job.future is not None:
+            job._resolve(run.completions)
+        self._finish(job)
+
+    # ---- the worker thread: one job at a time ------------------------------------------------
     def _next_jobs(self) -> list[Job] | None:
         with self._cv:
             while not self._pending and not self._closing:
@@ -350,13 +467,18 @@ class Scheduler:
     # ---- lifecycle and figures --------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         with self._cv:
-            queued = len(self._pending)
+            queued = self._queued()
         with self._stats_lock:
             counts = dict(self._counts)
+        engine = self.engine
         return {
             "queued": queued,
             "active_generations": self._active,
             "model_forward_calls": self._forward_calls,
+            "continuous_batching": engine is not None,
+            "running_requests": engine.running if engine is not None else self._active,
+            "decode_steps": engine.steps if engine is not None else None,
+            "prefix_tokens_saved": engine.stats()["prefix_tokens_saved"] if engine is not None else None,
             **counts,
         }
 
@@ -369,6 +491,16 @@ class Scheduler:
         self._thread.join(timeout)
         if self._hook is not None:
             self._hook.remove()
+
+
+@contextlib.contextmanager
+def _adapter_switched(model, name: str):
+    """One job at a time with a named adapter (without continuous batching): active for exactly that job."""
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
 
 
 class StreamHandle:

@@ -40,11 +40,13 @@ class ServeState:
         self.settings = settings
         self.limits: Limits = settings.limits
         self.started = time.time()
-        self.scheduler = Scheduler(generator, max_queue=settings.limits.max_queue, max_batch=settings.batch_size)
+        self.scheduler = Scheduler(generator, max_queue=settings.limits.max_queue, max_batch=settings.batch_size,
+                                   continuous=settings.continuous_batching)
         base = settings.served_model_name or display_name(settings.model) or "model"
         self.base_id = base
-        self.adapter_name = display_name(settings.adapter)
-        self.model_id = f"{base}+{self.adapter_name}" if self.adapter_name else base
+        self.adapter_name = settings.adapter_name or display_name(settings.adapter)
+        self.model_id = (settings.adapter_name or f"{base}+{self.adapter_name}") if self.adapter_name else base
+        self.extra_adapters = list(settings.extra_adapters)  # further LoRA adapters, served by name
         self._vocab = vocab
         self.examples = examples if examples is not None else load_examples(settings.examples)
 
@@ -60,6 +62,8 @@ class ServeState:
             device=settings.device,
             batch_size=settings.batch_size,
         )
+        for name, path in settings.extra_adapters.items():
+            load_named_adapter(generator, name, path)
         state = cls(generator, settings)
         _ = state.vocab  # load it now: a bad --vocab file is a startup error, not a failed request
         return state
@@ -77,12 +81,15 @@ class ServeState:
         return self.scheduler.can_disable_adapter
 
     def model_ids(self) -> list[str]:
-        return [self.model_id, self.base_id] if self.can_compare else [self.model_id]
+        return [self.model_id, *self.extra_adapters] + ([self.base_id] if self.can_compare else [])
 
-    def use_adapter_for(self, model: str | None) -> bool:
-        """The `model` field picks adapter on (the served id) or off (the base id). Never a path."""
+    def use_adapter_for(self, model: str | None) -> bool | str:
+        """The `model` field picks the default adapter (the served id: True), a further adapter (its name)
+        or none (the base id: False). Never a path."""
         if model is None or model == self.model_id:
             return True
+        if model in self.extra_adapters:
+            return model
         if self.can_compare and model == self.base_id:
             return False
         raise ApiError(
@@ -91,6 +98,17 @@ class ServeState:
             param="model",
             code="model_not_found",
         )
+
+    def id_for(self, use_adapter: bool | str) -> str:
+        """The model id of what `use_adapter_for` chose."""
+        if isinstance(use_adapter, str):
+            return use_adapter
+        return self.model_id if use_adapter else self.base_id
+
+    def adapter_of(self, model_id: str) -> str | None:
+        if model_id == self.model_id:
+            return self.adapter_name
+        return model_id if model_id in self.extra_adapters else None
 
     def health(self) -> dict[str, Any]:
         gen = self.generator
@@ -234,6 +252,21 @@ class ServeState:
             if key in stats:
                 out[key] = stats[key]
         return out
+
+
+def load_named_adapter(generator, name: str, path: str) -> None:
+    """Load a further LoRA adapter next to the default one (`--adapter NAME=PATH`)."""
+    from adgen.errors import ConfigError, ModelError
+
+    model = generator.model
+    if not hasattr(model, "load_adapter") or getattr(generator, "adapter", None) is None:
+        raise ConfigError("further adapters need a first (default) one: --adapter PATH --adapter NAME=PATH")
+    if name in ("default", "__base__") or name in getattr(model, "peft_config", {}):
+        raise ConfigError(f"adapter name '{name}' is taken: pick another (--adapter NAME=PATH)")
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise ModelError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    model.load_adapter(str(path), adapter_name=name)
+    model.set_adapter("default")  # requests without a name keep the first adapter
 
 
 def load_examples(path: str | None, limit: int = 12) -> list[str]:

@@ -43,7 +43,9 @@ class Limits:
 @dataclass
 class ServeSettings:
     model: str
-    adapter: str | None = None
+    adapter: str | None = None  # the default adapter (PEFT name "default")
+    adapter_name: str | None = None  # its name in /v1/models (None: "<model>+<adapter dir>")
+    extra_adapters: dict[str, str] = field(default_factory=dict)  # further LoRA adapters: name -> path
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -52,7 +54,8 @@ class ServeSettings:
     served_model_name: str | None = None
     device: str | None = "auto"
     dtype: str | None = "auto"
-    batch_size: int = 8
+    batch_size: int = 32  # requests decoding together (continuous batching's slots)
+    continuous_batching: bool = True  # False: one job at a time (the baseline of bench/serve_load.py)
     ui: bool = True
     vocab: str | None = None  # attribute vocabulary file for the faithfulness figures
     examples: str | None = None  # AdGen file whose contents become the UI's example products
