@@ -617,3 +617,76 @@ def test_two_adapters_and_the_base_in_one_batch(server, http, tiny_llama3_dir, t
     assert outs[1] == b_alone.generate([messages], config)[0].text
     assert outs[2] == base_alone.generate([messages], config)[0].text
     assert before["failed"] == http.get("/health").json()["failed"]
+
+
+# ---- operations: /metrics, access log --------------------------------------------------------------
+def _metrics(http) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_in_prometheus_format(server, http):
+    assert httpx.get(server.url + "/metrics").status_code == 401  # behind the key, like the API
+    wait_idle(http)
+    before = _metrics(http)
+    done = ("adgen_requests_total", (("kind", "complete"), ("outcome", "completed")))
+    streamed = ("adgen_requests_total", (("kind", "stream"), ("outcome", "completed")))
+    http.post("/v1/chat/completions", json=chat_body(server, max_tokens=5))
+    r = http.post("/v1/chat/completions", json=chat_body(server, max_tokens=5)).json()
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(server, max_tokens=5, stream=True)) as s:
+        assert any(line == "data: [DONE]" for line in s.iter_lines())
+    wait_idle(http)
+    after = _metrics(http)
+    assert after[done] == before.get(done, 0) + 2 and after[streamed] == before.get(streamed, 0) + 1
+    generated = after[("adgen_generated_tokens_total", ())] - before.get(("adgen_generated_tokens_total", ()), 0)
+    assert generated >= 2 * r["usage"]["completion_tokens"] + 1
+    ttft = ("adgen_time_to_first_token_seconds_count", (("kind", "stream"),))
+    assert after[ttft] == before.get(ttft, 0) + 1
+    assert ("adgen_request_latency_seconds_bucket", (("kind", "complete"), ("le", "+Inf"))) in after
+    assert after[("adgen_queue_depth", ())] == 0 and after[("adgen_running_requests", ())] == 0
+    assert after[("adgen_prefix_tokens_saved", ())] > 0  # the third prompt reuses the shared start
+
+
+def test_access_log_is_one_json_line_per_request(server, http, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="adgen.access")
+    http.post("/v1/chat/completions", json=chat_body(server, max_tokens=2))
+    http.post("/v1/chat/completions", content=b"{not json")
+    deadline = time.monotonic() + 5
+    while len([r for r in caplog.records if r.name == "adgen.access"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adgen.access"]
+    assert [(x["method"], x["path"], x["status"]) for x in lines[-2:]] == [
+        ("POST", "/v1/chat/completions", 200), ("POST", "/v1/chat/completions", 400)]
+    assert all(x["duration_ms"] >= 0 and x["bytes_out"] > 0 and len(x["request_id"]) == 16 for x in lines[-2:])
+
+
+def test_shutdown_cancels_running_and_waiting_streams_cleanly(tiny_llama3_dir):
+    """`Scheduler.close()` (the server's shutdown): a running stream and one waiting for a slot both end
+    (their iterators finish, no error), the worker thread exits, nothing is left running."""
+    from adgen.generation import DecodingConfig, load_generator
+    from adgen.serve.scheduler import Scheduler
+
+    gen = load_generator(str(tiny_llama3_dir), dtype="fp32", device="cpu", batch_size=1)
+    sched = Scheduler(gen)
+    long = DecodingConfig(max_new_tokens=1500, dry_multiplier=0.0, loop_detection=False)
+
+    async def scenario():
+        running = sched.open_stream(["类型#裙"], long)
+        waiting = sched.open_stream(["类型#裤"], long)  # one slot: this one waits
+        first = await running.__anext__()
+        await asyncio.to_thread(sched.close)
+        rest = [e async for e in running]
+        queued = [e async for e in waiting]
+        return first, rest, queued
+
+    first, rest, queued = asyncio.run(scenario())
+    assert first[0] == "piece" and all(kind == "piece" for kind, *_ in rest) and queued == []
+    assert not sched._thread.is_alive()
+    st = sched.stats()
+    assert st["cancelled"] == 2 and st["active_generations"] == 0 and st["running_requests"] == 0

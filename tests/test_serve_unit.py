@@ -56,6 +56,30 @@ def test_cli_rejects_inconsistent_limits(capsys):
     assert "max_n" in capsys.readouterr().err
 
 
+def _serve_settings(argv):
+    import argparse
+
+    from adgen.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    return serve.settings_from_args(parser.parse_args(["serve", *argv]))
+
+
+def test_cli_several_adapters_by_name(tmp_path):
+    a = tmp_path / "brand-a"
+    settings = _serve_settings(["--model", "m", "--adapter", str(a), "--adapter", "b=/x/brand-b",
+                                "--adapter", "/y/brand-c"])
+    assert settings.adapter == str(a) and settings.adapter_name is None  # named after its directory later
+    assert settings.extra_adapters == {"b": "/x/brand-b", "brand-c": "/y/brand-c"}
+    named = _serve_settings(["--model", "m", "--adapter", "tone-a=/x/a"])
+    assert named.adapter == "/x/a" and named.adapter_name == "tone-a"
+    with pytest.raises(ConfigError, match="distinct name"):
+        _serve_settings(["--model", "m", "--adapter", "/x/a", "--adapter", "b=/x/1", "--adapter", "b=/x/2"])
+    assert _serve_settings(["--model", "m"]).continuous_batching is True
+    assert _serve_settings(["--model", "m", "--no-continuous-batching"]).continuous_batching is False
+
+
 def test_limits_validate():
     Limits().validate()
     with pytest.raises(ConfigError):

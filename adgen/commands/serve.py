@@ -141,5 +141,8 @@ def run(args) -> int:
         + ("  (API key required)" if key else ""),
         file=sys.stderr,
     )
+    from adgen.serve import access_log
+
+    access_log.configure(args.log_level)
     serve_forever(settings, log_level=args.log_level)
     return 0

@@ -4,6 +4,7 @@
     GET  /v1/models             the served model (and "<base>" = adapter off, when an adapter is loaded)
     POST /v1/adcopy             attributes -> ad copy + faithfulness figures (stream or not)
     GET  /health                model, adapter, device, uptime, queue figures
+    GET  /metrics               Prometheus text format: requests, tokens, queue, batch, TTFT / latency histograms
     /ui                         the Gradio web UI
 
 Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Bodies are
@@ -81,6 +82,12 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         return state.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        from adgen.serve.metrics import CONTENT_TYPE
+
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models():
@@ -180,6 +187,9 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    from adgen.serve.access_log import AccessLogMiddleware
+
+    app.add_middleware(AccessLogMiddleware)  # outermost: every request is logged, refused ones too
     return app
 
 

@@ -82,6 +82,14 @@ class Job:
     # stream gets a fresh one, and `abandon()` sets it along with `cancel`.
     stream_cancel: threading.Event | None = None
     on_abandon: Any = None  # set by the scheduler: drops the job from the queue at once
+    # figures for /metrics
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "stream" if self.stream else "complete"
 
     def abandon(self) -> None:
         """The client is gone: drop the job if queued, stop its stream after the current step."""
@@ -131,8 +139,9 @@ class _EngineJob:
 
 class Scheduler:
     def __init__(self, generator, *, max_queue: int = 256, max_batch: int | None = None,
-                 continuous: bool = True) -> None:
+                 continuous: bool = True, metrics=None) -> None:
         self.generator = generator
+        self.metrics = metrics  # adgen.serve.metrics.ServeMetrics, or None
         self.max_queue = max_queue
         self.max_batch = max_batch or getattr(generator, "batch_size", 8)
         self.engine = (generator.decode_engine(self.max_batch)
@@ -294,23 +303,34 @@ class Scheduler:
             cfg = replace(config, seed=config.seed + k) if k and not config.greedy and config.seed is not None else config
             pieces = StreamPieces(self.generator.tokenizer, cfg, self.generator.stop_token_ids) if job.stream else None
             request = Request(ids, cfg, cancel=job.cancel, adapter=adapter,
-                              on_tokens=self._piece_sender(job, pieces, indices) if pieces is not None else None)
+                              on_tokens=self._token_sink(job, pieces, indices))
             self._owners[request] = (run, indices, pieces)
             self.engine.submit(request)
 
-    @staticmethod
-    def _piece_sender(job: Job, pieces: StreamPieces, indices: list[int]):
-        def send(ids: list[int]) -> None:
+    def _token_sink(self, job: Job, pieces: StreamPieces | None, indices: list[int]):
+        """What runs on each new token of a request: the first-token time, and a stream's text pieces."""
+        def on_tokens(ids: list[int]) -> None:
+            if job.first_token_at is None:
+                self._first_token(job)
+            if pieces is None:
+                return
             piece = pieces.push(ids)
             if piece and not job.cancel.is_set():
                 for i in indices:
                     job._emit(("piece", i, piece))
 
-        return send
+        return on_tokens
+
+    def _first_token(self, job: Job) -> None:
+        job.first_token_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.first_token(job.kind, job.created)
 
     def _engine_request_done(self, request) -> None:
         run, indices, pieces = self._owners.pop(request)
         job, g = run.job, request.result
+        job.prompt_tokens += g.prompt_tokens
+        job.generated_tokens += g.completion_tokens
         for i in indices:
             run.completions[i] = Completion(i, g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
         if pieces is not None and not job.cancel.is_set():
@@ -401,6 +421,9 @@ class Scheduler:
         for job, count in owners:
             mine = results[pos : pos + count]
             pos += count
+            self._first_token(job)  # (a batch's tokens are seen only at its end)
+            job.prompt_tokens += sum(g.prompt_tokens for g in mine)
+            job.generated_tokens += sum(g.completion_tokens for g in mine)
             if count < len(job.prompts):
                 mine = mine * len(job.prompts)
             job._resolve(
@@ -426,6 +449,8 @@ class Scheduler:
                         if job.cancel.is_set():
                             break
                         text.append(piece)
+                        if job.first_token_at is None:
+                            self._first_token(job)
                         job._emit(("piece", index, piece))
                 finally:
                     close = getattr(stream, "close", None)
@@ -433,7 +458,10 @@ class Scheduler:
                         close()  # waits for the model thread: the model is free after this
                 if job.cancel.is_set():
                     break
-                job._emit(("done", index, self._summary(index, stream, "".join(text), prompt, job.config)))
+                summary = self._summary(index, stream, "".join(text), prompt, job.config)
+                job.prompt_tokens += summary.prompt_tokens
+                job.generated_tokens += summary.completion_tokens
+                job._emit(("done", index, summary))
         self._finish(job, cancelled=job.cancel.is_set())
 
     def _summary(self, index: int, stream, text: str, prompt, config) -> Completion:
@@ -450,6 +478,9 @@ class Scheduler:
     def _finish(self, job: Job, cancelled: bool = False) -> None:
         with self._stats_lock:
             self._counts["cancelled" if cancelled else "completed"] += 1
+        if self.metrics is not None:
+            self.metrics.finished(job.kind, "cancelled" if cancelled else "completed", job.created,
+                                  job.prompt_tokens, job.generated_tokens)
         if job.events is not None:
             job._emit(("end",))
         elif cancelled:
@@ -458,6 +489,8 @@ class Scheduler:
     def _fail(self, job: Job, error: BaseException) -> None:
         with self._stats_lock:
             self._counts["failed"] += 1
+        if self.metrics is not None:
+            self.metrics.finished(job.kind, "failed", job.created)
         if job.future is not None:
             job._resolve(error=error)
         else:

@@ -40,8 +40,12 @@ class ServeState:
         self.settings = settings
         self.limits: Limits = settings.limits
         self.started = time.time()
+        from adgen.serve.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics()
         self.scheduler = Scheduler(generator, max_queue=settings.limits.max_queue, max_batch=settings.batch_size,
-                                   continuous=settings.continuous_batching)
+                                   continuous=settings.continuous_batching, metrics=self.metrics)
+        self.metrics.watch(self.scheduler)
         base = settings.served_model_name or display_name(settings.model) or "model"
         self.base_id = base
         self.adapter_name = settings.adapter_name or display_name(settings.adapter)
