@@ -166,6 +166,8 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
             return RedirectResponse("/ui/")
         return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/models", "/v1/adcopy", "/health"]}
 
+    app.openapi = lambda: _openapi(app)  # no public route serves it (openapi_url=None); tests fuzz from it
+
     ui_enabled = settings.ui if ui is None else ui
     if ui_enabled:
         from adgen.serve.webui import mount_ui
@@ -191,6 +193,32 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
 
     app.add_middleware(AccessLogMiddleware)  # outermost: every request is logged, refused ones too
     return app
+
+
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/adcopy": AdcopyRequest}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI schema with the request bodies described (they are parsed by hand, see
+    `schemas.parse_body`, so FastAPI cannot see them): the JSON schemas of the pydantic models."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            # the served ids are the only values `model` takes (anything else is a 404)
+            ids = {"type": "string", "enum": app.state.adgen.model_ids()}
+            body["properties"]["model"] = ids if "model" in body.get("required", []) else {"anyOf": [ids, {"type": "null"}]}
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _model_card(state: ServeState, model_id: str) -> dict[str, Any]:
