@@ -564,3 +564,39 @@ def test_early_stopping_on_a_generation_metric_keeps_the_best(tiny_llama3_dir, a
         tiny_config(tiny_llama3_dir, adgen_train_path, out, eval_data=str(adgen_dev_path), best_metric="bleu-4").validate()
     with pytest.raises(ConfigError, match="best_metric"):
         tiny_config(tiny_llama3_dir, adgen_train_path, out, best_metric="accuracy").validate()
+
+
+def test_report_to_tensorboard_writes_the_per_step_scalars(tiny_llama3_dir, adgen_train_path, adgen_dev_path,
+                                                           tmp_path):
+    """`report_to=[tensorboard]`: accelerate's tracker writes event files under the run directory; read back
+    with TensorBoard's own reader they hold each logged step's train loss, lr, tokens/s, the eval loss and the
+    generation metrics, and the config as hyperparameters."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from adgen.train import train
+
+    out = tmp_path / "tb"
+    train(tiny_config(tiny_llama3_dir, adgen_train_path, out, max_steps=4, log_every=1, eval_every=2,
+                      eval_data=str(adgen_dev_path), max_eval_samples=4, gen_eval_every=2, gen_eval_samples=2,
+                      gen_max_new_tokens=6, report_to=["tensorboard"]))
+    event_files = list((out / "tracking").rglob("events.out.tfevents.*"))
+    assert event_files
+    scalars: dict[str, list] = {}
+    for f in event_files:
+        acc = EventAccumulator(str(f.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    assert [s for s, _ in sorted(scalars["loss"])] == [1, 2, 3, 4]
+    rows = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert dict(scalars["loss"]) == pytest.approx(rows, rel=1e-6)  # the same numbers as metrics.jsonl
+    assert {"lr", "tokens_per_s", "peak_mem_gb", "eval_loss", "gen_eval/rouge-1", "gen_eval/ended_share"} <= set(scalars)
+    assert sorted(s for s, _ in scalars["eval_loss"]) == [2, 4]
+
+
+def test_report_to_names_the_fix_for_an_unknown_tracker(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from adgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="report_to.*tensorbord.*tensorboard"):
+        tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "x", max_steps=1, report_to=["tensorbord"]).validate()

@@ -121,6 +121,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     plot: bool = True
     progress: bool = True
+    # experiment tracking through accelerate's trackers: tensorboard (event files in <output_dir>/tracking),
+    # wandb (offline unless WANDB_MODE says otherwise), mlflow (a local mlruns/ store unless
+    # MLFLOW_TRACKING_URI is set). Every metrics.jsonl row is logged at its step; the config as hyperparameters.
+    report_to: list[str] = field(default_factory=list)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (ignored under accelerate launch/torchrun)
 
     # ------------------------------------------------------------------------------------------
@@ -135,6 +139,12 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if not self.train_data:
             raise ConfigError("no training data: set train_data in the config or pass --train-data FILE")
+        if isinstance(self.report_to, str):  # `report_to: tensorboard` in YAML
+            self.report_to = [self.report_to]
+        bad = [t for t in self.report_to if t not in TRACKERS]
+        if bad:
+            raise ConfigError(f"config key 'report_to': unknown tracker {bad[0]!r}; use any of {list(TRACKERS)}, "
+                              "e.g. 'report_to=[tensorboard]'")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
@@ -206,10 +216,13 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | dic
     return load_config(TrainConfig, path, overrides)
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
 # Keys that may change between a run and its --resume without changing what is computed up to the
 # checkpoint (anything else that differs is reported).
 RESUME_MUTABLE_KEYS = {
     "max_steps", "max_minutes", "epochs", "output_dir", "gen_eval_every", "gen_eval_samples",
     "gen_max_new_tokens", "best_metric", "early_stopping_patience", "log_every", "eval_every", "save_every", "keep_checkpoints",
-    "plot", "progress", "device", "eval_data", "max_eval_samples",
+    "plot", "progress", "device", "eval_data", "max_eval_samples", "report_to",
 }

@@ -29,6 +29,7 @@ from adgen.config import dict_diff
 from adgen.errors import AdgenError
 from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from adgen.train import checkpoint as ckpt_mod
+from adgen.train import tracking
 from adgen.train.config import DEFAULT_PROMPT, RESUME_MUTABLE_KEYS, TrainConfig
 from adgen.train.run_dir import prepare_output_dir, replace_dir, temp_dir_for
 
@@ -214,7 +215,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     precision = resolve_precision(cfg, "cpu" if want_cpu else "cuda")
     _reset_accelerate_state()  # a second train() in one process may use another precision
     accelerator = Accelerator(
-        cpu=want_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+        cpu=want_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+        **tracking.accelerator_kwargs(cfg, out),
     )
     main = accelerator.is_main_process
     say = _Printer(main)
@@ -233,6 +235,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         from adgen.config import save_config
 
         save_config(cfg, out / "config.yaml")
+    tracking.start(accelerator, cfg)
 
     # -- data ----------------------------------------------------------------------------------
     with accelerator.main_process_first():  # built-in models are converted once, by one process
@@ -362,6 +365,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         return loss_sum / max(count, 1)
 
     def write_metrics_row(row: dict) -> None:
+        tracking.log(accelerator, cfg, row)
         metrics.append(row)
         if main:
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -571,8 +575,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         atomic_write_text(out / "train_summary.md", summary_markdown(summary))
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
-    if world > 1:
-        accelerator.end_training()  # destroys the process group
+    if world > 1 or cfg.report_to:
+        accelerator.end_training()  # closes the trackers; destroys the process group
     return TrainResult(out, status, total_steps, summary, metrics)
 
 
