@@ -600,3 +600,97 @@ def test_report_to_names_the_fix_for_an_unknown_tracker(tiny_llama3_dir, adgen_t
 
     with pytest.raises(ConfigError, match="report_to.*tensorbord.*tensorboard"):
         tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "x", max_steps=1, report_to=["tensorbord"]).validate()
+
+
+# ---- LoRA variants: LoRA+, PiSSA / OLoRA initialisation, NEFTune ---------------------------------
+@pytest.mark.parametrize("over,key", [
+    ({"lora": {"init": "svd"}}, "lora.init"),
+    ({"method": "full", "lora": {"init": "pissa"}}, "lora.init"),
+    ({"method": "qlora", "lora": {"init": "olora"}}, "lora.init"),
+    ({"lora": {"plus_lr_ratio": 0}}, "lora.plus_lr_ratio"),
+    ({"method": "full", "lora": {"plus_lr_ratio": 16}}, "lora.plus_lr_ratio"),
+    ({"neftune_alpha": -1}, "neftune_alpha"),
+])
+def test_lora_variant_keys_are_validated(tiny_llama3_dir, adgen_train_path, tmp_path, over, key):
+    from adgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "x", max_steps=1, **over).validate()
+
+
+def test_lora_plus_trains_b_at_a_higher_lr(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from adgen.train import train
+    from adgen.train.peft_setup import optimizer_groups
+
+    cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "plus", max_steps=2,
+                      lora={"plus_lr_ratio": 16})
+    result = train(cfg)
+    assert result.status == "completed" and all(math.isfinite(v) for v in train_losses(tmp_path / "plus").values())
+
+    class Named(torch.nn.Module):  # the groups by parameter name, on a stand-in with LoRA-like names
+        def __init__(self):
+            super().__init__()
+            self.lora_A = torch.nn.Linear(4, 2, bias=False)
+            self.lora_B = torch.nn.Linear(2, 4, bias=True)
+
+    groups = optimizer_groups(Named(), cfg)
+    assert [len(g["params"]) for g in groups] == [1, 0, 2] and groups[2]["lr"] == pytest.approx(cfg.lr * 16)
+    assert "lr" not in groups[0]  # A keeps the optimizer's lr
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora"])
+def test_pissa_and_olora_adapters_load_on_the_original_base(tiny_llama3_dir, adgen_train_path, tmp_path,
+                                                            monkeypatch, init):
+    """PiSSA / OLoRA move part of each weight into the adapter; the saved adapter is converted so that the
+    original base + adapter gives the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import adgen.train.trainer as trainer
+
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    seen = {}
+    real = trainer.save_final
+
+    def spy(accelerator, cfg, out, model, wrapped, tokenizer, name=None):
+        if name is None:
+            model.eval()
+            with torch.no_grad():
+                seen["logits"] = model(input_ids=ids).logits
+        return real(accelerator, cfg, out, model, wrapped, tokenizer, name)
+
+    monkeypatch.setattr(trainer, "save_final", spy)
+    out = tmp_path / init
+    trainer.train(tiny_config(tiny_llama3_dir, adgen_train_path, out, max_steps=3, lr=1e-2, lora={"init": init}))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(input_ids=ids).logits
+    assert (out / "lora_init" / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 8  # converted: rank 2r (r = 8)
+    assert not torch.allclose(loaded, plain, atol=1e-3)  # it learned something
+    assert torch.allclose(loaded, seen["logits"], atol=1e-4), (loaded - seen["logits"]).abs().max()
+
+
+def test_neftune_noise_only_while_training(tiny_llama3_dir, adgen_train_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from adgen.train import train
+    from adgen.train.peft_setup import add_neftune_noise
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    ids = torch.tensor([[1, 50, 60, 70]])
+    clean = model.get_input_embeddings()(ids)
+    add_neftune_noise(model, 5.0)
+    emb = model.get_input_embeddings()
+    emb.train()
+    noisy = emb(ids)
+    bound = 5.0 / (4 * clean.shape[-1]) ** 0.5
+    assert not torch.equal(noisy, clean) and (noisy - clean).abs().max() <= bound + 1e-6
+    emb.eval()
+    assert torch.equal(emb(ids), clean)  # evaluation and generation see clean embeddings
+
+    plain = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "a", max_steps=2))
+    noised = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "b", max_steps=2, neftune_alpha=15))
+    assert plain.status == noised.status == "completed"
+    assert train_losses(tmp_path / "a")[1] != train_losses(tmp_path / "b")[1]

@@ -32,6 +32,12 @@ class LoraSection:
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None  # e.g. [embed_tokens, lm_head] when new tokens are trained
     top_layers: int | None = None  # older spelling of the top-level `top_layers` (kept for saved configs)
+    # initialisation of A and B: default (B = 0, A Kaiming), gaussian, pissa (A, B from the weight's top
+    # singular vectors; pissa_niter_N = fast randomised SVD), olora (QR). pissa / olora change the base
+    # weights, so the saved adapter is converted back to a plain LoRA of the original base (rank 2r).
+    init: str = "default"
+    # LoRA+: B matrices learn at lr x plus_lr_ratio (the LoRA+ paper suggests 16); null = off
+    plus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         # YAML/CLI give "all-linear" as a one-item list (the loader splits strings into lists)
@@ -69,6 +75,9 @@ class TrainConfig:
     # layers' own weights with everything else frozen (full). The backward pass stops at the lowest trained
     # layer, which makes a step cheaper on CPUs (the demo's lever for time-bound runs)
     top_layers: int | None = None
+    # NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training
+    # (the paper uses 5-15); null = off. Under packing "tokens" is the packed row's length.
+    neftune_alpha: float | None = None
     lora: LoraSection = field(default_factory=LoraSection)
     prefix: PrefixSection = field(default_factory=PrefixSection)
 
@@ -128,6 +137,27 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (ignored under accelerate launch/torchrun)
 
     # ------------------------------------------------------------------------------------------
+    def _validate_lora_variants(self) -> None:
+        import re
+
+        lora_like = self.method in ("lora", "qlora", "dora")
+        init = str(self.lora.init)
+        if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
+            raise ConfigError(f"config key 'lora.init' is {init!r}; use one of {', '.join(LORA_INITS)} "
+                              "or pissa_niter_N (PiSSA with a fast randomised SVD, e.g. pissa_niter_16)")
+        if init != "default" and not lora_like:
+            raise ConfigError(f"lora.init={init} needs method=lora (or dora); this run is method={self.method}")
+        if init.startswith(("pissa", "olora")) and (self.quantized or self.method == "dora"):
+            raise ConfigError(f"lora.init={init} rewrites the base weights: not with a 4-bit base or DoRA here; "
+                              "use method=lora with a full-precision base, or lora.init=default")
+        ratio = self.lora.plus_lr_ratio
+        if ratio is not None and (not lora_like or not ratio > 0):
+            raise ConfigError(f"config key 'lora.plus_lr_ratio' (LoRA+) must be > 0 with method=lora / qlora / dora "
+                              f"(e.g. 16), or null; got {ratio!r} with method={self.method}")
+        if self.neftune_alpha is not None and not self.neftune_alpha > 0:
+            raise ConfigError(f"config key 'neftune_alpha' must be > 0 (e.g. 5), or null for no noise; "
+                              f"got {self.neftune_alpha!r}")
+
     @property
     def quantized(self) -> bool:
         return self.method == "qlora" or self.load_in_4bit
@@ -196,6 +226,7 @@ class TrainConfig:
             )
         if self.lora.r < 1:
             raise ConfigError(f"config key 'lora.r' must be >= 1, got {self.lora.r}")
+        self._validate_lora_variants()
         self.lora.__post_init__()
         if self.prefix.num_virtual_tokens < 1:
             raise ConfigError("config key 'prefix.num_virtual_tokens' must be >= 1")
@@ -217,6 +248,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | dic
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 # Keys that may change between a run and its --resume without changing what is computed up to the

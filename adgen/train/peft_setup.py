@@ -122,6 +122,7 @@ def _lora_config(cfg: TrainConfig, model=None):
         target_modules=targets,
         use_rslora=lc.rslora,
         use_dora=cfg.method == "dora",
+        init_lora_weights=True if lc.init == "default" else lc.init,
         bias=lc.bias,
         modules_to_save=lc.modules_to_save,
     )
@@ -238,3 +239,54 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def rewrites_base(cfg: TrainConfig) -> bool:
+    """PiSSA / OLoRA initialisation subtracts the initial adapter from the base weights."""
+    return cfg.is_peft and str(cfg.lora.init).startswith(("pissa", "olora"))
+
+
+def save_initial_adapter(model, path) -> None:
+    """PiSSA / OLoRA: keep the initial adapter so the trained one can be converted to a plain LoRA of the
+    original base on save (PEFT's `path_initial_model_for_weight_conversion`)."""
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # PEFT's recipe: saved as a plain LoRA
+    try:
+        model.save_pretrained(str(path), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def optimizer_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only (the layout checkpoints hold: decay, no decay);
+    with LoRA+ a third group, the B matrices at lr x plus_lr_ratio."""
+    ratio = cfg.lora.plus_lr_ratio if cfg.is_peft else None
+    decay, no_decay, fast = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ratio is not None and ("lora_B" in name or "lora_embedding_B" in name):
+            fast.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fast:
+        groups.append({"params": fast, "weight_decay": cfg.weight_decay, "lr": cfg.lr * ratio})
+    return groups
+
+
+def add_neftune_noise(model, alpha: float):
+    """NEFTune: a forward hook on the input embeddings adding uniform noise of scale alpha / sqrt(L x d) while
+    the model trains (eval and generation see clean embeddings). Returns the hook handle."""
+    import torch
+
+    embeddings = model.get_input_embeddings()
+
+    def hook(module, _inputs, output):
+        if not module.training:
+            return output
+        scale = alpha / (output.shape[-2] * output.shape[-1]) ** 0.5
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    return embeddings.register_forward_hook(hook)

@@ -202,7 +202,16 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     from adgen.train.collate import DataOrder, collate, eval_batches
     from adgen.train.loss import CausalLMLoss
     from adgen.train.packed_attention import enable_packed_attention
-    from adgen.train.peft_setup import apply_method, count_parameters, load_base_model, resolve_precision
+    from adgen.train.peft_setup import (
+        add_neftune_noise,
+        apply_method,
+        count_parameters,
+        load_base_model,
+        optimizer_groups,
+        resolve_precision,
+        rewrites_base,
+        save_initial_adapter,
+    )
 
     cfg.validate()
     t_setup = time.perf_counter()
@@ -257,6 +266,10 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     set_seed(cfg.seed)
     base = load_base_model(cfg, str(resolved.path), precision, device, local_rank=accelerator.local_process_index)
     model = apply_method(base, cfg, precision)
+    if rewrites_base(cfg) and main and not (out / LORA_INIT).is_dir():
+        save_initial_adapter(model, out / LORA_INIT)  # PiSSA / OLoRA: to convert the result on save
+    if cfg.neftune_alpha:
+        add_neftune_noise(model, cfg.neftune_alpha)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
@@ -288,11 +301,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
 
     # -- optimisation --------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        optimizer_groups(model, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
     )
     order = DataOrder(
         [len(e.input_ids) for e in train_examples], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
@@ -580,6 +590,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     return TrainResult(out, status, total_steps, summary, metrics)
 
 
+LORA_INIT = "lora_init"  # PiSSA / OLoRA: the initial adapter, for converting the result to a plain LoRA
+
+
 def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokenizer, name: str | None = None) -> Path:
     """adapter/ (PEFT) or model/ (full), or `name`/ (best/): complete directories, moved into place at once."""
     final = out / (name or ("adapter" if cfg.is_peft else "model"))
@@ -591,6 +604,10 @@ def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokeniz
     if accelerator.is_main_process:
         tmp = temp_dir_for(final)
         kw = {"state_dict": state_dict} if state_dict is not None else {}
+        from adgen.train.peft_setup import rewrites_base
+
+        if rewrites_base(cfg):  # a plain LoRA of the original base (PiSSA / OLoRA changed the base weights)
+            kw["path_initial_model_for_weight_conversion"] = str(out / LORA_INIT)
         model.save_pretrained(str(tmp), safe_serialization=True, **kw)
         tokenizer.save_pretrained(str(tmp))
         replace_dir(tmp, final)
