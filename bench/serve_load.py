@@ -178,11 +178,12 @@ async def poll_health(client: httpx.AsyncClient, stop: asyncio.Event, samples: l
         await asyncio.sleep(0.1)
 
 
-async def run_load(url: str, api_key: str, model: str, n: int, max_tokens: int) -> dict:
+async def run_load(url: str, api_key: str, model: str, n: int, max_tokens: int, timeout: float = 120.0) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     contents = prompts(n)
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(120.0), limits=limits) as c:
+    # a stream waiting its turn (batching off) may see no byte for minutes: the read timeout is the whole budget
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(timeout), limits=limits) as c:
         # 1. reference: one at a time, non-streaming
         reference = {}
         for content in contents:
@@ -278,7 +279,8 @@ def measure(args, extra: list[str], started: float) -> tuple[list[str], dict, st
         model_id = args.model_id or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         remaining = args.timeout - (time.monotonic() - started)
         run = asyncio.run(asyncio.wait_for(
-            run_load(url, args.api_key, model_id, args.requests, args.max_tokens), timeout=max(remaining, 1.0)))
+            run_load(url, args.api_key, model_id, args.requests, args.max_tokens, max(remaining, 1.0)),
+            timeout=max(remaining, 1.0)))
     finally:
         if server is not None:
             server.stop()
