@@ -37,6 +37,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 from adgen.errors import AdgenError
+from adgen.export import _stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +211,6 @@ def preflight(out_path: str | Path, *, quant: str = "f16", overwrite: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-
-def _stored_dtype(model_dir: Path) -> str | None:
-    cfg = model_dir / "config.json"
-    if not cfg.is_file():
-        return None
-    data = json.loads(cfg.read_text(encoding="utf-8"))
-    return data.get("dtype") or data.get("torch_dtype")
 
 
 def load_for_gguf(

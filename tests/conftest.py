@@ -99,31 +99,26 @@ def tiny_chatml_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-chatml"), smollm2_tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama3_lora_dir(tmp_path_factory, tiny_llama3_dir) -> Path:
-    """A PEFT LoRA adapter for tiny_llama3_dir with random (non-zero) weights: adapter on != off."""
+def _random_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter (q_proj, v_proj, r=4) with random, non-zero weights: adapter on != off."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    out = tmp_path_factory.mktemp("tiny-llama3-lora")
     get_peft_model(base, config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_lora_dir(tmp_path_factory, tiny_llama3_dir) -> Path:
+    """A random LoRA adapter for tiny_llama3_dir."""
+    return _random_lora(tiny_llama3_dir, tmp_path_factory.mktemp("tiny-llama3-lora"), seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama3_lora_b_dir(tmp_path_factory, tiny_llama3_dir) -> Path:
     """A second random LoRA adapter for tiny_llama3_dir (another brand's tone, for multi-adapter serving)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(2)
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    out = tmp_path_factory.mktemp("tiny-llama3-lora-b")
-    get_peft_model(base, config).save_pretrained(out)
-    return out
+    return _random_lora(tiny_llama3_dir, tmp_path_factory.mktemp("tiny-llama3-lora-b"), seed=2)

@@ -172,19 +172,12 @@ def test_requests_submitted_while_others_run_join_between_steps(gen):
     assert late[0].result.token_ids == long_single.token_ids
 
 
-def test_requests_for_different_adapters_decode_in_one_batch(tiny_llama3_dir, tiny_llama3_lora_dir, tmp_path):
+def test_requests_for_different_adapters_decode_in_one_batch(tiny_llama3_dir, tiny_llama3_lora_dir,
+                                                             tiny_llama3_lora_b_dir):
     """PEFT's mixed-adapter forward: adapter "default", a second adapter and the base model in one batch,
     each output equal to that adapter (or the base) run alone."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(2)
-    other = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    other.save_pretrained(tmp_path / "b")
     g = load_generator(str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_dir), dtype="fp32", device="cpu", batch_size=3)
-    g.model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    g.model.load_adapter(str(tiny_llama3_lora_b_dir), adapter_name="b")
     config = g.resolve(DecodingConfig(max_new_tokens=10, **PLAIN))
     adapters = ["default", "b", "__base__", "b", None, "__base__"]
     reqs = [Request(g.prompt_ids(PROMPTS[i % len(PROMPTS)]), config, adapter=a) for i, a in enumerate(adapters)]
