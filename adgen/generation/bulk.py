@@ -1,7 +1,8 @@
 """Resumable generation over a whole file: one JSON line per input record, written the moment it is done.
 
 Output lines: `{"line": <input line>, "content": ..., "predict": ..., "finish_reason": ...}` plus the
-input's `summary` and other fields when it has them, and `candidates` (all K texts) with `n > 1`.
+input's `summary` and other fields when it has them, and `candidates` (all K texts) with their
+`candidate_finish_reasons` with `n > 1`.
 
 Resume: on start the existing output is read; inputs whose key (input line number + a hash of the
 content) is already there are skipped. A kill can leave at most one partial last line (each record
@@ -177,6 +178,8 @@ def make_output_record(record, candidates: Sequence[Generation], best: int, fait
     out["finish_reason"] = chosen.finish_reason
     if len(candidates) > 1:
         out["candidates"] = [c.text for c in candidates]
+        # each candidate's own ending: what `adgen pairs` needs to tell a copy that stopped from a loop
+        out["candidate_finish_reasons"] = [c.finish_reason for c in candidates]
         out["chosen"] = best
     if faith is not None:
         out["attr_coverage"] = faith["attr_coverage"]

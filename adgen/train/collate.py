@@ -52,6 +52,10 @@ class Batch:
             self.num_examples, self.num_tokens, self.num_padded, self.num_shared,
         )
 
+    def loss_kwargs(self) -> dict:
+        """Extra arguments of the loss module for this batch (none for SFT; see adgen.train.dpo)."""
+        return {}
+
     def model_inputs(self) -> dict:
         out = {"input_ids": self.input_ids}
         if self.position_ids is not None:

@@ -81,6 +81,14 @@ class TrainConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     prefix: PrefixSection = field(default_factory=PrefixSection)
 
+    # ---- objective ---------------------------------------------------------------------------
+    # sft: learn the reference copy; dpo: prefer the chosen over the rejected text of each pair in
+    # preference_data (`adgen pairs` makes them from the model's own samples), against the starting model
+    objective: Literal["sft", "dpo"] = "sft"
+    preference_data: str | None = None  # pair file (JSON lines: content, chosen, rejected) for objective=dpo
+    dpo_beta: float = 0.1  # how far from the starting model the preferences may pull (larger = less far)
+    dpo_sft_weight: float = 0.0  # + this x the chosen texts' mean token NLL (RPO); keeps chosen copy likely
+
     # ---- data --------------------------------------------------------------------------------
     train_data: str | None = None
     eval_data: str | None = None
@@ -158,6 +166,17 @@ class TrainConfig:
             raise ConfigError(f"config key 'neftune_alpha' must be > 0 (e.g. 5), or null for no noise; "
                               f"got {self.neftune_alpha!r}")
 
+    def _validate_dpo(self) -> None:
+        if not self.preference_data:
+            raise ConfigError("objective=dpo needs preference_data: a pair file made with "
+                              "`adgen pairs --input GENERATIONS --output pairs.jsonl` (preference_data=pairs.jsonl)")
+        if not self.dpo_beta > 0:
+            raise ConfigError(f"config key 'dpo_beta' must be > 0 (e.g. 0.1), got {self.dpo_beta!r}")
+        if self.dpo_sft_weight < 0:
+            raise ConfigError(f"config key 'dpo_sft_weight' must be >= 0 (0 = pure DPO), got {self.dpo_sft_weight!r}")
+        if self.loss_on != "response":
+            raise ConfigError("objective=dpo compares the responses' log-probabilities: set loss_on=response")
+
     @property
     def quantized(self) -> bool:
         return self.method == "qlora" or self.load_in_4bit
@@ -167,7 +186,11 @@ class TrainConfig:
         return self.method != "full"
 
     def validate(self) -> "TrainConfig":
-        if not self.train_data:
+        if self.objective == "dpo":
+            self._validate_dpo()
+        elif self.objective != "sft":
+            raise ConfigError(f"config key 'objective' is {self.objective!r}; use sft or dpo")
+        elif not self.train_data:
             raise ConfigError("no training data: set train_data in the config or pass --train-data FILE")
         if isinstance(self.report_to, str):  # `report_to: tensorboard` in YAML
             self.report_to = [self.report_to]

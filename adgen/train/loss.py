@@ -60,6 +60,11 @@ class CausalLMLoss(nn.Module):
         self._checked = False
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None):
+        logits, tgt = self.target_logits(input_ids, targets, position_ids, attention_mask)
+        return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk), tgt.numel()
+
+    def target_logits(self, input_ids, targets, position_ids=None, attention_mask=None):
+        """(logits [N, V], targets [N]) at the N positions with a target, in row-major order."""
         keep = targets != IGNORE_INDEX  # [B, T] bool
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if position_ids is not None:
@@ -80,5 +85,4 @@ class CausalLMLoss(nn.Module):
             self._checked = True
         if logits is None:
             logits = self.model(**kwargs).logits[keep]
-        tgt = targets[keep]
-        return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk), tgt.numel()
+        return logits, targets[keep]

@@ -176,6 +176,43 @@ def _read(path: str, cfg: TrainConfig, limit: int | None, what: str):
     return records
 
 
+def _read_pairs(cfg: TrainConfig, formatter):
+    """objective=dpo: (records for the attribute vocabulary, encoded pairs, encode stats)."""
+    from adgen.data.chat import EncodeStats
+    from adgen.data.records import Record
+    from adgen.train.dpo import encode_pairs
+    from adgen.train.pairs import read_pairs
+
+    pairs = read_pairs(cfg.preference_data)[: cfg.max_samples]
+    examples, dropped = encode_pairs(formatter, pairs)
+    truncated = sum(p.chosen.truncated for p in examples)  # (a rejected loop is cut by design)
+    records = [Record(p.content, p.chosen, p.line) for p in pairs]
+    return records, examples, EncodeStats(total=len(pairs), truncated=truncated, dropped=dropped)
+
+
+def _dpo_reference(cfg: TrainConfig, out: Path, accelerator, loss_module, pairs, batching: str, pad_id: int,
+                   share_prefix: bool, *, resuming: bool, say):
+    """[pairs, 2] reference log-probabilities: computed from the starting model and saved with the run,
+    or read back on resume (the model has trained since, so it can no longer give them)."""
+    from adgen.train.dpo import REFERENCE_FILE, load_reference, reference_logps, save_reference
+
+    path = out / REFERENCE_FILE
+    saved = load_reference(path, pairs)
+    if saved is not None:
+        return saved
+    if resuming:
+        raise AdgenError(f"{path}: missing or made for other pairs, so this DPO run cannot resume with its reference. "
+                         "Start the run afresh (--overwrite) or restore that file")
+    t = time.perf_counter()
+    ref = reference_logps(loss_module.lm, pairs, batch_size=cfg.batch_size, batching=batching, pad_id=pad_id,
+                          share_prefix=share_prefix, autocast=accelerator.autocast)
+    if accelerator.is_main_process:
+        save_reference(path, ref, pairs)
+    say(f"[adgen] DPO reference: log-probabilities of {len(pairs)} pairs from the starting model "
+        f"({time.perf_counter() - t:.1f}s) -> {path}")
+    return ref
+
+
 class _Printer:
     """Messages for people: main process only, on stderr, above the progress bar."""
 
@@ -200,6 +237,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     from adgen.data.chat import ChatFormatter, encode_records
     from adgen.models import load_tokenizer, resolve_model
     from adgen.train.collate import DataOrder, collate, eval_batches
+    from adgen.train.dpo import DPOLoss, collate_pairs, disable_dropout
     from adgen.train.loss import CausalLMLoss
     from adgen.train.packed_attention import enable_packed_attention
     from adgen.train.peft_setup import (
@@ -251,11 +289,16 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         resolved = resolve_model(cfg.model)
     tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
     formatter = ChatFormatter(tokenizer, system_prompt=_system_prompt(cfg), loss_on=cfg.loss_on, max_length=cfg.max_length)
-    train_records = _read(cfg.train_data, cfg, cfg.max_samples, "training")
-    train_examples, stats = encode_records(formatter, train_records)
+    dpo = cfg.objective == "dpo"
+    if dpo:
+        train_records, train_examples, stats = _read_pairs(cfg, formatter)
+        say(f"[adgen] preference pairs: {cfg.preference_data}: {stats.summary()}")
+    else:
+        train_records = _read(cfg.train_data, cfg, cfg.max_samples, "training")
+        train_examples, stats = encode_records(formatter, train_records)
+        say(f"[adgen] train data: {cfg.train_data}: {stats.summary()}")
     if not train_examples:
         raise AdgenError(f"no training example fits max_length={cfg.max_length}: raise max_length")
-    say(f"[adgen] train data: {cfg.train_data}: {stats.summary()}")
     eval_examples, eval_records = [], []
     if cfg.eval_data:
         eval_records = _read(cfg.eval_data, cfg, cfg.max_eval_samples, "eval")
@@ -270,6 +313,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         save_initial_adapter(model, out / LORA_INIT)  # PiSSA / OLoRA: to convert the result on save
     if cfg.neftune_alpha:
         add_neftune_noise(model, cfg.neftune_alpha)
+    if dpo:
+        disable_dropout(model)  # policy and reference log-probabilities must be computed alike
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
@@ -305,7 +350,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         optimizer_groups(model, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
     )
     order = DataOrder(
-        [len(e.input_ids) for e in train_examples], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        [len(e) if dpo else len(e.input_ids) for e in train_examples], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         world_size=world, seed=cfg.seed, batching=batching,
     )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.num_examples / order.examples_per_step))
@@ -314,8 +359,19 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         optimizer, _lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
     )
     _fill_deepspeed_config(accelerator, cfg)
-    wrapped, optimizer = accelerator.prepare(CausalLMLoss(model, select_logits=cfg.target_logits_only), optimizer)
+    if dpo:
+        loss_module = DPOLoss(model, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight,
+                              select_logits=cfg.target_logits_only)
+    else:
+        loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only)
+    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     pad_id = tokenizer.pad_token_id
+    # SFT eval loss (of the references) also for DPO runs: through the plain LM loss inside the DPO module
+    eval_loss_module = loss_module.lm if dpo else wrapped
+    reference = None
+    if dpo:  # before a resume loads trained weights: the reference is the starting model
+        reference = _dpo_reference(cfg, out, accelerator, loss_module, train_examples, batching, pad_id,
+                                   share_prefix, resuming=ckpt_info is not None, say=say)
 
     # -- resume --------------------------------------------------------------------------------
     start_step, metrics = 0, []
@@ -343,6 +399,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
 
     summary_base = {
         "output_dir": str(out), "model": cfg.model, "model_path": str(resolved.path), "method": cfg.method,
+        "objective": cfg.objective,
         "precision": precision.name, "batching": batching, "processes": world, "device": device.type,
         "trainable_parameters": trainable, "total_parameters": total, "train_examples": len(train_examples),
         "eval_examples": len(eval_examples), "truncated_examples": stats.truncated, "dropped_examples": stats.dropped,
@@ -367,7 +424,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         with torch.no_grad():
             for b in eval_batches(eval_examples, cfg.batch_size, batching, pad_id, rank, world, share_prefix):
                 b = b.to(device)
-                s, n = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask)
+                s, n = eval_loss_module(b.input_ids, b.targets, b.position_ids, b.attention_mask)
                 loss_sum += float(s)
                 count += n
         wrapped.train()
@@ -421,7 +478,15 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
                disable=not (main and cfg.progress), file=sys.stderr)
     wrapped.train()
     trim_heap = _heap_trimmer(device)
-    window = {"loss": 0.0, "targets": 0, "steps": 0}
+    window = {"loss": 0.0, "targets": 0}
+    window_stats: dict[str, float] = {}  # DPO: reward accuracy / margins, summed over the window's pairs
+
+    def make_batch(idx: list[int]):
+        if dpo:
+            ref = torch.cat([reference[idx, 0], reference[idx, 1]]).float()
+            return collate_pairs([train_examples[i] for i in idx], batching, pad_id, share_prefix, ref)
+        return collate([train_examples[i] for i in idx], batching, pad_id, share_prefix)
+
     tokens_per_s = 0.0
     last_eval = None
     status = "completed"
@@ -434,8 +499,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         while step < total_steps:
             step += 1
             t0 = time.perf_counter()
-            batches = [collate([train_examples[i] for i in idx], batching, pad_id, share_prefix)
-                       for idx in order.step_indices(step - 1, rank)]
+            batches = [make_batch(idx) for idx in order.step_indices(step - 1, rank)]
             local = [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches),
                      sum(b.num_padded for b in batches), sum(b.num_examples for b in batches)]
             n_targets, n_tokens, n_padded, n_examples = reduce_sum(local) if world > 1 else local
@@ -444,9 +508,12 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             for b in batches:
                 b = b.to(device)
                 with accelerator.accumulate(wrapped):
-                    loss_sum, _ = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask)
+                    loss_sum, _, *extra = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask,
+                                                  **b.loss_kwargs())
                     accelerator.backward(loss_sum * scale)
                 loss_local += loss_sum.detach().double()
+                for k, v in (extra[0] if extra else {}).items():
+                    window_stats[k] = window_stats.get(k, 0.0) + v
             loss = (reduce_sum([float(loss_local)])[0] if world > 1 else float(loss_local)) / max(n_targets, 1)
             if not math.isfinite(loss):
                 status = "diverged"
@@ -474,7 +541,6 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
             tokens_per_s = n_tokens / dt if dt > 0 else 0.0
             window["loss"] += loss * n_targets
             window["targets"] += n_targets
-            window["steps"] += 1
             if cfg.max_minutes and step == start_step + 1:
                 first_step_end = time.perf_counter()
             if cfg.max_minutes and step == start_step + BUDGET_PROBE_STEPS:
@@ -503,8 +569,10 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
                     "peak_mem_gb": round(_peak_memory_gb(device)[0], 3),
                     "time": round(counters["train_time"], 2),
                 }
+                # DPO (this process's pairs): share where chosen beat rejected, mean reward margin
+                row.update({k: round(v / max(window["targets"] / world, 1), 4) for k, v in window_stats.items()})
                 write_metrics_row(row)
-                window = {"loss": 0.0, "targets": 0, "steps": 0}
+                window, window_stats = {"loss": 0.0, "targets": 0}, {}
                 if not cfg.progress:  # plain log lines instead of the bar (CI, log files)
                     say(f"[adgen] step {step}/{total_steps} loss {row['loss']:.4f} lr {lr_now:.2e} "
                         f"tokens/s {tokens_per_s:.0f} padding {100 * row['padding']:.1f}% "
@@ -580,7 +648,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         if cfg.plot:
             from adgen.train.plots import plot_losses
 
-            plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}")
+            plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}" + (" · DPO" if dpo else ""))
         _save_vocab(train_records, out / "attribute_vocab.json", cfg.train_data, say, vocab=gen_vocab)
         atomic_write_text(out / "train_summary.md", summary_markdown(summary))
         atomic_write_json(out / "summary.json", summary)
