@@ -61,23 +61,20 @@ def demo_data_paths(data_dir: str | None) -> tuple[Path, Path]:
     return dev, train
 
 
+DEMO_RECIPE = "demo-smollm2-135m"  # adgen/recipes/demo-smollm2-135m.yaml: what the fine-tune trains, and why
+
+
 def demo_train_config(cfg: DemoConfig, train_path: Path, dev_path: Path, output_dir: Path,
                       minutes: float | None = None):
-    """A short fine-tune of the top 12 layers' own weights (embeddings and the 18 lower layers frozen: the
-    backward pass stops at layer 18, so a step costs about what LoRA on those layers costs), lr 2e-4 after a
-    one-step warmup, within `minutes` of training when given. Measured on a 2-core Zen 3 without
-    AVX512-BF16, 5 minutes of training each, 8 dev records (BENCHMARKS.md section 5): LoRA r=8 on the same
-    layers at lr 3e-3 ended 2 of 8 outputs on their own end-of-turn token (repetition 0.47), this 5 of 8
-    (0.39): at ~100 records of training, updating the weights themselves learns the task's shape faster."""
-    from adgen.train.config import TrainConfig
+    """The shipped demo recipe with this demo's data, output, time budget and sizes filled in."""
+    from adgen.recipes import find_recipe
+    from adgen.train.config import load_train_config
 
-    return TrainConfig(
-        model=cfg.model, method="full", precision="auto", top_layers=12,
-        train_data=str(train_path), eval_data=str(dev_path), max_samples=cfg.train_samples,
-        max_eval_samples=min(cfg.eval_samples, 8), max_length=640, batching="packed", batch_size=8, grad_accum=1,
-        epochs=1, lr=2e-4, lr_scheduler="cosine", warmup_steps=1, output_dir=str(output_dir), max_minutes=minutes,
-        eval_every=0, eval_on_start=False, save_every=0, keep_checkpoints=1, progress=cfg.progress,
-    )
+    return load_train_config(find_recipe(DEMO_RECIPE), {
+        "model": cfg.model, "train_data": str(train_path), "eval_data": str(dev_path),
+        "max_samples": cfg.train_samples, "max_eval_samples": min(cfg.eval_samples, 8),
+        "output_dir": str(output_dir), "max_minutes": minutes, "progress": cfg.progress,
+    })
 
 
 def training_minutes(cfg: DemoConfig, elapsed_s: float, zero_shot_eval_s: float, tuned_max_new_tokens: int) -> float:

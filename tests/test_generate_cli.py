@@ -177,6 +177,7 @@ def test_candidates_best_of_coverage(model_dir, tmp_path, capsys):
                    "-n", "3", "--do-sample", "--seed", "3", "--best-of", "coverage") == 0
     for r in read_jsonl(out):
         assert len(r["candidates"]) == 3 and r["predict"] == r["candidates"][r["chosen"]]
+        assert r["candidate_finish_reasons"][r["chosen"]] == r["finish_reason"]
         assert "attr_coverage" in r
     rc = run_cli("--model", model_dir, "--content", CONTENTS[0], "--max-new-tokens", "4", "-n", "2",
                  "--temperature", "1.2", "--seed", "1", "--json")

@@ -456,6 +456,15 @@ def test_sampling_seeded_and_reproducible(tiny_gen):
     assert [g.token_ids for g in t0] == [g.token_ids for g in greedy]
 
 
+def test_seeded_sampling_of_one_prompt_repeated_gives_different_candidates(tiny_gen):
+    """-n K repeats a prompt K times in one call: each must sample its own text (prompt k: seed + k),
+    and the same call again gives the same K texts."""
+    cfg = DecodingConfig(max_new_tokens=8, do_sample=True, temperature=1.5, seed=11)
+    a = [g.token_ids for g in tiny_gen.generate([PROMPTS[0]] * 3, cfg)]
+    b = [g.token_ids for g in tiny_gen.generate([PROMPTS[0]] * 3, cfg)]
+    assert a == b and len({tuple(t) for t in a}) == 3
+
+
 # ---- adapters and backends ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_dir(tiny_llama3_dir, tmp_path_factory):

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import queue
 import threading
+from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
 from adgen.generation.config import DecodingConfig, FinishReason, Generation
@@ -174,7 +175,10 @@ class HFGenerator:
 
         # one engine (and prefix cache) per call: the adapter may be switched between calls
         engine = self.decode_engine()
-        requests = [Request(ids, config) for ids in encoded]
+        # each request samples from its own RNG: a seeded call gives prompt k the seed + k (as the server's
+        # choice k), so repeated prompts (-n candidates) differ and the call stays reproducible
+        requests = [Request(ids, config if config.greedy or config.seed is None else replace(config, seed=config.seed + k))
+                    for k, ids in enumerate(encoded)]
         index = {id(r): i for i, r in enumerate(requests)}
         with self.lock:
             for request in engine.run_each(requests):

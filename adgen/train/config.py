@@ -1,7 +1,8 @@
 """`TrainConfig`: every option of `adgen train`, one typed dataclass filled from YAML + overrides.
 
 Load with `load_train_config(path, overrides)`; `validate()` turns impossible combinations into a
-`ConfigError` that names the option and the fix. Recipes live in `configs/*.yaml`.
+`ConfigError` that names the option and the fix. Recipes ship in `adgen/recipes/*.yaml` (`configs/` in a
+clone; `adgen recipes list`); `--config` takes a path or a recipe's name.
 """
 
 from __future__ import annotations
@@ -266,8 +267,9 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     from adgen.config import load_config
+    from adgen.recipes import resolve_config_path
 
-    return load_config(TrainConfig, path, overrides)
+    return load_config(TrainConfig, None if path is None else resolve_config_path(path), overrides)
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
