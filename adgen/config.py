@@ -20,6 +20,8 @@ T = TypeVar("T")
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(map(str, get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -176,3 +178,41 @@ def dict_diff(old: dict, new: dict, *, ignore: frozenset[str] | set[str] = froze
         elif a != b and f"{prefix}{k}" not in ignore:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+# ---- documentation of a config dataclass, from its own source ---------------------------------------
+def field_comments(cls: type) -> dict[str, str]:
+    """field name -> its comment in the class source: the `# ...` at the end of its line, else the comment
+    lines right above it (what `adgen train --help` shows for each key)."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            above = [] if set(text) <= set("-") or text.startswith("----") else above + [text]
+            continue
+        m = re.match(r"\s+(\w+)\s*:[^=#]+(?:=[^#]*)?(?:#\s*(.*))?$", line)
+        if m and not stripped.startswith(("def ", "@")):
+            comments[m.group(1)] = m.group(2) or " ".join(above)
+        above = []
+    return comments
+
+
+def describe_fields(obj: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, value, comment) for every field of a config dataclass instance, sections flattened
+    as `section.key`; `value` is the instance's (a default, or what a recipe set)."""
+    rows: list[tuple[str, str, str, str]] = []
+    comments = field_comments(type(obj))
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_fields(value, prefix=f"{prefix}{f.name}."))
+            continue
+        tp = _type_name(hints.get(f.name, Any)).replace("NoneType", "None")
+        rows.append((prefix + f.name, tp, repr(value) if isinstance(value, str) else str(value), comments.get(f.name, "")))
+    return rows

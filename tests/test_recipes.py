@@ -85,3 +85,22 @@ def test_a_built_wheel_holds_the_recipes(tmp_path):
     for name in TRAINING_RECIPES:
         assert f"adgen/recipes/{name}.yaml" in names, name
     assert "adgen/recipes/accelerate/fsdp.yaml" in names and "adgen/recipes/deepspeed/zero3.json" in names
+
+
+def test_train_help_lists_every_config_key_with_the_recipe_s_values(capsys):
+    import dataclasses
+
+    from adgen.cli import main
+    from adgen.train.config import TrainConfig
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--config", "smollm2-135m-adgen", "lr=3e-4", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "prefix")]
+    keys += [f"lora.{f.name}" for f in dataclasses.fields(TrainConfig().lora)]
+    keys += [f"prefix.{f.name}" for f in dataclasses.fields(TrainConfig().prefix)]
+    for key in keys:
+        assert f"\n  {key} (" in text, key
+    assert "  top_layers (int | None) = 12" in text and "  lr (float) = 0.0003" in text  # the recipe + override
+    assert "  method (lora | qlora | dora | prefix | full) = 'full'" in text

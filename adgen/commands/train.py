@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-# flag -> config key (the common options; everything else is `key=value` overrides)
-FLAG_KEYS = {
-    "model": "model",
-    "train_data": "train_data",
-    "eval_data": "eval_data",
-    "method": "method",
-    "output_dir": "output_dir",
-    "max_steps": "max_steps",
-    "epochs": "epochs",
-    "max_samples": "max_samples",
-    "lr": "lr",
-    "batch_size": "batch_size",
-    "grad_accum": "grad_accum",
-    "precision": "precision",
-    "batching": "batching",
-    "seed": "seed",
-}
+# flags that set the config key of the same name (everything else is a `key=value` override)
+FLAG_KEYS = ("model", "train_data", "eval_data", "method", "output_dir", "max_steps", "epochs", "max_samples",
+             "lr", "batch_size", "grad_accum", "precision", "batching", "seed")
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -31,6 +17,7 @@ class _IntermixedParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if self._inner:
             return super().parse_known_args(args, namespace)
+        self.raw_args = list(args) if args is not None else None  # what --help reads overrides from
         self._inner = True
         try:
             return self.parse_known_intermixed_args(args, namespace)
@@ -38,22 +25,62 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._inner = False
 
 
+class _HelpWithKeys(argparse.Action):
+    """-h / --help: the flags, then every config key with its type, value and comment. After --config
+    (and overrides) the values shown are that recipe's."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        # overrides are positionals, parsed after the options: take them from the raw arguments
+        raw = getattr(parser, "raw_args", None) or []
+        overrides = [a for a in raw if "=" in a and not a.startswith("-")]
+        parser.epilog = config_keys_help(getattr(namespace, "config", None), overrides)
+        parser.print_help()
+        parser.exit()
+
+
+def config_keys_help(config: str | None = None, overrides: list[str] | None = None) -> str:
+    """The config keys as `--help` lists them: `key (type) = value` and the key's comment."""
+    import textwrap
+
+    from adgen.config import describe_fields
+    from adgen.errors import AdgenError
+    from adgen.train.config import TrainConfig, load_train_config
+
+    cfg, source = TrainConfig(), "defaults"
+    if config:
+        try:
+            cfg, source = load_train_config(config, [o for o in overrides or [] if "=" in o]), config
+        except AdgenError as e:
+            source = f"defaults ({e})"
+    lines = [f"config keys (set in the YAML, or as key=value / section.key=value overrides; values: {source}):"]
+    for key, tp, value, comment in describe_fields(cfg):
+        lines.append(f"  {key} ({tp}) = {value}")
+        if comment:
+            lines.extend(textwrap.wrap(comment, width=100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "train",
+        "train", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="fine-tune a model (LoRA, QLoRA, DoRA, P-Tuning v2, full)",
         description=(
-            "Fine-tune a chat model on AdGen data. Options come from --config FILE.yaml (see configs/), "
-            "then `key=value` overrides (e.g. lora.r=16 lr=1e-4), then the flags below. Runs as is on one "
-            "CPU/GPU, and under `accelerate launch` / `torchrun` on several."
+            "Fine-tune a chat model on AdGen data. Options come from --config (a YAML file or a shipped\n"
+            "recipe's name: `adgen recipes list`), then `key=value` overrides (e.g. lora.r=16 lr=1e-4), then\n"
+            "the flags below; every config key is listed at the end. Runs as is on one CPU/GPU, and under\n"
+            "`accelerate launch` / `torchrun` on several."
         ),
     )
     p.__class__ = _IntermixedParser  # same parser, overrides allowed between options
+    p.add_argument("-h", "--help", action=_HelpWithKeys, help="show the flags and every config key (after --config: its values)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=16 max_samples=200")
-    p.add_argument("--config", "-c", default=None, help="YAML recipe (configs/llama3-8b-lora.yaml, ...)")
+    p.add_argument("--config", "-c", default=None, help="YAML file or shipped recipe name (smollm2-135m-adgen, llama3-8b-lora, ...)")
     p.add_argument("--model", help="hub id, local HF directory, .gguf file or built-in alias (smollm2-135m)")
-    p.add_argument("--train-data", help="AdGen training file (JSON lines or array; UTF-8 / GBK)")
-    p.add_argument("--eval-data", help="AdGen file for the periodic eval loss")
+    p.add_argument("--train-data", help="AdGen training data: JSON lines / array (UTF-8 / GBK), Parquet, CSV, a save_to_disk directory or a Hub dataset id (ID[:SPLIT])")
+    p.add_argument("--eval-data", help="AdGen data for the periodic eval loss (the same kinds as --train-data)")
     p.add_argument("--method", choices=["lora", "qlora", "dora", "prefix", "full"])
     p.add_argument("--output-dir", "-o", help="run directory (default runs/adgen)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -91,8 +118,8 @@ def build_config(args):
         args.overrides.append(args.resume)  # `--resume key=value`: an override, not a checkpoint path
         args.resume = "latest"
     overrides = parse_overrides(args.overrides)
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
+    for key in FLAG_KEYS:
+        value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
     if args.trust_remote_code:

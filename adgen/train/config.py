@@ -24,13 +24,13 @@ DEFAULT_PROMPT = "default"
 
 @dataclass
 class LoraSection:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # scaling alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # on the adapter input while training
     # A list of module names, or "all-linear" (every linear layer except the LM head).
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases train too
     modules_to_save: list[str] | None = None  # e.g. [embed_tokens, lm_head] when new tokens are trained
     top_layers: int | None = None  # older spelling of the top-level `top_layers` (kept for saved configs)
     # initialisation of A and B: default (B = 0, A Kaiming), gaussian, pissa (A, B from the weight's top
@@ -62,15 +62,15 @@ class TrainConfig:
     # ---- model -------------------------------------------------------------------------------
     model: str = "smollm2-135m"  # hub id, local HF dir, .gguf file or built-in alias
     trust_remote_code: bool = False  # needed by ChatGLM-style checkpoints; only for code you trust
-    method: Method = "lora"
+    method: Method = "lora"  # what is trained: LoRA / QLoRA (4-bit base) / DoRA adapters, prefixes, or the weights
     load_in_4bit: bool = False  # NF4 base (implied by method=qlora; also allowed with prefix)
     attn_implementation: str | None = None  # None = transformers' default (sdpa); flash_attention_2 on GPUs
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     # LM head only at positions with a target (response tokens); false = full logits, as HF Trainer does
     target_logits_only: bool = True
     # packed rows: the prompt start all examples share (chat header + system prompt) computed once per row
     share_prompt_prefix: bool = True
-    precision: Precision = "auto"
+    precision: Precision = "auto"  # auto: bf16 where the hardware has it natively (CUDA, AVX512-BF16 / AMX), else fp32
     allow_fp16: bool = False  # fp16 is refused unless this is set (NaN risk)
     # train only the top N decoder layers (null = all): LoRA adapters there (lora / dora / qlora), or those
     # layers' own weights with everything else frozen (full). The backward pass stops at the lowest trained
@@ -91,54 +91,55 @@ class TrainConfig:
     dpo_sft_weight: float = 0.0  # + this x the chosen texts' mean token NLL (RPO); keeps chosen copy likely
 
     # ---- data --------------------------------------------------------------------------------
-    train_data: str | None = None
-    eval_data: str | None = None
+    train_data: str | None = None  # AdGen records (JSON lines / array; --train-data)
+    eval_data: str | None = None  # records for the eval loss and generation metrics (--eval-data)
     encoding: str | None = None  # default: detect UTF-8 / UTF-8-BOM / GBK
-    on_error: Literal["fail", "skip"] = "fail"
+    on_error: Literal["fail", "skip"] = "fail"  # a bad record stops the run (naming its line) or is left out
     columns: str | None = None  # e.g. "content=instruction,summary=output" or "alpaca"
     max_samples: int | None = None  # use the first N training records
     max_eval_samples: int | None = 200  # eval loss on the first N eval records
     system_prompt: str | None = DEFAULT_PROMPT  # "default", a custom prompt, or null for none
-    loss_on: Literal["response", "all"] = "response"
+    loss_on: Literal["response", "all"] = "response"  # learn only the copy, or the prompt too
     max_length: int = 512  # tokens per example (prompt + response); the response is cut past it
 
     # ---- batching / optimisation ------------------------------------------------------------
-    batching: Batching = "packed"
+    batching: Batching = "packed"  # packed rows (no padding), length-grouped or plain padded batches
     batch_size: int = 2  # examples per micro-batch per process
-    grad_accum: int = 4
-    epochs: float = 1.0
+    grad_accum: int = 4  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int | None = None  # optimizer steps; overrides epochs
     # time budget for the training loop: after BUDGET_PROBE_STEPS steps the run is re-planned (steps and LR
     # schedule) to the steps that fit, from the measured step time; never more than epochs / max_steps give
     max_minutes: float | None = None
-    lr: float = 2e-4
-    lr_scheduler: Scheduler = "cosine"
-    warmup_ratio: float = 0.03
+    lr: float = 2e-4  # peak learning rate
+    lr_scheduler: Scheduler = "cosine"  # after the linear warmup
+    warmup_ratio: float = 0.03  # warmup steps as a share of all steps
     warmup_steps: int | None = None  # overrides warmup_ratio
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    # AdamW moments and epsilon
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
+    seed: int = 42  # model init (adapters), data order, dropout
 
     # ---- output ------------------------------------------------------------------------------
-    output_dir: str = "runs/adgen"
+    output_dir: str = "runs/adgen"  # the run directory (config, metrics, checkpoints, model / adapter)
     log_every: int = 1  # steps between metrics.jsonl rows
     eval_every: int = 50  # steps between eval losses (0: only at the end)
     eval_on_start: bool = False  # also the eval loss of the untrained model (step 0)
     # generation metrics during training (adgen.train.gen_eval): generate for the first gen_eval_samples
     # eval records every gen_eval_every steps (0 = off) and at the end; ROUGE / BLEU-4 / coverage / stops
     gen_eval_every: int = 0
-    gen_eval_samples: int = 16
+    gen_eval_samples: int = 16  # eval records generated for at each generation evaluation
     gen_max_new_tokens: int | None = None  # None: sized from the tokenizer
     best_metric: str | None = None  # eval_loss, rouge-1, bleu-4, attr_coverage, ended_share, ...: keeps best/
     early_stopping_patience: int = 0  # evaluations without a new best_metric before the run stops (0 = off)
     save_every: int = 50  # steps between checkpoints (0: only the final artefacts)
     keep_checkpoints: int = 2  # newest checkpoints kept
-    plot: bool = True
-    progress: bool = True
+    plot: bool = True  # loss.png in the run directory
+    progress: bool = True  # a progress bar (false: one log line per logged step)
     # experiment tracking through accelerate's trackers: tensorboard (event files in <output_dir>/tracking),
     # wandb (offline unless WANDB_MODE says otherwise), mlflow (a local mlruns/ store unless
     # MLFLOW_TRACKING_URI is set). Every metrics.jsonl row is logged at its step; the config as hyperparameters.
