@@ -103,10 +103,12 @@ def merge_adapter(
 
     if dtype == "auto":
         dtype = "float32" if _stored_dtype(resolved.path) in ("float32", None) else "bfloat16"
-    names = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
-    if dtype not in names:
+    from adgen.models import dtype_name
+
+    name = dtype_name(dtype)
+    if name not in ("bfloat16", "float32"):
         raise AdgenError(f"--dtype {dtype}: merge in bf16 or fp32 (fp16 risks overflow in Llama-3 weights)")
-    torch_dtype = getattr(torch, names[dtype])
+    torch_dtype = getattr(torch, name)
 
     base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
     peft_model = PeftModel.from_pretrained(base, str(adapter))

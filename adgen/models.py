@@ -262,6 +262,11 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float
            "fp16": "float16", "float16": "float16"}
 
 
+def dtype_name(dtype: str) -> str | None:
+    """The torch name ("bfloat16", "float32", "float16") of a dtype spelling (bf16 / bfloat16 / ...), or None."""
+    return _DTYPES.get(str(dtype).lower())
+
+
 def select_dtype(dtype: str | None = "auto", device=None):
     """bf16 on GPUs that support it, fp32 otherwise; fp16 only on explicit request (with a warning)."""
     import torch
@@ -271,7 +276,7 @@ def select_dtype(dtype: str | None = "auto", device=None):
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    name = _DTYPES.get(str(dtype).lower())
+    name = dtype_name(dtype)
     if name is None:
         raise ModelError(f"unknown dtype '{dtype}' (use auto, bf16, fp32, or fp16)")
     if name == "float16":

@@ -297,3 +297,13 @@ def test_template_refusing_system_role_folds_it_into_the_user_turn(llama3_tokeni
         "<|start_header_id|>user<|end_header_id|>\n\nS\n\n类型#裙*颜色#黑色<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_one_meaning_of_a_system_prompt_setting_everywhere():
+    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt
+    from adgen.train.config import TrainConfig
+
+    assert resolve_system_prompt("default") == DEFAULT_SYSTEM_PROMPT
+    assert resolve_system_prompt(None) is None and resolve_system_prompt("") is None
+    assert resolve_system_prompt("你是文案。") == "你是文案。"
+    assert resolve_system_prompt(TrainConfig().system_prompt) == DEFAULT_SYSTEM_PROMPT  # configs' default

@@ -150,15 +150,18 @@ def test_preview_passes_every_option_to_the_library(capsys, monkeypatch, tmp_pat
             "f.json",
             "m",
             dict(
-                n=2, system_prompt="", loss_on="all", max_length=64, encoding="gbk", on_error="skip",
+                n=2, system_prompt=None, loss_on="all", max_length=64, encoding="gbk", on_error="skip",
                 columns={"content": "instruction", "summary": "output"},
             ),  # fmt: skip
         )
     ]
     rc, out, _ = run_cli(capsys, "preview", "f.json", "--model", "m", "--json")
     assert [json.loads(line) for line in out.strip().splitlines()] == rows  # JSON lines, one per record
-    # Without --system-prompt the library's default (adgen's prompt) must apply: nothing is passed.
-    assert calls[-1][2]["n"] == 3 and "system_prompt" not in calls[-1][2] and calls[-1][2]["loss_on"] == "response"
+    # Without --system-prompt adgen's prompt applies ('' above: no system turn)
+    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
+
+    assert calls[-1][2]["n"] == 3 and calls[-1][2]["system_prompt"] == DEFAULT_SYSTEM_PROMPT
+    assert calls[-1][2]["loss_on"] == "response"
 
 
 def test_data_without_subcommand_prints_usage(capsys):

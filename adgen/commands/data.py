@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     pre.add_argument("--model", required=True, help="the model whose tokenizer and chat template to use")
     pre.add_argument("-n", type=int, default=3, help="how many records (default 3)")
     pre.add_argument("--json", action="store_true", help="print one JSON object per record, one per line")
-    pre.add_argument("--system-prompt", default=None, help="system prompt (default: adgen's; '' for none)")
+    pre.add_argument("--system-prompt", default="default", help="system prompt: 'default' (adgen's), '' for none, or your text")
     pre.add_argument("--loss-on", choices=["response", "all"], default="response", help="which tokens carry loss")
     pre.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
     add_read_arguments(pre)
@@ -111,8 +111,9 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_preview(args: argparse.Namespace) -> int:
     from adgen.data.preview import format_preview_text, preview_records
 
-    # Pass --system-prompt only when given: the library's default is adgen's system prompt.
-    system = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
+    from adgen.data.chat import resolve_system_prompt
+
+    system = {"system_prompt": resolve_system_prompt(args.system_prompt)}
     rows = preview_records(
         args.path,
         args.model,

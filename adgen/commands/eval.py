@@ -31,7 +31,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("evaluation")
-    g.add_argument("--data", required=True, metavar="FILE", help="AdGen file with content and summary (e.g. dev.json)")
+    g.add_argument("--data", required=True, metavar="FILE", help="AdGen file with content and summary (e.g. dev.json; JSON lines / array, Parquet or CSV)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N records only")
     g.add_argument("--output-dir", "-o", default=None, metavar="DIR",
                    help="run directory (default: runs/eval-<model>-<time>); an unfinished run there is resumed")
@@ -62,7 +62,7 @@ def default_output_dir(model: str, adapter: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     from adgen.commands.data import read_data
     from adgen.commands.generate import continuous_option, decoding_config
-    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
+    from adgen.data.chat import resolve_system_prompt
     from adgen.errors import AdgenError
     from adgen.evaluation.run import make_fingerprint, prepare_output_dir, resolve_vocab, run_eval, sha256_file
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise AdgenError(f"{args.data}: no records to evaluate")
     vocab, vocab_source = resolve_vocab(args.vocab, args.adapter)
-    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else (args.system_prompt or None)
+    system_prompt = resolve_system_prompt(args.system_prompt)
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.adapter)
     fingerprint = make_fingerprint(
         model=args.model, adapter=args.adapter, data_sha256=sha256_file(args.data), decoding=config,

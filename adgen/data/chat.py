@@ -38,6 +38,18 @@ DEFAULT_SYSTEM_PROMPT = (
     "用中文写一段自然流畅、有吸引力的商品广告文案：涵盖所有给定属性，不要编造未给出的属性，不要使用英文。"
 )
 
+# The setting that names DEFAULT_SYSTEM_PROMPT, in training configs and for --system-prompt alike.
+DEFAULT_PROMPT = "default"
+
+
+def resolve_system_prompt(setting: str | None) -> str | None:
+    """What a system-prompt setting means everywhere (training configs, `--system-prompt`):
+    "default" -> the built-in ad-copy prompt; None or "" -> no system turn; any other text -> itself."""
+    if setting == DEFAULT_PROMPT:
+        return DEFAULT_SYSTEM_PROMPT
+    return setting or None
+
+
 LossOn = Literal["response", "all"]
 Message = dict  # {"role": ..., "content": ...}
 

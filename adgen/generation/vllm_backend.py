@@ -69,7 +69,9 @@ class VLLMGenerator:
         self.adapter = str(adapter) if adapter is not None else None
         self.batch_size = batch_size  # vLLM schedules its own batches; kept for the common interface
         self.lock = threading.RLock()
-        vllm_dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype)
+        from adgen.models import dtype_name
+
+        vllm_dtype = dtype_name(dtype) or dtype  # "auto" passes through
         self.llm = vllm.LLM(
             model=str(model_path),
             dtype=vllm_dtype,

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from adgen.errors import DataError
+from adgen.metrics.text_stats import is_cjk
 
 Attributes = Sequence[tuple[str, str]]
 
@@ -78,7 +79,7 @@ def is_matchable(value: str) -> bool:
     """Can `value` be looked for as a substring without matching inside unrelated words?"""
     if value.isascii():
         return len(value) >= 4
-    return len(value) >= 2 and any("\u3400" <= c <= "\u9fff" for c in value)
+    return len(value) >= 2 and any(map(is_cjk, value))
 
 
 def _attributes_of(item: Any) -> list[tuple[str, str]]:

@@ -11,15 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from adgen.data.chat import DEFAULT_PROMPT  # "default": the built-in ad-copy system prompt
 from adgen.errors import ConfigError
 
 Method = Literal["lora", "qlora", "dora", "prefix", "full"]
 Precision = Literal["auto", "fp32", "bf16", "bf16-frozen", "fp16"]
 Batching = Literal["packed", "grouped", "padded"]
 Scheduler = Literal["cosine", "linear", "constant"]
-
-# Sentinel for "the built-in Chinese ad-copy system prompt" (adgen.data.chat.DEFAULT_SYSTEM_PROMPT).
-DEFAULT_PROMPT = "default"
 
 
 @dataclass

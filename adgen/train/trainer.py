@@ -30,7 +30,7 @@ from adgen.errors import AdgenError
 from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from adgen.train import checkpoint as ckpt_mod
 from adgen.train import tracking
-from adgen.train.config import DEFAULT_PROMPT, RESUME_MUTABLE_KEYS, TrainConfig
+from adgen.train.config import RESUME_MUTABLE_KEYS, TrainConfig
 from adgen.train.run_dir import prepare_output_dir, replace_dir, temp_dir_for
 
 log = logging.getLogger(__name__)
@@ -155,14 +155,6 @@ def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
             ds[key] = value
 
 
-def _system_prompt(cfg: TrainConfig):
-    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
-
-    if cfg.system_prompt == DEFAULT_PROMPT:
-        return DEFAULT_SYSTEM_PROMPT
-    return cfg.system_prompt or None
-
-
 def _read(path: str, cfg: TrainConfig, limit: int | None, what: str):
     from adgen.data.records import parse_columns, read_records
 
@@ -234,7 +226,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from adgen.data.chat import ChatFormatter, encode_records
+    from adgen.data.chat import ChatFormatter, encode_records, resolve_system_prompt
     from adgen.models import load_tokenizer, resolve_model
     from adgen.train.collate import DataOrder, collate, eval_batches
     from adgen.train.dpo import DPOLoss, collate_pairs, disable_dropout
@@ -265,6 +257,9 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         cpu=want_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
         **tracking.accelerator_kwargs(cfg, out),
     )
+    from adgen.train.fsdp_cpu import enable_fsdp_on_cpu
+
+    enable_fsdp_on_cpu(accelerator)  # accelerate would run an FSDP launch on CPUs as plain DDP
     main = accelerator.is_main_process
     say = _Printer(main)
     device = accelerator.device
@@ -288,7 +283,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     with accelerator.main_process_first():  # built-in models are converted once, by one process
         resolved = resolve_model(cfg.model)
     tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-    formatter = ChatFormatter(tokenizer, system_prompt=_system_prompt(cfg), loss_on=cfg.loss_on, max_length=cfg.max_length)
+    formatter = ChatFormatter(tokenizer, system_prompt=resolve_system_prompt(cfg.system_prompt), loss_on=cfg.loss_on, max_length=cfg.max_length)
     dpo = cfg.objective == "dpo"
     if dpo:
         train_records, train_examples, stats = _read_pairs(cfg, formatter)
@@ -365,6 +360,7 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     else:
         loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
+    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
     pad_id = tokenizer.pad_token_id
     # SFT eval loss (of the references) also for DPO runs: through the plain LM loss inside the DPO module
     eval_loss_module = loss_module.lm if dpo else wrapped
@@ -667,7 +663,9 @@ def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokeniz
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     state_dict = None
     if sharded:  # every process takes part in gathering the full weights
-        state_dict = accelerator.get_state_dict(wrapped)
+        from adgen.train.fsdp_cpu import full_state_dict  # FSDP2 on CPUs: DTensors otherwise
+
+        state_dict = full_state_dict(accelerator, wrapped)
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
     if accelerator.is_main_process:
         tmp = temp_dir_for(final)
