@@ -162,3 +162,15 @@ def test_full_dpo_resumed_equals_uninterrupted(tiny_llama3_dir, adgen_train_path
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
     assert a[4] < a[1]
+
+
+def test_text_with_an_unknown_token_marker_is_never_chosen():
+    from adgen.metrics import AttributeVocab
+    from adgen.train.pairs import choose_pair
+
+    broken = GOOD.replace("版型", "<UNK>")
+    row = {"content": CONTENT, "candidates": [broken, GOOD, LOOP], "candidate_finish_reasons": ["stop", "stop", "length"]}
+    pair, _ = choose_pair(row, AttributeVocab.default())
+    assert pair["chosen"] == GOOD
+    row = {"content": CONTENT, "candidates": [broken, WRONG_COLOUR], "candidate_finish_reasons": ["stop", "stop"]}
+    assert choose_pair(row, AttributeVocab.default())[0] is None

@@ -4,6 +4,7 @@
     adgen generate --attributes '{"类型": "裙", "版型": ["宽松", "显瘦"]}' --stream
     adgen generate --input catalog.jsonl --output ads.jsonl --batch-size 16
     adgen generate --content "..." -n 4 --do-sample --temperature 0.95 --top-p 0.7 --best-of coverage
+    adgen generate --input catalog.parquet --output out/ --engine ray --workers 4   (Ray Data, sharded)
 
 The logic lives in `adgen.generation` (engine) and `adgen.generation.bulk` (resumable files).
 `add_model_arguments` / `add_decoding_arguments` / `decoding_config` are reusable by other commands.
@@ -32,8 +33,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_model: str | None
     g.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
                    help="hf backend: length-sorted left-padded model.generate batches (the path before continuous "
                         "batching; also what models the engine cannot drive use)")
-    g.add_argument("--system-prompt", default=None,
-                   help="system prompt (default: adgen's Chinese copywriter prompt; '' for none)")
+    g.add_argument("--system-prompt", default="default",
+                   help="system prompt: 'default' (adgen's Chinese copywriter prompt), '' for none, or your text")
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,7 +106,7 @@ def register(subparsers) -> None:
     x = src.add_mutually_exclusive_group(required=True)
     x.add_argument("--content", help='an AdGen attribute string, e.g. "类型#裙*颜色#黑色"')
     x.add_argument("--attributes", help='a JSON object, e.g. \'{"类型": "裙", "版型": ["宽松", "显瘦"]}\'')
-    x.add_argument("--input", metavar="FILE", help="a JSON lines / JSON array file of records with `content`")
+    x.add_argument("--input", metavar="FILE", help="records with `content`: JSON lines / array, Parquet, CSV, a save_to_disk directory or a Hub dataset id (ID[:SPLIT])")
     src.add_argument("--output", "-o", metavar="FILE", help="with --input: the JSON lines file to write (resumed if it exists)")
     src.add_argument("--overwrite", action="store_true", help="with --input: start the output afresh instead of resuming")
     add_model_arguments(p)
@@ -118,6 +119,16 @@ def register(subparsers) -> None:
     c.add_argument("--stream", action="store_true", help="with --content: print the text as it is generated")
     c.add_argument("--json", action="store_true", help="with --content: print one JSON object")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("engine (--input only)")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data workers, --output is then a directory of "
+                        "shards (needs `pip install 'adgen[ray]'`)")
+    r.add_argument("--address", default=None, help="with --engine ray: the Ray cluster to join (default: start a local one)")
+    r.add_argument("--workers", type=int, default=None, help="with --engine ray: generator copies (default: one per CPU)")
+    r.add_argument("--block-size", type=int, default=64, metavar="N",
+                   help="with --engine ray: records per shard, the unit of work and of resuming (default 64)")
+    r.add_argument("--shard-format", choices=["parquet", "jsonl"], default="parquet",
+                   help="with --engine ray: shard and merged output format (default parquet)")
     add_read_arguments(p)
     p.set_defaults(func=run)
 
@@ -166,6 +177,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AdgenError(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.stream and (args.input is not None or args.n > 1 or args.json):
         raise AdgenError("--stream works with one input and one candidate, without --json")
+    if args.engine == "ray" and (args.input is None or args.backend != "hf"):
+        raise AdgenError("--engine ray generates for a catalog (--input FILE --output DIR) with the hf backend")
+    if args.engine != "ray" and any(getattr(args, k) is not None for k in ("address", "workers")):
+        raise AdgenError("--address / --workers go with --engine ray")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         raise AdgenError(f"-n {args.n} with greedy decoding gives {args.n} identical candidates: "
                          "add --do-sample (e.g. --temperature 0.95 --top-p 0.7)")
     content = content_from_args(args)
+    if args.engine == "ray":
+        from adgen.generation.ray_catalog import import_ray
+
+        import_ray()  # a missing extra is reported before anything slow
     data = None
     if args.input is not None:  # read (and report bad lines) before the slow model load
         from adgen.commands.data import read_data
@@ -188,11 +207,14 @@ def run(args: argparse.Namespace) -> int:
 
         vocab = AttributeVocab.load(args.vocab)
 
+    from adgen.data.chat import resolve_system_prompt
+
+    kw = {"system_prompt": resolve_system_prompt(args.system_prompt)}
+    if args.engine == "ray":
+        return _run_ray(args, data, config, kw)
+
     from adgen.generation import load_generator
 
-    kw = {}
-    if args.system_prompt is not None:
-        kw["system_prompt"] = args.system_prompt or None
     generator = load_generator(
         args.model, adapter=args.adapter, backend=args.backend, dtype=args.dtype, device=args.device,
         batch_size=args.batch_size, **kw, **continuous_option(args),
@@ -245,6 +267,29 @@ def _run_bulk(args, generator, data, config, vocab) -> int:
         )
     except KeyboardInterrupt:
         print(f"adgen: interrupted; every finished record is in {args.output}: "
+              "run the same command again to resume", file=sys.stderr)
+        raise
+    summary.bad_lines = list(data.errors)
+    print(f"{args.output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
+    return 0
+
+
+def _run_ray(args, data, config, kw) -> int:
+    from adgen.generation.ray_catalog import run_catalog
+    from adgen.models import resolve_model
+
+    resolve_model(args.model)  # convert a built-in / GGUF model once here, not in every worker at once
+    generator_kwargs = dict(model_spec=args.model, adapter=args.adapter, backend="hf", dtype=args.dtype,
+                            device=args.device, batch_size=args.batch_size, continuous=args.continuous_batching, **kw)
+    try:
+        summary = run_catalog(
+            data.records, args.output, generator_kwargs=generator_kwargs, config=config, n=args.n,
+            best_of=args.best_of, vocab_path=args.vocab, address=args.address, workers=args.workers,
+            block_size=args.block_size, shard_format=args.shard_format, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"adgen: interrupted; every finished block is in {args.output}/shards: "
               "run the same command again to resume", file=sys.stderr)
         raise
     summary.bad_lines = list(data.errors)

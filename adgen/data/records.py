@@ -166,11 +166,23 @@ def decode_data(data: bytes, path: str | Path, encoding: str | None = None) -> t
     )
 
 
+def _lines(text: str) -> Iterator[str]:
+    start = 0
+    while True:
+        end = text.find("\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start:end]
+        start = end + 1
+
+
 def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
     """(physical line, parsed object or _BadRecord) per non-blank line."""
     # Split on "\n" only: str.splitlines() would also break on U+2028 etc., which JSON strings may hold.
     # A CRLF's "\r" needs no stripping: it is JSON whitespace.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # Line by line with find(), not split(): a list of every line would be a second copy of the file.
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -277,12 +289,21 @@ def read_records(
     on_error: OnError = "fail",
     columns: Mapping[str, str] | str | None = None,
     require_summary: bool = True,
+    split: str | None = None,
 ) -> DataFile:
     """Read and validate an AdGen file (see the module docstring). Raises DataError on a problem
-    (with on_error="fail"), on an undecodable or empty file, and when no record is usable."""
+    (with on_error="fail"), on an undecodable or empty file, and when no record is usable.
+
+    Besides JSON: Parquet, CSV/TSV, a `save_to_disk` directory or a Hub dataset id (`ID[:SPLIT]`),
+    read row by row by `adgen.data.sources`; their errors name `<path>:<line>` (CSV) or `<path>: row N`."""
     if on_error not in ("fail", "skip"):
         raise AdgenError(f"--on-error must be fail or skip, not {on_error!r}")
     cols = parse_columns(columns)
+    from adgen.data.sources import resolve_source
+
+    source = resolve_source(path, split)
+    if source.kind != "json":
+        return _read_table(source, encoding, on_error, cols, require_summary)
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -291,9 +312,23 @@ def read_records(
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, not a data file. Pass the .json/.jsonl file itself") from None
     text, enc = decode_data(data, path, encoding)
+    del data  # the bytes and the text of a large file need not live side by side while parsing
     text = text.removeprefix("\ufeff")  # a BOM under an explicit --encoding utf-8 would break record 1
     is_array = text.lstrip().startswith("[")
     items = _iter_array(text, path) if is_array else _iter_jsonl(text)
+    records, errors = _collect(items, lambda line: f"{path}:{line}", cols, require_summary, on_error, is_array)
+    result = DataFile(p, enc, records, errors, _newline_style(text))
+    if not records:
+        why = result.skip_summary() if errors else "the file has no records"
+        raise DataError(
+            f"{path}: no usable records ({why}). Expected JSON lines of "
+            '{"content": "key#value*...", "summary": "..."}; map other field names with --columns'
+        )
+    return result
+
+
+def _collect(items, where, cols, require_summary: bool, on_error: OnError, is_array: bool = False, fixes=None):
+    """Records and errors from `(line, obj)` items; with on_error="fail" the first problem raises."""
     records: list[Record] = []
     errors: list[RecordError] = []
     for index, (line, obj) in enumerate(items, start=1):
@@ -302,13 +337,25 @@ def read_records(
         except _BadRecord as bad:
             reason = f"array item {index}: {bad.reason}" if is_array else bad.reason
             if on_error == "fail":
-                raise DataError(f"{path}:{line}: {reason}. {bad.fix}, {SKIP_HINT}") from None
+                fix = (fixes or {}).get(bad.kind, bad.fix)
+                raise DataError(f"{where(line)}: {reason}. {fix}, {SKIP_HINT}") from None
             errors.append(RecordError(line, reason, bad.kind))
-    result = DataFile(p, enc, records, errors, _newline_style(text))
+    return records, errors
+
+
+# JSON's wording does not fit a table's typed columns.
+_TABLE_FIXES = {"not a string": "Make it a string column", "not an object": "Give each row content and summary columns"}
+
+
+def _read_table(source, encoding, on_error: OnError, cols, require_summary: bool) -> DataFile:
+    from adgen.data.sources import iter_rows
+
+    rows, enc = iter_rows(source, encoding)
+    records, errors = _collect(rows, source.where, cols, require_summary, on_error, fixes=_TABLE_FIXES)
+    result = DataFile(Path(source.location), enc, records, errors, "lf" if source.kind == "csv" else "none")
     if not records:
-        why = result.skip_summary() if errors else "the file has no records"
-        raise DataError(
-            f"{path}: no usable records ({why}). Expected JSON lines of "
-            '{"content": "key#value*...", "summary": "..."}; map other field names with --columns'
-        )
+        why = result.skip_summary() if errors else "it has no rows"
+        wanted = ", ".join(v for k, v in cols.items() if require_summary or k == "content")
+        raise DataError(f"{source.label}: no usable records ({why}). Expected columns {wanted} "
+                        "(content: key#value*...); map other column names with --columns")
     return result

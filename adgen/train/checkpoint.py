@@ -142,7 +142,9 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
     if sharded:
         accelerator.save_state(str(tmp / "accelerate_state"))
-        state = accelerator.get_state_dict(wrapped)
+        from adgen.train.fsdp_cpu import full_state_dict
+
+        state = full_state_dict(accelerator, wrapped)
         state = {k.removeprefix("model."): v for k, v in state.items()} if state else state
     if main:
         if sharded:
@@ -152,8 +154,8 @@ def save_checkpoint(
             weights = trainable_state(model)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(weights, str(tmp / "trainable.safetensors"))
-        if is_peft:
-            model.save_pretrained(str(tmp / "adapter"))
+        if is_peft:  # sharded: from the gathered weights (the model's own are this process's shards)
+            model.save_pretrained(str(tmp / "adapter"), **({"state_dict": state} if sharded else {}))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
         if final.exists():  # a previous attempt of the same step (e.g. resumed twice)

@@ -5,11 +5,12 @@ sample that loops shows as a loop: `candidates` + `candidate_finish_reasons` per
 candidate is scored with the evaluation's own measures: did it end on the end-of-turn token, attribute
 coverage, contradictions, character 4-gram repetition.
 
-- **chosen**: a candidate that ended, contradicts no attribute, repeats little (4-gram repetition
+- **chosen**: a candidate that ended, contradicts no attribute, holds no broken text (`<UNK>`, U+FFFD),
+  repeats little (4-gram repetition
   <= `max_chosen_repetition`) and covers at least `min_chosen_coverage`; the best by coverage, then
   fewer hallucinated values, then less repetition. With `reference_fallback`, a record none of whose
   samples qualifies takes its reference copy as chosen (marked `chosen_source: reference`).
-- **rejected**: a candidate that never stopped (length limit), contradicts an attribute, repeats
+- **rejected**: a candidate that never stopped (length limit), contradicts an attribute, holds broken text, repeats
   (> `min_rejected_repetition`) or covers clearly less than the chosen one (by `coverage_gap`); the
   worst first: never stopped, then contradictions, then lowest coverage.
 - Records without both are left out (counted by reason in the summary).
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from adgen.errors import DataError
+
+
+BROKEN_MARKS = ("<UNK>", "<unk>", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ def score_candidate(attributes, text: str, finish_reason: str, vocab) -> dict[st
         "contradictions": f["n_contradictions"],
         "hallucinated": f["n_hallucinated"],
         "repetition": repetition_rate(text),
+        # an unknown-token marker or a replacement character: never copy to prefer
+        "broken": any(mark in text for mark in BROKEN_MARKS),
     }
 
 
@@ -72,6 +78,8 @@ def _why_rejected(s: dict, chosen_cov: float, rules: PairRules) -> list[tuple[st
         why.append(("contradicts", f"{s['contradictions']} contradiction(s)"))
     if s["repetition"] > rules.min_rejected_repetition:
         why.append(("repeats", f"repetition {s['repetition']:.2f}"))
+    if s["broken"]:
+        why.append(("broken text", "holds an unknown-token marker or U+FFFD"))
     if s["coverage"] <= chosen_cov - rules.coverage_gap:
         why.append(("misses attributes", f"coverage {s['coverage']:.2f} vs {chosen_cov:.2f}"))
     return why
@@ -88,7 +96,7 @@ def choose_pair(row: dict, vocab, rules: PairRules = PairRules()) -> tuple[dict 
     except ValueError:
         return None, "bad attributes"
     scores = [score_candidate(attributes, t, f, vocab) for t, f in zip(texts, finishes)]
-    good = [i for i, s in enumerate(scores) if s["ended"] and not s["contradictions"]
+    good = [i for i, s in enumerate(scores) if s["ended"] and not s["contradictions"] and not s["broken"]
             and s["repetition"] <= rules.max_chosen_repetition and s["coverage"] >= rules.min_chosen_coverage]
     if good:
         best = max(good, key=lambda i: (scores[i]["coverage"], -scores[i]["hallucinated"], -scores[i]["repetition"], -i))

@@ -1,0 +1,414 @@
+"""Catalog generation on Ray Data: the same HF generator, one copy per Ray worker, over a whole catalog.
+
+    adgen generate --input catalog.parquet --output out/ --engine ray [--address ADDR] [--workers N]
+
+Layout of the output directory (`DIR`):
+
+    catalog.json                 what this directory is a run of (input keys, model, decoding, blocks)
+    shards/part-00000.parquet    the generated rows of input block 0 (bulk output's fields), or .jsonl
+    shards/part-00000.stats.json that block's tokens / seconds / coverage (for the summary)
+    generated.parquet            every shard in input order, written once all blocks are done
+    summary.json                 the run's figures
+
+Exactly once: the input is cut into blocks of consecutive records; a worker writes a block's shard to a
+temporary name and renames it (atomic), and a block whose shard exists is never generated again, by a
+retried task or by a rerun. A killed worker (Ray restarts it and retries its block) or a killed driver
+(rerun the command) loses at most the blocks in flight, never writes a record twice. The merge then
+checks that every block's shard holds exactly its records.
+
+Ray is an optional extra (`pip install 'adgen[ray]'`); this module imports it only when run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adgen.errors import AdgenError
+from adgen.generation.config import DecodingConfig
+from adgen.io import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMATS = ("parquet", "jsonl")
+DEFAULT_BLOCK_SIZE = 64
+RAY_HINT = "Ray is not installed: pip install 'adgen[ray]' (or pip install 'ray[data]'), or use --engine local"
+
+
+def import_ray():
+    """`ray` and `ray.data`, or an AdgenError that says how to get them."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise AdgenError(RAY_HINT) from None
+    return ray
+
+
+# ---- the plan: blocks, shard names, the directory's identity ------------------------------------
+
+
+def shard_path(out_dir: Path, block: int, fmt: str) -> Path:
+    return out_dir / "shards" / f"part-{block:05d}.{fmt}"
+
+
+def stats_path(out_dir: Path, block: int) -> Path:
+    return out_dir / "shards" / f"part-{block:05d}.stats.json"
+
+
+def _record_dict(r) -> dict:
+    return {"content": r.content, "summary": r.summary, "line": r.line, "extra": dict(r.extra or {})}
+
+
+def catalog_identity(records: Sequence, *, block_size: int, fmt: str, settings: dict) -> dict:
+    """What must match for a directory to be resumed: the same input records, blocks and settings."""
+    from adgen.generation.bulk import record_key
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(record_key(r.line, r.content).encode() + b"\n")
+    return {"records": len(records), "input_sha256": h.hexdigest(), "block_size": block_size,
+            "shard_format": fmt, **settings}
+
+
+def _prepare_dir(out_dir: Path, identity: dict, overwrite: bool) -> None:
+    manifest = out_dir / "catalog.json"
+    if overwrite and out_dir.exists():
+        # Only what this module writes: a wrong --output must not delete someone's files.
+        for p in (out_dir / "shards").glob("*") if (out_dir / "shards").is_dir() else ():
+            if p.name.startswith((".part-", "part-")):
+                p.unlink()
+        for name in ("catalog.json", "summary.json", "generated.parquet", "generated.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AdgenError(f"--output {out_dir}: is a file; with --engine ray the output is a directory (give a new name)")
+    if manifest.exists():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        if old != identity:
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            raise AdgenError(f"{out_dir}: holds a run of another catalog or other settings (differs in "
+                             f"{', '.join(diff)}); give another --output, or pass --overwrite to start it afresh")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise AdgenError(f"{out_dir}: exists and is not an adgen catalog run (no catalog.json); give a new or empty "
+                         "--output directory")
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    for tmp in (out_dir / "shards").glob(".part-*.tmp"):  # left by a killed worker; that block is redone
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(manifest, identity)
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+
+def _write_rows(path: Path, rows: list[dict], fmt: str) -> None:
+    if fmt == "jsonl":
+        atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class BlockGenerator:
+    """A Ray Data actor: loads the generator once, then generates whole blocks and writes their shards.
+
+    Returns one stats row per block (what the driver's progress and summary need), not the texts."""
+
+    def __init__(self, generator_kwargs: dict, config: dict, out_dir: str, fmt: str, n: int = 1,
+                 best_of: str = "first", vocab_path: str | None = None, threads: int = 1) -> None:
+        import torch
+
+        from adgen.generation.loader import load_generator
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.generator = load_generator(**generator_kwargs)
+        self.config = DecodingConfig(**config)
+        self.out_dir, self.fmt, self.n, self.best_of = Path(out_dir), fmt, n, best_of
+        from adgen.metrics import AttributeVocab
+
+        # Attribute coverage is reported for every run, not only with best_of="coverage".
+        self.vocab = AttributeVocab.load(vocab_path) if vocab_path else AttributeVocab.default()
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {k: [] for k in BlockStats.__dataclass_fields__}
+        for block, payload in zip(batch["block"], batch["records"]):
+            stats = self._block(int(block), json.loads(payload))
+            for k, v in asdict(stats).items():
+                out[k].append(v)
+        return out
+
+    def _block(self, block: int, items: list[dict]) -> BlockStats:
+        from adgen.data.records import Record
+        from adgen.generation.bulk import (
+            _attributes,
+            _candidates_in_order,
+            make_output_record,
+            pick_best,
+        )
+        from adgen.metrics import faithfulness
+
+        shard = shard_path(self.out_dir, block, self.fmt)
+        if shard.exists():  # a retried task whose first attempt got as far as the rename
+            return BlockStats(**json.loads(stats_path(self.out_dir, block).read_text(encoding="utf-8")))
+        records = [Record(d["content"], d["summary"], d["line"], d["extra"]) for d in items]
+        stats = BlockStats(block=block, records=len(records), pid=os.getpid())
+        start = time.perf_counter()
+        rows = []
+        for rec, cands in _candidates_in_order(self.generator, records, self.n, self.config, None):
+            best, faith = pick_best(_attributes(rec.content), cands, self.best_of, self.vocab) if self.n > 1 else (0, None)
+            rows.append(make_output_record(rec, cands, best, faith))
+            stats.completion_tokens += sum(c.completion_tokens for c in cands)
+            stats.length_cut += cands[best].finish_reason == "length"
+            stats.loops += cands[best].finish_reason == "loop"
+            cov = (faith or faithfulness(_attributes(rec.content), cands[best].text, self.vocab))["attr_coverage"]
+            if cov is not None:
+                stats.coverage_sum += cov
+                stats.coverage_n += 1
+        stats.seconds = time.perf_counter() - start
+        # Stats first, then the shard: the shard's existence is what marks the block done.
+        atomic_write_json(stats_path(self.out_dir, block), asdict(stats))
+        _write_rows(shard, rows, self.fmt)
+        return stats
+
+
+@dataclass
+class BlockStats:
+    block: int = 0
+    records: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    coverage_sum: float = 0.0
+    coverage_n: int = 0
+    length_cut: int = 0
+    loops: int = 0
+    pid: int = 0
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CatalogSummary:
+    total: int = 0  # records in the catalog
+    blocks: int = 0
+    generated: int = 0  # records generated by this run
+    already_done: int = 0  # records found in shards of an earlier run
+    seconds: float = 0.0  # this run's wall time (Ray start and model loads included)
+    completion_tokens: int = 0  # this run's
+    coverage_sum: float = 0.0  # over the whole catalog (earlier runs' blocks too)
+    coverage_n: int = 0
+    length_cut: int = 0
+    loops: int = 0
+    workers: int = 0
+    output: str = ""
+    bad_lines: list = field(default_factory=list)
+
+    @property
+    def products_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def attr_coverage(self) -> float | None:
+        return self.coverage_sum / self.coverage_n if self.coverage_n else None
+
+    def describe(self) -> str:
+        done = self.generated + self.already_done
+        cov = f"{self.attr_coverage:.3f}" if self.attr_coverage is not None else "n/a"
+        s = (f"{done}/{self.total} products written ({done / max(1, self.total):.1%} of the catalog) in "
+             f"{self.blocks} blocks on {self.workers} Ray worker(s): {self.generated} generated now, "
+             f"{self.already_done} already done (resumed), {len(self.bad_lines)} bad input line(s) skipped; "
+             f"{self.seconds:.1f} s, {self.products_per_s:.2f} products/s, {self.tokens_per_s:.1f} tokens/s; "
+             f"mean attribute coverage {cov}")
+        if self.length_cut:
+            s += f"; {self.length_cut} hit max_new_tokens"
+        if self.loops:
+            s += f"; {self.loops} stopped by loop detection"
+        return s
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "bad_lines"}
+        return {**d, "bad_lines": len(self.bad_lines), "products_per_s": self.products_per_s,
+                "tokens_per_s": self.tokens_per_s, "attr_coverage": self.attr_coverage}
+
+
+def _init_ray(ray, address: str | None, workers: int | None) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        kw["address"] = address
+    else:  # a local cluster with one CPU per worker (default: every core)
+        kw["num_cpus"] = workers or os.cpu_count() or 1
+    try:
+        ray.init(**kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise AdgenError(f"--address {address}: cannot connect to a Ray cluster ({e}); start one with "
+                         "`ray start --head`, or leave out --address for a local one") from None
+
+
+def run_catalog(
+    records: Sequence,
+    output_dir: str | Path,
+    *,
+    generator_kwargs: dict,
+    config: DecodingConfig | None = None,
+    n: int = 1,
+    best_of: str = "first",
+    vocab_path: str | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    shard_format: str = "parquet",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CatalogSummary:
+    """Generate for every record on Ray Data into `output_dir` (see the module docstring); resumable."""
+    config = config or DecodingConfig()
+    if shard_format not in SHARD_FORMATS:
+        raise AdgenError(f"--shard-format must be {' or '.join(SHARD_FORMATS)}, not {shard_format!r}")
+    if block_size < 1:
+        raise AdgenError(f"--block-size must be >= 1, not {block_size}")
+    if workers is not None and workers < 1:
+        raise AdgenError(f"--workers must be >= 1, not {workers}")
+    if n > 1 and config.greedy:
+        raise AdgenError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample")
+    ray = import_ray()
+    out_dir = Path(output_dir)
+    settings = {"generator": {k: v for k, v in generator_kwargs.items()}, "decoding": asdict(config),
+                "n": n, "best_of": best_of}
+    identity = json.loads(json.dumps(catalog_identity(records, block_size=block_size, fmt=shard_format,
+                                                      settings=settings), default=str))
+    _prepare_dir(out_dir, identity, overwrite)
+
+    blocks = [records[i : i + block_size] for i in range(0, len(records), block_size)]
+    todo = [b for b in range(len(blocks)) if not shard_path(out_dir, b, shard_format).exists()]
+    summary = CatalogSummary(total=len(records), blocks=len(blocks), output=str(out_dir))
+    pending = set(todo)
+    summary.already_done = sum(len(blocks[b]) for b in range(len(blocks)) if b not in pending)
+    start = time.perf_counter()
+    if todo:
+        _init_ray(ray, address, workers)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        summary.workers = min(workers or cpus, len(todo))
+        threads = max(1, cpus // summary.workers)
+        items = [{"block": b, "records": json.dumps([_record_dict(r) for r in blocks[b]], ensure_ascii=False)}
+                 for b in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            BlockGenerator,
+            fn_constructor_kwargs={"generator_kwargs": generator_kwargs, "config": asdict(config),
+                                   "out_dir": str(out_dir.resolve()), "fmt": shard_format, "n": n,
+                                   "best_of": best_of, "vocab_path": vocab_path, "threads": threads},
+            # Ray Data's actors restart and retry their task by default: a killed worker's block is redone
+            # (or, if its shard was already renamed into place, only its stats are read back).
+            batch_size=1, compute=ray.data.ActorPoolStrategy(size=summary.workers), num_cpus=threads,
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        bar = _products_bar(len(records), summary.already_done, progress)
+        try:
+            for row in ds.iter_rows():
+                summary.generated += int(row["records"])
+                summary.completion_tokens += int(row["completion_tokens"])
+                if bar is not None:
+                    bar.update(int(row["records"]))
+        except Exception as e:
+            raise AdgenError(f"the Ray run failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                             f"every finished block is in {out_dir / 'shards'}: run the same command again to "
+                             "resume") from None
+        finally:
+            if bar is not None:
+                bar.close()
+    summary.seconds = time.perf_counter() - start
+    merge_shards(out_dir, [len(b) for b in blocks], shard_format, summary)
+    atomic_write_json(out_dir / "summary.json", summary.to_json())
+    return summary
+
+
+def merge_shards(out_dir: Path, block_sizes: Sequence[int], fmt: str, summary: CatalogSummary | None = None) -> Path:
+    """Check every block's shard (exactly its records) and write them in input order to `generated.<fmt>`.
+
+    Streams shard by shard; adds every block's stats to `summary`."""
+    missing = [b for b in range(len(block_sizes)) if not shard_path(out_dir, b, fmt).exists()]
+    if missing:
+        raise AdgenError(f"{out_dir}: {len(missing)} block(s) have no shard yet (e.g. block {missing[0]}); "
+                         "run the same command again to finish them")
+    target = out_dir / f"generated.{fmt}"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "jsonl":
+            with open(tmp, "wb") as f:
+                for b, size in enumerate(block_sizes):
+                    data = shard_path(out_dir, b, fmt).read_bytes()
+                    _check_count(out_dir, b, data.count(b"\n"), size)
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            paths = [shard_path(out_dir, b, fmt) for b in range(len(block_sizes))]
+            # Blocks may differ in optional columns (e.g. summary only in some): one schema for all.
+            schema = pa.unify_schemas([pq.read_schema(p) for p in paths], promote_options="permissive")
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for b, (p, size) in enumerate(zip(paths, block_sizes)):
+                    table = pq.read_table(p)
+                    _check_count(out_dir, b, table.num_rows, size)
+                    for name in schema.names:
+                        if name not in table.column_names:
+                            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+                    writer.write_table(table.select(schema.names).cast(schema))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if summary is not None:
+        for b in range(len(block_sizes)):
+            s = json.loads(stats_path(out_dir, b).read_text(encoding="utf-8"))
+            summary.coverage_sum += s["coverage_sum"]
+            summary.coverage_n += s["coverage_n"]
+            summary.length_cut += s["length_cut"]
+            summary.loops += s["loops"]
+    return target
+
+
+def _check_count(out_dir: Path, block: int, rows: int, expected: int) -> None:
+    if rows != expected:
+        raise AdgenError(f"{shard_path(out_dir, block, 'x').with_suffix('')}: {rows} rows, expected {expected}; "
+                         "delete that shard and run the same command again")
+
+
+def read_generated(out_dir: str | Path) -> list[dict]:
+    """The merged rows (tests, small catalogs): None-valued columns a row did not have are left out."""
+    out_dir = Path(out_dir)
+    if (out_dir / "generated.jsonl").exists():
+        text = (out_dir / "generated.jsonl").read_text(encoding="utf-8")
+        return [json.loads(x) for x in text.splitlines() if x.strip()]
+    import pyarrow.parquet as pq
+
+    return [{k: v for k, v in r.items() if v is not None}
+            for r in pq.read_table(out_dir / "generated.parquet").to_pylist()]
+
+
+def _products_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="product", desc="products", dynamic_ncols=True)
