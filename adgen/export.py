@@ -127,7 +127,7 @@ def merge_adapter(
         except OSError:
             pass  # the base has no generation_config.json
         (tmp / "adgen_export.json").write_text(
-            json.dumps({"base_model": str(spec), "adapter": str(adapter.resolve()), "dtype": names[dtype],
+            json.dumps({"base_model": str(spec), "adapter": str(adapter.resolve()), "dtype": name,
                         "method": "dora" if acfg.get("use_dora") else "lora"}, indent=2) + "\n",
             encoding="utf-8",
         )

@@ -2,9 +2,9 @@
 
 Make the samples first, with plain sampling so that loops show as loops:
 
-    adgen generate --model runs/sft/model --input train.json --output samples.jsonl -n 4 --do-sample --plain
-    adgen pairs --input samples.jsonl --output pairs.jsonl
-    adgen train --config configs/smollm2-135m-dpo.yaml model=runs/sft/model preference_data=pairs.jsonl
+    adgen generate --model runs/sft/best --input train-part.jsonl --output samples.jsonl -n 3 --do-sample --plain
+    adgen pairs --input samples.jsonl --output pairs.jsonl --reference-fallback
+    adgen train --config smollm2-135m-dpo model=runs/sft/best preference_data=pairs.jsonl
 
 chosen = a sample that ended on its own, contradicts no attribute, repeats little and covers the most
 attributes; rejected = one that never stopped, contradicts, repeats or covers clearly less. Rules and

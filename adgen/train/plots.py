@@ -18,7 +18,8 @@ def _smooth(values: Sequence[float], half: int) -> list[float]:
     return out
 
 
-def plot_losses(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+def plot_losses(rows: Sequence[dict], path: str | Path, title: str = "",
+                ylabel: str = "loss (mean token cross-entropy)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +40,7 @@ def plot_losses(rows: Sequence[dict], path: str | Path, title: str = "") -> None
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:orange",
                 linewidth=1.8, label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean token cross-entropy)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if train and any("lr" in r for r in train):
         ax2 = ax.twinx()

@@ -644,7 +644,8 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         if cfg.plot:
             from adgen.train.plots import plot_losses
 
-            plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}" + (" · DPO" if dpo else ""))
+            plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}" + (" · DPO" if dpo else ""),
+                        **({"ylabel": "train: DPO loss (+ sft_weight x NLL); eval: token cross-entropy"} if dpo else {}))
         _save_vocab(train_records, out / "attribute_vocab.json", cfg.train_data, say, vocab=gen_vocab)
         atomic_write_text(out / "train_summary.md", summary_markdown(summary))
         atomic_write_json(out / "summary.json", summary)
