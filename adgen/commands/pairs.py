@@ -34,25 +34,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from adgen.errors import DataError
     from adgen.io import atomic_write_jsonl
     from adgen.metrics import AttributeVocab
-    from adgen.train.pairs import PairRules, build_pairs
+    from adgen.train.pairs import PairRules, build_pairs, read_generation_rows
 
-    rows = []
-    with open(args.input, encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{args.input}:{n}: bad JSON ({e.msg}). Pass the JSON lines `adgen generate` wrote") from None
-            if not isinstance(row, dict) or "content" not in row:
-                raise DataError(f"{args.input}:{n}: no `content`. Pass the JSON lines `adgen generate --input` wrote")
-            rows.append(row)
+    rows = read_generation_rows(args.input)
     if not any(len(r.get("candidates") or []) > 1 for r in rows):
         raise DataError(f"{args.input}: no record has several candidates. Sample them: "
                         "adgen generate --input FILE --output OUT -n 4 --do-sample --plain")

@@ -26,7 +26,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from adgen.errors import DataError
 
@@ -133,21 +133,38 @@ def build_pairs(rows: Iterable[dict], vocab, rules: PairRules = PairRules()) -> 
     return pairs, outcome
 
 
+def _json_lines(path: str | Path, make_it: str) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for each non-blank line; a missing file or bad JSON is a DataError naming the
+    file (and line) and, through `make_it`, how such a file is made."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file. {make_it}") from None
+    with f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield n, json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: bad JSON ({e.msg}). Each line must be one JSON object. {make_it}") from None
+
+
+def read_generation_rows(path: str | Path) -> list[dict]:
+    """The rows `adgen generate --input ... -n K` wrote (each needs `content`)."""
+    make_it = "Pass the JSON lines `adgen generate --input FILE --output OUT -n K` wrote"
+    rows = []
+    for n, row in _json_lines(path, make_it):
+        if not isinstance(row, dict) or "content" not in row:
+            raise DataError(f"{path}:{n}: no `content`. {make_it}")
+        rows.append(row)
+    return rows
+
+
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """Pair file (JSON lines); a bad line is a DataError naming the file, the line and the fix."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file. Make one with `adgen pairs --input GENERATIONS --output {path}`") from None
     pairs = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: bad JSON ({e.msg}). Each line must be one JSON object") from None
+    for n, obj in _json_lines(path, f"Make one with `adgen pairs --input GENERATIONS --output {path}`"):
         missing = [k for k in ("content", "chosen", "rejected") if not isinstance(obj.get(k), str) or not obj.get(k)]
         if missing:
             raise DataError(f"{path}:{n}: missing or empty {', '.join(missing)}. A pair line needs the strings "
