@@ -301,7 +301,6 @@ def load_model(
     adapter: str | Path | None = None,
 ):
     """Load a causal LM for inference (eval mode), optionally 4/8-bit and with a PEFT adapter."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)

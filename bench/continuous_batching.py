@@ -12,10 +12,11 @@ cache's saving, how many outputs are token-identical, and the first difference i
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections import Counter
 from pathlib import Path
+
+from machine import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEV = REPO.parent / "shared" / "adgen" / "dev.json"
@@ -31,14 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--wide", type=int, default=32, help="engine slots for the second engine run (0: skip)")
     return p.parse_args(argv)
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none of avx2/avx512"
 
 
 def timed(gen, prompts, config):

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_flags, cpu_kind
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEV = REPO.parent / "shared" / "adgen" / "dev.json"
 
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     labels = [r.summary for r in records]
     print(f"# {n} records of {args.data}, greedy, max_new_tokens={args.max_new_tokens}, model {args.model}")
     print(f"# machine: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}; CPU flags: {cpu_flags()} -> {cpu_kind()}")
 
     gen = load_generator(args.model, batch_size=args.batch_size)
     # Same weights, same dtype (fp32 on CPU) for both: only the way of generating differs.

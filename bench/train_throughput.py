@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_flags, cpu_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -183,7 +185,7 @@ def main() -> None:
 
     resolve_model("smollm2-135m")  # convert the built-in model once, outside the timed runs
     print(f"# {args.records} train records, eval loss on {args.eval_records} dev records; torch {torch.__version__}, "
-          f"{os.cpu_count()} cpu(s)", flush=True)
+          f"{os.cpu_count()} cpu(s); CPU flags: {cpu_flags()} -> {cpu_kind()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="adgen-train-bench-"))
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--train", args.train, "--dev", args.dev, "--records", str(args.records),
@@ -231,7 +233,9 @@ def main() -> None:
                                                "torch": torch.__version__, "rows": rows}, indent=2))
     cand = rows[1]
     delta = (cand["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
-    print(f"train_speedup={cand['speedup']:.2f} eval_loss_delta={100 * delta:+.2f}%")
+    print(f"precision: baseline fp32, adgen {cand['precision']}")
+    print(f"train_speedup={cand['speedup']:.2f} eval_loss_delta={100 * delta:+.2f}% "
+          f"rss_ratio={cand['peak_rss_gib'] / base['peak_rss_gib']:.2f}")
 
 
 if __name__ == "__main__":

@@ -109,8 +109,10 @@ def test_compare_real_eval_runs(tmp_path, adgen_dev_path):
     records = read_records(adgen_dev_path).records[:4]
     labels = {r.content: r.summary for r in records}
 
-    class Stub:
-        backend, device, formatter, adapter, batch_size = "stub", "cpu", None, None, 4
+    from fake_generator import FakeGeneratorBase
+
+    class Stub(FakeGeneratorBase):
+        backend, batch_size = "stub", 4
 
         def __init__(self, share: float) -> None:
             self.share, self.model_name = share, f"stub-{share}"

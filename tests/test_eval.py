@@ -17,6 +17,8 @@ from adgen.generation import DecodingConfig, Generation
 
 N_TINY = 6
 
+from fake_generator import FakeGeneratorBase
+
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -29,12 +31,10 @@ def _rows(path: Path) -> list[dict]:
 # ---- a stub generator: fast, and with texts that score non-trivially -------------------------
 
 
-class StubGenerator:
+class StubGenerator(FakeGeneratorBase):
     """Answers from a content -> label map: part of the label plus one input value (known scores)."""
 
     backend = "stub"
-    device = "cpu"
-    formatter = None
 
     def __init__(self, labels: dict[str, str], *, fail_after_calls: int | None = None, batch_size: int = 2,
                  model_name: str = "stub-model") -> None:

@@ -14,7 +14,8 @@ import pytest
 
 from adgen.cli import main
 from adgen.generation import DecodingConfig, Generation, load_generator
-from adgen.generation.bulk import pick_best, record_key, scan_output
+from adgen.generation.bulk import pick_best
+from adgen.generation.resumable import record_key, scan_output
 
 CONTENTS = [
     "类型#裙*颜色#黑色",

@@ -558,6 +558,33 @@ def test_vllm_backend_against_a_fake_vllm(tiny_llama3_dir, lora_dir, monkeypatch
             calls["params"]["seed"]) == (0.9, 0.7, -1, 5)
     s = g.stream("类型#裙", DecodingConfig())
     assert list(s) == ["好看"] and s.finish_reason == "stop" and s.completion_tokens == 3
+    from adgen.generation.protocol import Generator
+
+    assert isinstance(g, Generator) and not g.uses_engine and g.model is None
+    assert [(i, x.text) for i, x in g.generate_each(["类型#裙", "类型#裤"], DecodingConfig())] == [(0, "好看"), (1, "好看")]
+
+
+def test_the_engines_and_the_test_fakes_follow_one_generator_protocol(tiny_llama3_dir, llama3_tokenizer):
+    """Evaluation, bulk generation and serving read these attributes directly: every engine has all of them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adgen.generation.protocol import Generator
+    from test_eval import StubGenerator
+    from test_serve_unit import FakeGenerator, FakeServedGenerator
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
+    hf = make_gen(model, llama3_tokenizer)
+    assert isinstance(hf, Generator) and hf.uses_engine and hf.backend == "hf"
+    assert hf.resolve(None).max_new_tokens >= 192  # sized from the tokenizer
+    for fake in (StubGenerator({}), FakeGenerator(), FakeServedGenerator()):
+        assert isinstance(fake, Generator), type(fake).__name__
+
+    class Incomplete:  # an engine without `uses_engine` / `resolve` / ... is not one
+        def generate(self, prompts, config=None):
+            return []
+
+    assert not isinstance(Incomplete(), Generator)
 
 
 # ---- the real model -------------------------------------------------------------------------

@@ -194,3 +194,86 @@ def test_max_new_tokens_is_sized_from_the_tokenizer(tok, smollm2_tokenizer):
     # SmolLM2 spends ~2x the tokens of Llama-3 on Chinese: it needs about twice the room
     assert 192 <= llama <= 288 and 1.6 * llama <= smol <= 2.4 * llama
     assert DecodingConfig(max_new_tokens=50).for_tokenizer(tok).max_new_tokens == 50
+
+
+# ---- the ending: room to end, then an end at a sentence end --------------------------------------
+COMMA, PERIOD = 3922, 1811  # "，" "。" in the Llama-3 vocabulary
+ENDING_ONLY = dict(dry_multiplier=0.0, loop_detection=False, end_after_chars=8, end_bias_per_char=1.0)
+
+
+def test_ending_bias_grows_past_the_length_and_waits_for_whole_characters(tok):
+    table = token_table(tok)
+    assert table.ending_ids() == ([COMMA], PERIOD) or (COMMA in table.ending_ids()[0] and table.ending_ids()[1] == PERIOD)
+    state = RepeatState(table, DecodingConfig(**ENDING_ONLY), stop_ids=[EOT])
+    state.push([HAO] * 6)
+    assert state.ending_bias() == 0.0  # 6 characters: still room
+    state.push([HAO, HAO])
+    assert state.ending_bias() == pytest.approx(1.0)  # the 8th character: one step of the ramp
+    lead, _cont = tok.encode(LONG_CHAR, add_special_tokens=False)
+    state.push([lead])
+    assert state.ending_bias() == 0.0  # inside a character: nothing is touched
+    off = RepeatState(table, DecodingConfig(**{**ENDING_ONLY, "end_after_chars": 0}), stop_ids=[EOT])
+    off.push([HAO] * 40)
+    assert off.ending_bias() == 0.0
+
+
+def test_ending_moves_a_clause_end_to_a_sentence_end_then_ends_there(tiny_llama3_dir, tok):
+    """A model that lists forever ("好看的，好看的，…", no sentence end, no end-of-turn): plain decoding runs to
+    the limit; with the ending on, a clause end becomes "。" and the model's own end-of-turn token follows a
+    sentence end once the bonus beats the model's margin: never inside a sentence, no other character changed."""
+    import torch
+
+    lister = chain_model(tiny_llama3_dir, [HAO, KAN, DE], COMMA)  # 好 看 的 ， then again
+    with torch.no_grad():
+        lister.lm_head.weight.mul_(1 / 8)  # the final norm scales hidden 64 by 8: a margin of 10 logits, as real models have
+    for continuous in (True, False):
+        gen = make_gen(lister, tok, continuous=continuous)
+        plain = gen.generate(["类型#裙"], DecodingConfig(max_new_tokens=60, **{**ENDING_ONLY, "end_after_chars": 0}))[0]
+        assert plain.finish_reason == "length" and "。" not in plain.text
+        ended = gen.generate(["类型#裙"], DecodingConfig(max_new_tokens=60, **ENDING_ONLY))[0]
+        assert ended.finish_reason == "stop" and ended.token_ids[-1] == EOT  # the end-of-turn id, not <|end_of_text|>
+        assert ended.text.endswith("好看的。") and len(ended.text) < len(plain.text)
+        # before the 8th character nothing changes; after it, every clause end is a sentence end
+        assert ended.text.startswith("好看的，好看的，好看的。") and "，" not in ended.text[11:]
+        assert plain.text.startswith(ended.text.replace("。", "，"))  # no other character changed
+        # 11 characters, then a comma would come -> "。"; end-of-turn after "。" once the bonus passes 10
+        assert ended.text == "好看的，好看的，好看的。好看的。好看的。"
+        stream = gen.stream("类型#裙", DecodingConfig(max_new_tokens=60, **ENDING_ONLY))
+        assert "".join(stream) == ended.text and stream.finish_reason == "stop"
+
+
+def test_ending_fields_are_validated():
+    for bad in (dict(end_after_chars=-1), dict(end_after_chars=1.5), dict(end_bias_per_char=-0.1)):
+        with pytest.raises(ConfigError):
+            DecodingConfig(**bad)
+    assert "ending after 120 chars" in DecodingConfig().describe()
+    assert not DecodingConfig(end_after_chars=0).ends_copy and DecodingConfig().shapes_logits
+
+
+# ---- banned text: "<UNK>", the placeholder in 31% of AdGen's train references ------------------------
+def test_banned_text_is_never_started_nor_continued(tok):
+    table = token_table(tok)
+    state = RepeatState(table, DecodingConfig(dry_multiplier=0.0, end_after_chars=0, loop_detection=False),
+                        stop_ids=[EOT])
+    unk = tok.encode("<UNK>", add_special_tokens=False)
+    first = state.penalties()  # before the first token too
+    assert first[unk[0]] == float("inf") and HAO not in first
+    state.push(tok.encode("好<", add_special_tokens=False))  # "<" came another way (e.g. merged with a character)
+    assert state.text.endswith("<")
+    rest = tok.encode("UNK>", add_special_tokens=False)
+    assert state.penalties()[rest[0]] == float("inf")  # ... it cannot go on to "<UNK>"
+    off = RepeatState(table, DecodingConfig(banned_strings=(), dry_multiplier=0.0, end_after_chars=0), stop_ids=[EOT])
+    assert off.penalties() == {}
+
+
+def test_a_model_that_writes_the_placeholder_never_does_with_the_default_decoding(tiny_llama3_dir, tok):
+    unk = tok.encode("<UNK>", add_special_tokens=False)
+    writer = chain_model(tiny_llama3_dir, [HAO, *unk, KAN], EOT)  # 好<UNK>看 then the end of its turn
+    gen = make_gen(writer, tok)
+    plain = gen.generate(["类型#裙"], DecodingConfig(max_new_tokens=20, banned_strings=()))[0]
+    assert plain.text == "好<UNK>看" and plain.finish_reason == "stop"
+    clean = gen.generate(["类型#裙"], DecodingConfig(max_new_tokens=20))[0]
+    assert "<UNK>" not in clean.text and clean.text.startswith("好")
+    with pytest.raises(ConfigError):
+        DecodingConfig(banned_strings=("",))
+    assert "never writes <UNK>" in DecodingConfig().describe()

@@ -333,6 +333,11 @@ def test_bad_input_temperature_a_string(server, http):
         ("dry_allowed_length", 0, "dry_allowed_length"),
         ("no_repeat_char_ngram", 1, "no_repeat_char_ngram"),
         ("loop_detection", "yes", "loop_detection"),
+        ("end_after_chars", -1, "end_after_chars"),
+        ("end_after_chars", 1.5, "end_after_chars"),
+        ("end_bias_per_char", -0.2, "end_bias_per_char"),
+        ("banned_strings", [""], "banned_strings.0"),
+        ("banned_strings", "<UNK>", "banned_strings"),
     ],
 )
 def test_bad_input_wrong_types_and_ranges(server, http, field, value, param):
@@ -463,7 +468,7 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server, http):
             # a long stream occupies the worker, so the requests below queue up and run as one batch
             async def blocker():
                 async with c.stream("POST", "/v1/chat/completions",
-                                    json=chat_body(server, max_tokens=60, stream=True)) as r:
+                                    json=chat_body(server, max_tokens=60, stream=True, end_after_chars=0)) as r:
                     return [line async for line in r.aiter_lines()]
 
             task = asyncio.create_task(blocker())
@@ -517,12 +522,12 @@ def test_disconnect_of_a_queued_non_streaming_request_cancels_it(server, http):
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
             # a long stream holds the worker while the impatient request waits in the queue
             async with c.stream("POST", "/v1/chat/completions",
-                                json=chat_body(server, max_tokens=1500, stream=True)) as blocker:
+                                json=chat_body(server, max_tokens=1500, stream=True, end_after_chars=0)) as blocker:
                 lines = blocker.aiter_lines()
                 await lines.__anext__()
                 async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=0.3) as impatient:
                     with pytest.raises(httpx.ReadTimeout):
-                        await impatient.post("/v1/adcopy", json={"attributes": CONTENT, "max_tokens": 1500})
+                        await impatient.post("/v1/adcopy", json={"attributes": CONTENT, "max_tokens": 1500, "end_after_chars": 0})
                 # the server notices the closed connection and drops the job while it is still queued
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
@@ -530,7 +535,7 @@ def test_disconnect_of_a_queued_non_streaming_request_cancels_it(server, http):
                     if h["cancelled"] == before["cancelled"] + 1:
                         break
                     await asyncio.sleep(0.05)
-                assert h["cancelled"] == before["cancelled"] + 1, h
+                assert h["cancelled"] == before["cancelled"] + 1, (h, before)
                 assert h["active_generations"] == 1  # the blocker, still streaming
                 assert h["queued"] == 0
             # leaving the block disconnects the blocker too

@@ -17,6 +17,8 @@ from adgen.serve.scheduler import QueueFull, Scheduler
 from adgen.serve.settings import Limits, ServeSettings, check_bind, is_loopback
 from adgen.serve.webui import content_to_form, form_to_content, format_figures
 
+from fake_generator import FakeGeneratorBase
+
 
 # ---- bind policy ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
@@ -113,9 +115,7 @@ class FakeStream:
         self.generation = Generation(text, 1, self.gen.stream_len, "length")
 
 
-class FakeGenerator:
-    batch_size = 8
-    adapter = None
+class FakeGenerator(FakeGeneratorBase):
 
     def __init__(self, stream_len=5):
         self.stream_len = stream_len
@@ -128,7 +128,7 @@ class FakeGenerator:
         self.calls.append(list(prompts))
         return [Generation(f"out({p})", 1, 2, "stop") for p in prompts]
 
-    def stream(self, prompt, config, cancel=None):
+    def stream(self, prompt, config=None, cancel=None):
         return FakeStream(self, prompt, cancel)
 
 
@@ -363,9 +363,11 @@ def test_repetition_fields_reach_the_decoding_config_and_loops_are_reported():
     default = state.decoding_config(parse_body(ChatCompletionRequest, body))
     assert default.dry_multiplier == DecodingConfig().dry_multiplier and default.loop_detection  # on by default
     body = (b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}], "dry_multiplier": 0, '
-            b'"no_repeat_char_ngram": 5, "loop_detection": false, "dry_allowed_length": 4}')
+            b'"no_repeat_char_ngram": 5, "loop_detection": false, "dry_allowed_length": 4, "end_after_chars": 0, '
+            b'"end_bias_per_char": 0.5}')
     cfg = state.decoding_config(parse_body(ChatCompletionRequest, body))
     assert (cfg.dry_multiplier, cfg.no_repeat_char_ngram, cfg.loop_detection, cfg.dry_allowed_length) == (0, 5, False, 4)
+    assert (cfg.end_after_chars, cfg.end_bias_per_char) == (0, 0.5) and default.ends_copy
     # a loop is an OpenAI "stop", with vLLM's stop_reason field saying why
     assert _openai_finish("loop") == "stop" and _stop_reason("loop") == {"stop_reason": "loop"}
     assert _stop_reason("stop") == {}

@@ -240,7 +240,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_llama3_dir, adgen_t
     from adgen.train import train
 
     over = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 5, "lora": {"dropout": 0.1}, "eval_every": 0}
-    full = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "a", **over))
+    train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "a", **over))
 
     original = ckpt_mod.save_checkpoint
 

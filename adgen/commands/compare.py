@@ -42,7 +42,7 @@ def print_table(result) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from adgen.evaluation.compare import fmt_cell, fmt_delta, comparison_warnings
+    from adgen.evaluation.compare import comparison_warnings, row_cells
 
     runs = result.runs
     table = Table(title=f"adgen compare: {len(runs)} run(s) (best per row bold)", title_justify="left")
@@ -52,13 +52,7 @@ def print_table(result) -> None:
     for r in runs[1:]:
         table.add_column(f"{escape(r.name)} - {escape(runs[0].name)}", justify="right")
     for row in result.rows:
-        arrow = {"high": " (+)", "low": " (-)"}.get(row.better or "", "")
-        cells = [f"{row.label}{arrow}"]
-        for i, v in enumerate(row.values):
-            s = fmt_cell(row.key, v)
-            cells.append(f"[bold green]{s}[/bold green]" if i in row.best else s)
-        cells += [fmt_delta(row.key, d) for d in row.deltas]
-        table.add_row(*cells)
+        table.add_row(*row_cells(row, "[bold green]{}[/bold green]", {"high": " (+)", "low": " (-)"}))
     console = Console()
     console.print(table)
     console.print("(+) higher is better, (-) lower is better")

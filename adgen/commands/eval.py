@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _key(record) -> str:
-    from adgen.generation.bulk import record_key
+    from adgen.generation.resumable import record_key
 
     return record_key(record.line, record.content)
 

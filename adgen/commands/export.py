@@ -3,6 +3,8 @@ GGUF file + Ollama Modelfile for llama.cpp / Ollama (logic in adgen.gguf_export)
 
 from __future__ import annotations
 
+from adgen.commands import quiet_library_noise
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,19 +36,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _quiet(args) -> None:
-    """Hide known, harmless library noise unless -v (bitsandbytes' optional-kernel notice, deprecations)."""
-    import logging
-    import warnings
-
-    if not getattr(args, "verbose", False):
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-
-
 def run(args) -> int:
-    _quiet(args)
+    quiet_library_noise(args)
     from adgen.errors import AdgenError
 
     gguf = getattr(args, "gguf", None)

@@ -61,10 +61,18 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"repeats up to this many characters are free (default {d.dry_allowed_length})")
     g.add_argument("--no-repeat-char-ngram", type=int, default=d.no_repeat_char_ngram, metavar="N",
                    help=f"never write the same N characters twice (default {d.no_repeat_char_ngram}; 0 = off)")
+    g.add_argument("--end-after-chars", type=int, default=d.end_after_chars, metavar="CHARS",
+                   help=f"past this many characters, close the sentence at the next clause end and favour ending "
+                        f"after it (default {d.end_after_chars}, about the length of AdGen copy; 0 = off)")
+    g.add_argument("--end-bias-per-char", type=float, default=d.end_bias_per_char, metavar="X",
+                   help=f"logit bonus for ending, per character past --end-after-chars (default {d.end_bias_per_char})")
+    g.add_argument("--ban", action="append", default=None, metavar="TEXT",
+                   help=f"never write this text, in any tokenization (repeatable; default: "
+                        f"{' '.join(d.banned_strings)}, the placeholder of AdGen's references; --ban '' for none)")
     g.add_argument("--no-loop-detection", dest="loop_detection", action="store_false",
                    help="keep generating when the text loops (default: stop, trim the repeats, finish_reason 'loop')")
     g.add_argument("--plain", action="store_true",
-                   help="plain decoding: no DRY, no character n-gram ban, no loop detection")
+                   help="plain decoding: no DRY, no character n-gram ban, no ending bonus, no banned text, no loop detection")
     g.add_argument("--seed", type=int, default=None, help="random seed: reproducible sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
@@ -90,7 +98,16 @@ def decoding_config(args: argparse.Namespace):
         dry_allowed_length=args.dry_allowed_length,
         no_repeat_char_ngram=0 if args.plain else args.no_repeat_char_ngram,
         loop_detection=False if args.plain else args.loop_detection,
+        end_after_chars=0 if args.plain else args.end_after_chars,
+        end_bias_per_char=args.end_bias_per_char,
+        banned_strings=() if args.plain else _banned(args.ban),
     )
+
+
+def _banned(values: list[str] | None) -> tuple[str, ...]:
+    from adgen.generation import DecodingConfig
+
+    return DecodingConfig().banned_strings if values is None else tuple(v for v in values if v)
 
 
 def register(subparsers) -> None:
@@ -225,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_single(args, generator, content: str, config, vocab) -> int:
-    from adgen.generation.bulk import _attributes, pick_best
+    from adgen.data.attributes import attributes_of
+    from adgen.generation.bulk import pick_best
 
     if args.stream:
         stream = generator.stream(content, config)
@@ -235,7 +253,7 @@ def _run_single(args, generator, content: str, config, vocab) -> int:
         sys.stdout.write("\n")
         return 0
     cands = generator.generate([content] * args.n, config)
-    best, faith = pick_best(_attributes(content), cands, args.best_of, vocab) if args.n > 1 else (0, None)
+    best, faith = pick_best(attributes_of(content) or [], cands, args.best_of, vocab) if args.n > 1 else (0, None)
     if args.json:
         obj = {"content": content, "predict": cands[best].text, "finish_reason": cands[best].finish_reason,
                "prompt_tokens": cands[best].prompt_tokens, "completion_tokens": cands[best].completion_tokens}
@@ -260,18 +278,10 @@ def _run_single(args, generator, content: str, config, vocab) -> int:
 def _run_bulk(args, generator, data, config, vocab) -> int:
     from adgen.generation.bulk import generate_bulk
 
-    try:
-        summary = generate_bulk(
-            generator, data.records, args.output, config, n=args.n, best_of=args.best_of, vocab=vocab,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except KeyboardInterrupt:
-        print(f"adgen: interrupted; every finished record is in {args.output}: "
-              "run the same command again to resume", file=sys.stderr)
-        raise
-    summary.bad_lines = list(data.errors)
-    print(f"{args.output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
-    return 0
+    return _resumable_job(
+        lambda: generate_bulk(generator, data.records, args.output, config, n=args.n, best_of=args.best_of,
+                              vocab=vocab, overwrite=args.overwrite, progress=not args.no_progress),
+        f"every finished record is in {args.output}", args.output, data, config)
 
 
 def _run_ray(args, data, config, kw) -> int:
@@ -281,19 +291,24 @@ def _run_ray(args, data, config, kw) -> int:
     resolve_model(args.model)  # convert a built-in / GGUF model once here, not in every worker at once
     generator_kwargs = dict(model_spec=args.model, adapter=args.adapter, backend="hf", dtype=args.dtype,
                             device=args.device, batch_size=args.batch_size, continuous=args.continuous_batching, **kw)
-    try:
-        summary = run_catalog(
+    return _resumable_job(
+        lambda: run_catalog(
             data.records, args.output, generator_kwargs=generator_kwargs, config=config, n=args.n,
             best_of=args.best_of, vocab_path=args.vocab, address=args.address, workers=args.workers,
             block_size=args.block_size, shard_format=args.shard_format, overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+            progress=not args.no_progress),
+        f"every finished block is in {args.output}/shards", args.output, data, config)
+
+
+def _resumable_job(job, kept: str, output, data, config) -> int:
+    """Run a catalog job; on Ctrl-C say what is kept and how to resume; print its summary."""
+    try:
+        summary = job()
     except KeyboardInterrupt:
-        print(f"adgen: interrupted; every finished block is in {args.output}/shards: "
-              "run the same command again to resume", file=sys.stderr)
+        print(f"adgen: interrupted; {kept}: run the same command again to resume", file=sys.stderr)
         raise
     summary.bad_lines = list(data.errors)
-    print(f"{args.output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
+    print(f"{output}: {summary.describe()} ({config.describe()})", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from adgen.commands import quiet_library_noise
+
 # flags that set the config key of the same name (everything else is a `key=value` override)
 FLAG_KEYS = ("model", "train_data", "eval_data", "method", "output_dir", "max_steps", "epochs", "max_samples",
              "lr", "batch_size", "grad_accum", "precision", "batching", "seed")
@@ -142,19 +144,8 @@ def build_config(args):
     return load_train_config(config_path, overrides)
 
 
-def _quiet(args) -> None:
-    """Hide known, harmless library noise unless -v (bitsandbytes' optional-kernel notice, deprecations)."""
-    import logging
-    import warnings
-
-    if not getattr(args, "verbose", False):
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-
-
 def run(args) -> int:
-    _quiet(args)
+    quiet_library_noise(args)
     from adgen.train.trainer import train
 
     cfg = build_config(args)

@@ -36,6 +36,15 @@ def parse_attributes(content: str) -> list[tuple[str, str]]:
     return pairs
 
 
+
+def attributes_of(content: str) -> list[tuple[str, str]] | None:
+    """The attribute pairs of `content`, or None when it is not an attribute string (free text): the
+    faithfulness figures are then unknown, not zero."""
+    try:
+        return parse_attributes(content)
+    except ValueError:
+        return None
+
 def format_attributes(attrs: Mapping[str, str | list[str]] | list[tuple[str, str]]) -> str:
     """The inverse of `parse_attributes`. A mapping value may be a list (a repeated key).
 

@@ -201,6 +201,15 @@ def fmt_delta(key: str, d: float | None) -> str:
     return ("+" if d > 0 else "-" if d < 0 else "±") + s
 
 
+
+def row_cells(row, best_style: str, arrows: dict[str, str]) -> list[str]:
+    """One comparison row as table cells: label (+ which way is better), each run's value (the best in
+    `best_style`), then the differences to the first run."""
+    cells = [f"{row.label}{arrows.get(row.better or '', '')}"]
+    cells += [best_style.format(fmt_cell(row.key, v)) if i in row.best else fmt_cell(row.key, v)
+              for i, v in enumerate(row.values)]
+    return cells + [fmt_delta(row.key, d) for d in row.deltas]
+
 def _cell(text: Any) -> str:
     """Text safe inside a markdown table cell."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
@@ -240,13 +249,7 @@ def comparison_markdown(runs: Sequence[RunMetrics], rows: Sequence[Row] | None =
         "|" + "---|" + "---:|" * (len(head) - 1),
     ]
     for row in rows:
-        arrow = {"high": " ↑", "low": " ↓"}.get(row.better or "", "")
-        cells = [f"{row.label}{arrow}"]
-        for i, v in enumerate(row.values):
-            s = fmt_cell(row.key, v)
-            cells.append(f"**{s}**" if i in row.best else s)
-        cells += [fmt_delta(row.key, d) for d in row.deltas]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(row_cells(row, "**{}**", {"high": " ↑", "low": " ↓"})) + " |")
     lines += [
         "",
         "↑ higher is better, ↓ lower is better; the best value of a row is bold. "

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from adgen.config import dict_diff
+from adgen.data.attributes import attributes_of
 from adgen.errors import AdgenError
+from adgen.generation.resumable import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +124,21 @@ def make_fingerprint(*, model, adapter, data_sha256: str, decoding, system_promp
 
 
 def fingerprint_of(generator, data_sha256: str, decoding) -> dict[str, Any]:
-    formatter = getattr(generator, "formatter", None)
     return make_fingerprint(
-        model=getattr(generator, "model_name", "model"),
-        adapter=getattr(generator, "adapter", None),
+        model=generator.model_name,
+        adapter=generator.adapter,
         data_sha256=data_sha256,
         decoding=decoding,
-        system_prompt=getattr(formatter, "system_prompt", None),
+        system_prompt=_system_prompt(generator),
     )
 
 
+def _system_prompt(generator) -> str | None:
+    return generator.formatter.system_prompt if generator.formatter is not None else None
+
+
 def _record_key(line: int, content: str) -> str:
-    from adgen.generation.bulk import record_key
+    from adgen.generation.resumable import record_key
 
     return record_key(line, content)
 
@@ -188,7 +193,7 @@ def prepare_output_dir(
 
 def read_partial(path: Path) -> dict[str, dict]:
     """Generations already made (key -> row); a partial last line from a kill is cut off first."""
-    from adgen.generation.bulk import scan_output
+    from adgen.generation.resumable import scan_output
 
     if not path.exists():
         return {}
@@ -233,9 +238,8 @@ def _now() -> str:
 
 
 def _engine(generator) -> dict[str, Any]:
-    dtype = getattr(generator, "dtype", None)
-    model = getattr(generator, "model", None)
-    if dtype is None and model is not None:
+    dtype, model = None, generator.model
+    if model is not None:
         try:
             dtype = next(model.parameters()).dtype
         except (AttributeError, StopIteration, TypeError):
@@ -245,25 +249,18 @@ def _engine(generator) -> dict[str, Any]:
     except Exception:  # a backend without a device property
         device = None
     return {
-        "backend": getattr(generator, "backend", None),
+        "backend": generator.backend,
         "device": device,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-        "batch_size": getattr(generator, "batch_size", None),
-        "continuous_batching": getattr(generator, "uses_engine", None),
+        "batch_size": generator.batch_size,
+        "continuous_batching": generator.uses_engine,
     }
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="rec", desc="eval", dynamic_ncols=True)
 
 
 def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, done: dict, bar) -> dict[str, Any]:
     """Generate for `todo` records (longest content first: less padding), appending each to the partial file."""
-    from adgen.generation.bulk import JsonlAppender, generations_as_done
+    from adgen.generation.bulk import generations_as_done
+    from adgen.generation.resumable import JsonlAppender
 
     todo = sorted(todo, key=lambda r: -len(r.content))
     tokens = 0
@@ -289,19 +286,10 @@ def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, d
 
 
 def _prompt_text(generator, content: str) -> str | None:
-    formatter = getattr(generator, "formatter", None)
+    formatter = generator.formatter
     try:
         return formatter.prompt_text(content) if formatter is not None else None
     except Exception:  # the prompt is informative only; never fail an eval over it
-        return None
-
-
-def _attributes(content: str):
-    from adgen.data.attributes import parse_attributes
-
-    try:
-        return parse_attributes(content)
-    except ValueError:
         return None
 
 
@@ -328,7 +316,6 @@ def run_eval(
     `fingerprint` defaults to the generator's (see `make_fingerprint`); a matching unfinished run
     in `output_dir` is resumed.
     """
-    from adgen import __version__
     from adgen.generation import DecodingConfig
     from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from adgen.metrics import PredictionRow, aggregate, score_all
@@ -337,15 +324,8 @@ def run_eval(
 
     t0 = time.perf_counter()
     decoding = decoding or DecodingConfig()
-    resolve = getattr(generator, "resolve", None)  # sizes max_new_tokens from the tokenizer when unset
-    if resolve is not None:
-        decoding = resolve(decoding)
-    records = list(records)
-    if not records:
-        raise AdgenError("no records to evaluate (the data file is empty, or --limit is 0)")
-    missing = [r.line for r in records if not getattr(r, "summary", None)]
-    if missing:
-        raise AdgenError(f"record(s) at line(s) {', '.join(map(str, missing[:5]))} have no summary (reference); eval needs one per record")
+    decoding = generator.resolve(decoding)  # sizes max_new_tokens from the tokenizer when unset
+    records = _checked_records(records)
     data_sha = sha256_file(data_path) if data_path is not None else None
     if vocab is None:
         from adgen.metrics import AttributeVocab
@@ -360,7 +340,7 @@ def run_eval(
     if resumed:
         log.info("%s: resuming, %d of %d records already generated", out, resumed, len(records))
 
-    bar = _progress(len(records), resumed, progress)
+    bar = progress_bar(len(records), resumed, progress, desc="eval")
     try:
         gen = _generate_missing(generator, todo, decoding, out / PARTIAL_FILE, done, bar)
     finally:
@@ -371,16 +351,39 @@ def run_eval(
     t_score = time.perf_counter()
     gens = [done[k] for k in keys]
     scored = score_all(
-        [PredictionRow(predict=g["predict"], label=r.summary, attributes=_attributes(r.content)) for r, g in zip(records, gens)],
+        [PredictionRow(predict=g["predict"], label=r.summary, attributes=attributes_of(r.content)) for r, g in zip(records, gens)],
         vocab,
         progress=progress,
     )
-    summary = aggregate(scored)
-    scoring_s = time.perf_counter() - t_score
+    rows = _prediction_rows(generator, records, gens, scored)
+    timings = {"model_load_s": model_load_s, "scoring_s": time.perf_counter() - t_score, "resumed": resumed}
+    metrics = _eval_metrics(generator, rows, aggregate(scored), decoding, gen, timings,
+                            data={"path": data_path, "sha256": data_sha, "info": data_info},
+                            vocab=vocab, vocab_source=vocab_source, fingerprint=fp)
+    metrics["timings"]["total_s"] = round(time.perf_counter() - t0 + (model_load_s or 0.0), 3)
 
-    rows = []
-    for i, (rec, g, s) in enumerate(zip(records, gens, scored)):
-        rows.append({
+    atomic_write_jsonl(out / PREDICTIONS_FILE, rows)
+    atomic_write_json(out / METRICS_FILE, metrics)
+    atomic_write_text(out / REPORT_FILE, render_report(metrics, rows, k=report_examples))
+    (out / PARTIAL_FILE).unlink(missing_ok=True)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return EvalResult(out, metrics, rows)
+
+
+def _checked_records(records: Sequence) -> list:
+    records = list(records)
+    if not records:
+        raise AdgenError("no records to evaluate (the data file is empty, or --limit is 0)")
+    missing = [r.line for r in records if not getattr(r, "summary", None)]
+    if missing:
+        raise AdgenError(f"record(s) at line(s) {', '.join(map(str, missing[:5]))} have no summary (reference); eval needs one per record")
+    return records
+
+
+def _prediction_rows(generator, records: Sequence, gens: Sequence[dict], scored: Sequence[dict]) -> list[dict]:
+    """generated_predictions.jsonl: one row per record, its text, how it ended and its scores."""
+    return [
+        {
             "index": i,
             "line": rec.line,
             "content": rec.content,
@@ -391,12 +394,21 @@ def run_eval(
             "prompt_tokens": g["prompt_tokens"],
             "completion_tokens": g["completion_tokens"],
             **s,
-        })
+        }
+        for i, (rec, g, s) in enumerate(zip(records, gens, scored))
+    ]
+
+
+def _eval_metrics(generator, rows: list[dict], summary: dict, decoding, gen: dict, timings: dict, *, data: dict,
+                  vocab, vocab_source, fingerprint: dict) -> dict[str, Any]:
+    """metrics.json: the aggregate scores, how the texts ended, and what produced them (total_s left to fill)."""
+    from adgen import __version__
 
     finish = Counter(r["finish_reason"] for r in rows)
     n = len(rows)
     gen_s = gen["seconds"]
-    metrics: dict[str, Any] = {
+    model_load_s = timings["model_load_s"]
+    return {
         "format": METRICS_FORMAT,
         "version": METRICS_VERSION,
         "adgen_version": __version__,
@@ -410,35 +422,27 @@ def run_eval(
         "ended_on_eot_share": finish.get("stop", 0) / n,
         "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / n,
         "decoding": {**decoding_dict(decoding), "greedy": decoding.greedy, "description": decoding.describe()},
-        "model": getattr(generator, "model_name", None),
-        "adapter": getattr(generator, "adapter", None),
-        "system_prompt": getattr(getattr(generator, "formatter", None), "system_prompt", None),
+        "model": generator.model_name,
+        "adapter": generator.adapter,
+        "system_prompt": _system_prompt(generator),
         "data": {
-            "path": str(Path(data_path).resolve()) if data_path is not None else None,
-            "sha256": data_sha,
+            "path": str(Path(data["path"]).resolve()) if data["path"] is not None else None,
+            "sha256": data["sha256"],
             "records": n,
-            **(data_info or {}),
+            **(data["info"] or {}),
         },
         "vocab": {"source": vocab_source or getattr(vocab, "source", None), "keys": len(getattr(vocab, "values", {}))},
         "engine": _engine(generator),
         "timings": {
             "model_load_s": round(model_load_s, 3) if model_load_s is not None else None,
             "generation_s": round(gen_s, 3),
-            "scoring_s": round(scoring_s, 3),
-            "total_s": None,  # filled below
+            "scoring_s": round(timings["scoring_s"], 3),
+            "total_s": None,  # filled by run_eval
             "generated_records": gen["records"],
-            "resumed_records": resumed,
+            "resumed_records": timings["resumed"],
             "generated_tokens": gen["tokens"],
             "samples_per_s": round(gen["records"] / gen_s, 4) if gen_s > 0 and gen["records"] else None,
             "tokens_per_s": round(gen["tokens"] / gen_s, 2) if gen_s > 0 and gen["tokens"] else None,
         },
-        "fingerprint": fp,
+        "fingerprint": fingerprint,
     }
-    metrics["timings"]["total_s"] = round(time.perf_counter() - t0 + (model_load_s or 0.0), 3)
-
-    atomic_write_jsonl(out / PREDICTIONS_FILE, rows)
-    atomic_write_json(out / METRICS_FILE, metrics)
-    atomic_write_text(out / REPORT_FILE, render_report(metrics, rows, k=report_examples))
-    (out / PARTIAL_FILE).unlink(missing_ok=True)
-    (out / STATE_FILE).unlink(missing_ok=True)
-    return EvalResult(out, metrics, rows)

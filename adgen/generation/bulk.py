@@ -4,100 +4,27 @@ Output lines: `{"line": <input line>, "content": ..., "predict": ..., "finish_re
 input's `summary` and other fields when it has them, and `candidates` (all K texts) with their
 `candidate_finish_reasons` with `n > 1`.
 
-Resume: on start the existing output is read; inputs whose key (input line number + a hash of the
-content) is already there are skipped. A kill can leave at most one partial last line (each record
-is one `write` + flush + fsync); it is cut off (the file is truncated to its last complete line) and
-that record is generated again. So a killed and rerun job has every input exactly once.
+Resume (adgen.generation.resumable, shared with `adgen eval`): inputs whose key is already in the output
+are skipped; a partial last line from a kill is cut off and that record generated again, so a killed
+and rerun job has every input exactly once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from adgen.data.attributes import attributes_of
 from adgen.errors import AdgenError
 from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.resumable import JsonlAppender, progress_bar, record_key, scan_output
 
 log = logging.getLogger(__name__)
 
 BEST_OF = ("first", "coverage")
-
-
-def record_key(line: int, content: str) -> str:
-    """Identity of an input record for resuming: its line number and a hash of its content."""
-    return f"{int(line)}:{hashlib.sha1(content.encode('utf-8')).hexdigest()[:16]}"
-
-
-@dataclass
-class OutputState:
-    done: set[str] = field(default_factory=set)
-    records: int = 0  # complete records found
-    truncated_bytes: int = 0  # bytes of a partial last line that were cut off
-
-
-def scan_output(path: str | Path, *, repair: bool = True) -> OutputState:
-    """Keys of the records already in `path`; cut a partial trailing line (a kill mid-write).
-
-    A complete line that is not a JSON record with `line` and `content` is an error: that file was
-    not written by us (or was edited), and appending to it would mix two things.
-    """
-    path = Path(path)
-    state = OutputState()
-    if not path.exists():
-        return state
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # 0 when there is no complete line
-    if end < len(data):
-        state.truncated_bytes = len(data) - end
-        if repair:
-            log.warning("%s: cutting a partial last line (%d bytes) left by an interrupted run", path, len(data) - end)
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-    for lineno, raw in enumerate(data[:end].split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-            key = record_key(obj["line"], obj["content"])
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise AdgenError(
-                f"{path}:{lineno}: the existing output file has a line that is not an adgen generate record; "
-                "give another --output, or pass --overwrite to start it afresh"
-            ) from None
-        state.done.add(key)
-        state.records += 1
-    return state
-
-
-class JsonlAppender:
-    """Append JSON lines durably: each record is one write, then flush + fsync."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
-
-    def write(self, obj: dict) -> None:
-        self._f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> "JsonlAppender":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass
@@ -155,15 +82,6 @@ def pick_best(
 
     best = min(range(len(candidates)), key=rank)
     return best, scores[best]
-
-
-def _attributes(content: str) -> list[tuple[str, str]]:
-    from adgen.data.attributes import parse_attributes
-
-    try:
-        return parse_attributes(content)
-    except ValueError:
-        return []
 
 
 def make_output_record(record, candidates: Sequence[Generation], best: int, faith: dict | None) -> dict:
@@ -227,12 +145,12 @@ def generate_bulk(
         log.warning("%s holds %d record(s) that are not in this input (another input file?)", output, stale)
     todo = [r for r, k in zip(records, keys) if k not in state.done]
     summary = BulkSummary(total=len(records), already_done=len(records) - len(todo))
-    bar = _progress(len(records), summary.already_done, progress)
+    bar = progress_bar(len(records), summary.already_done, progress, desc="generate")
     start = time.perf_counter()
     try:
         with JsonlAppender(output) as out:
             for rec, cands in _candidates_in_order(generator, todo, n, config, chunk_size):
-                best, faith = pick_best(_attributes(rec.content), cands, best_of, vocab) if n > 1 else (0, None)
+                best, faith = pick_best(attributes_of(rec.content) or [], cands, best_of, vocab) if n > 1 else (0, None)
                 obj = make_output_record(rec, cands, best, faith)
                 out.write(obj)
                 summary.generated += 1
@@ -256,10 +174,10 @@ def generations_as_done(generator, prompts: Sequence, config, chunk_size: int | 
     Continuous batching over the whole list where the generator runs it (`uses_engine`, no `chunk_size`);
     otherwise `chunk_size` prompts (default: the generator's batch size) per `generate` call, so a long job
     still hands out results (and can be resumed) a chunk at a time."""
-    if chunk_size is None and getattr(generator, "uses_engine", False):
+    if chunk_size is None and generator.uses_engine:
         yield from generator.generate_each(prompts, config)
         return
-    chunk = chunk_size or max(1, int(getattr(generator, "batch_size", 8) or 8))
+    chunk = chunk_size or max(1, int(generator.batch_size or 8))
     for start in range(0, len(prompts), chunk):
         yield from enumerate(generator.generate(prompts[start : start + chunk], config), start)
 
@@ -279,14 +197,6 @@ def _candidates_in_order(generator, todo: Sequence, n: int, config, chunk_size: 
             next_record += 1
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="rec", desc="generate", dynamic_ncols=True)
-
-
 def read_input(path: str | Path, on_error: str = "fail", columns=None) -> Any:
     """The catalog to generate for (summary optional). Bad lines: fail, or skip and report."""
     from adgen.data.records import read_records
@@ -296,13 +206,9 @@ def read_input(path: str | Path, on_error: str = "fail", columns=None) -> Any:
 
 __all__: Iterable[str] = [
     "BulkSummary",
-    "JsonlAppender",
-    "OutputState",
     "generate_bulk",
     "generations_as_done",
     "make_output_record",
     "pick_best",
     "read_input",
-    "record_key",
-    "scan_output",
 ]

@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
 from adgen.generation.config import DecodingConfig, FinishReason, Generation
+from adgen.generation.protocol import check_prompts
 from adgen.generation.text import (
     decode,
     find_stop,
@@ -33,14 +34,6 @@ from adgen.generation.text import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _check_prompts(prompts) -> list:
-    if isinstance(prompts, (str, dict)) or (
-        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)
-    ):
-        raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list: generate([prompt], config)")
-    return list(prompts)
 
 
 class HFGenerator:
@@ -93,7 +86,10 @@ class HFGenerator:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return list(self.formatter.stop_token_ids)
+        """Every id that ends a turn, the end-of-turn id first (the ending bonus goes to the first)."""
+        ids = list(self.formatter.stop_token_ids)
+        eot = self.formatter.end_of_turn_id
+        return [eot] + [i for i in ids if i != eot] if eot in ids else ids
 
     @property
     def pad_token_id(self) -> int:
@@ -125,7 +121,7 @@ class HFGenerator:
         With `config.seed`, sampling is reproducible for the same call. `progress(k)` is called as
         prompts finish, with how many.
         """
-        prompts = _check_prompts(prompts)
+        prompts = check_prompts(prompts)
         config = self.resolve(config)
         if not prompts:
             return []
@@ -162,7 +158,7 @@ class HFGenerator:
             yield from enumerate(self.generate(prompts, config))
             return
         config = self.resolve(config)
-        yield from self._continuous([self.prompt_ids(p) for p in _check_prompts(prompts)], config)
+        yield from self._continuous([self.prompt_ids(p) for p in check_prompts(prompts)], config)
 
     def decode_engine(self, slots: int | None = None):
         """A continuous-batching engine over this generator's model (`uses_engine` must be true)."""

@@ -16,16 +16,30 @@ from adgen.generation.repetition import RepeatState, token_table
 
 
 def apply_penalties(scores, rows: Sequence[tuple[int, RepeatState]]) -> None:
-    """Subtract each state's penalties from its row of `scores` (in place; inf -> -inf)."""
+    """Subtract each state's penalties from its row of `scores` (in place; inf -> -inf), then, past the
+    ending length: after a sentence end the end-of-turn token gets the ending bonus; elsewhere "。" takes
+    the probability of "，" (a clause end becomes a sentence end; nothing else moves)."""
     import torch
 
     for row, state in rows:
         pen = state.penalties()
-        if not pen:
+        if pen:
+            ids = torch.tensor(list(pen.keys()), dtype=torch.long, device=scores.device)
+            vals = torch.tensor(list(pen.values()), dtype=scores.dtype, device=scores.device)
+            scores[row].index_put_((ids,), -vals, accumulate=True)
+        bias = state.ending_bias()
+        if bias <= 0:
             continue
-        ids = torch.tensor(list(pen.keys()), dtype=torch.long, device=scores.device)
-        vals = torch.tensor(list(pen.values()), dtype=scores.dtype, device=scores.device)
-        scores[row].index_put_((ids,), -vals, accumulate=True)
+        if state.at_sentence_end:
+            if state.end_id is not None and 0 <= state.end_id < scores.shape[-1]:
+                scores[row, state.end_id] += bias
+            continue
+        commas, period = state.table.ending_ids()
+        if commas and period is not None:
+            # a clause end becomes a sentence end: "。" takes the commas' probability (never more)
+            ids = torch.tensor(commas + [period], device=scores.device)
+            scores[row, period] = torch.logsumexp(scores[row, ids], dim=0)
+            scores[row, commas] = float("-inf")
 
 
 class BatchRepeatControl:

@@ -69,7 +69,7 @@ def _record_dict(r) -> dict:
 
 def catalog_identity(records: Sequence, *, block_size: int, fmt: str, settings: dict) -> dict:
     """What must match for a directory to be resumed: the same input records, blocks and settings."""
-    from adgen.generation.bulk import record_key
+    from adgen.generation.resumable import record_key
 
     h = hashlib.sha256()
     for r in records:
@@ -149,8 +149,8 @@ class BlockGenerator:
 
     def _block(self, block: int, items: list[dict]) -> BlockStats:
         from adgen.data.records import Record
+        from adgen.data.attributes import attributes_of
         from adgen.generation.bulk import (
-            _attributes,
             _candidates_in_order,
             make_output_record,
             pick_best,
@@ -165,12 +165,12 @@ class BlockGenerator:
         start = time.perf_counter()
         rows = []
         for rec, cands in _candidates_in_order(self.generator, records, self.n, self.config, None):
-            best, faith = pick_best(_attributes(rec.content), cands, self.best_of, self.vocab) if self.n > 1 else (0, None)
+            best, faith = pick_best(attributes_of(rec.content) or [], cands, self.best_of, self.vocab) if self.n > 1 else (0, None)
             rows.append(make_output_record(rec, cands, best, faith))
             stats.completion_tokens += sum(c.completion_tokens for c in cands)
             stats.length_cut += cands[best].finish_reason == "length"
             stats.loops += cands[best].finish_reason == "loop"
-            cov = (faith or faithfulness(_attributes(rec.content), cands[best].text, self.vocab))["attr_coverage"]
+            cov = (faith or faithfulness(attributes_of(rec.content) or [], cands[best].text, self.vocab))["attr_coverage"]
             if cov is not None:
                 stats.coverage_sum += cov
                 stats.coverage_n += 1

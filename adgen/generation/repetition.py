@@ -22,6 +22,12 @@ near-miss character ("设计" -> "设论"). Here every decision is taken on the 
   twice for units of 8 or more, and at least `LOOP_MIN_CHARS` characters in all): generation stops,
   `finish_reason` is "loop" and the repeated tail is trimmed (the text keeps the unit once).
 
+- **Ending** (`end_after_chars`, `end_bias_per_char`): past the length of real copy, a clause end ("，")
+  becomes a sentence end ("。" takes the comma's probability) and, right after a sentence end, the
+  end-of-turn token gets a bonus that grows per character. A 135M model in "list mode" ("穿着舒适的X，
+  穿着舒适的Y，...") has no sentence end to stop at; DRY keeps it from looping but not from listing to the
+  token limit. The bonus never ends inside a sentence or a character.
+
 Only the completion is matched, never the prompt: the copy must repeat the attribute words it was given.
 The state is per request (`RepeatState`), fed with that request's own tokens, so a batch whose rows
 started at different steps (continuous batching) works the same as a left-padded batch.
@@ -40,6 +46,13 @@ from adgen.generation.config import DecodingConfig
 # least LOOP_MIN_CHARS characters of repeated text in all. Units longer than LOOP_MAX_PERIOD are not looked for.
 LOOP_MIN_CHARS = 12
 LOOP_MAX_PERIOD = 64
+
+
+# Ending: where a clause ends, the sentence end that may replace it, and what ends a sentence.
+CLAUSE_END = "，"
+SENTENCE_END = "。"
+SENTENCE_ENDS = frozenset("。！？")  # Chinese copy only: English text is never cut short
+END_BIAS_CAP = 30.0  # logits: beyond this the bonus decides anyway
 
 
 def loop_repeats(period: int) -> int:
@@ -217,6 +230,32 @@ class TokenTable:
         except (KeyError, TypeError):
             return False
 
+    def exact(self, text: str) -> int | None:
+        """The one token whose bytes are exactly `text`, or None."""
+        data = text.encode("utf-8")
+        for i in self.by_first_char.get(text[:1], ()):
+            if self.bytes[i] == data:
+                return i
+        return None
+
+    def ending_ids(self) -> tuple[list[int], int | None]:
+        """(tokens that start with a clause-end comma, the sentence-end token "。") -- cached."""
+        cached = getattr(self, "_ending_ids", None)
+        if cached is None:
+            commas = list(self.by_first_char.get(CLAUSE_END, ()))
+            cached = self._ending_ids = (commas, self.exact(SENTENCE_END))
+        return cached
+
+    def writing(self, banned: str, k: int) -> list[int]:
+        """Tokens that, after `banned[:k]`, continue writing `banned` (a prefix of the rest, or all of it and more)."""
+        cache = self.__dict__.setdefault("_writing", {})
+        ids = cache.get((banned, k))
+        if ids is None:
+            rest = banned[k:].encode("utf-8")
+            ids = cache[(banned, k)] = [i for i, data in enumerate(self.bytes)
+                                        if data and (rest.startswith(data) or data.startswith(rest))]
+        return ids
+
     def heading_for(self, char: str) -> list[int]:
         """Tokens that, at a character boundary, write `char` first or start writing it."""
         ids = list(self.by_first_char.get(char, ()))
@@ -252,6 +291,8 @@ class RepeatState:
         self.table = table
         self.config = config
         self.stop_ids = set(int(i) for i in stop_ids)
+        # the ending bonus goes to the end-of-turn token (listed first by ChatFormatter.stop_token_ids)
+        self.end_id = int(stop_ids[0]) if len(stop_ids) else None
         self.text = ""
         self.pending = b""  # bytes of a character not yet complete
         self.finished = False
@@ -283,10 +324,28 @@ class RepeatState:
             self._z = suffix_matches(self.text)
         return self._z
 
+    def ending_bias(self) -> float:
+        """The ending bonus for the next token (0 before `end_after_chars`, inside a character, or when done)."""
+        config = self.config
+        if self.finished or self.pending or not config.ends_copy:
+            return 0.0
+        past = len(self.text) - config.end_after_chars + 1
+        return 0.0 if past <= 0 else min(END_BIAS_CAP, past * config.end_bias_per_char)
+
+    @property
+    def at_sentence_end(self) -> bool:
+        return bool(self.text) and self.text[-1] in SENTENCE_ENDS
+
     def penalties(self) -> dict[int, float]:
-        if self.finished or self.pending or not self.text or not self.config.shapes_logits:
+        if self.finished or self.pending or not self.config.shapes_logits:
             return {}
         out: dict[int, float] = {}
+        for banned in self.config.banned_strings:  # never start, nor go on with, a banned string
+            for k in range(len(banned)):
+                if k == 0 or self.text.endswith(banned[:k]):
+                    out.update(dict.fromkeys(self.table.writing(banned, k), float("inf")))
+        if not self.text:
+            return out
         for char, penalty in dangerous_chars(self.text, self.config, self._matches()).items():
             for tok in self.table.heading_for(char):
                 if penalty > out.get(tok, 0.0):

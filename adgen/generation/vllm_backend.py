@@ -14,8 +14,8 @@ from typing import Iterator, Sequence
 
 from adgen.errors import AdgenError, ConfigError
 from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.protocol import check_prompts
 from adgen.generation.repetition import trim_loop
-from adgen.generation.hf import _check_prompts
 from adgen.generation.text import clean_text, cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class VLLMGenerator:
     """
 
     backend = "vllm"
+    uses_engine = False  # vLLM batches inside its engine; results come back per generate() call
+    model = None  # the weights live inside vLLM's engine
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class VLLMGenerator:
         )
 
     def generate(self, prompts: Sequence, config: DecodingConfig | None = None) -> list[Generation]:
-        prompts = _check_prompts(prompts)
+        prompts = check_prompts(prompts)
         config = self.resolve(config)
         if not prompts:
             return []
@@ -148,6 +150,9 @@ class VLLMGenerator:
                 finish = "loop" if looped else finish
             results.append(Generation(text, len(ids), len(c.token_ids), finish, list(c.token_ids)))
         return results
+
+    def generate_each(self, prompts: Sequence, config: DecodingConfig | None = None) -> Iterator[tuple[int, Generation]]:
+        yield from enumerate(self.generate(prompts, config))
 
     def stream(self, prompt, config: DecodingConfig | None = None, *, cancel: threading.Event | None = None) -> "DoneStream":
         """The whole text as one piece (vLLM's offline engine does not stream), same attributes as TextStream."""

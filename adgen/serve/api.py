@@ -53,8 +53,29 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.adgen = state
+    _add_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_generation_routes(app, state)
+    ui_enabled = settings.ui if ui is None else ui
 
-    # ---- errors in OpenAI's shape ---------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def root():
+        if ui_enabled:
+            return RedirectResponse("/ui/")
+        return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/models", "/v1/adcopy", "/health"]}
+
+    app.openapi = lambda: _openapi(app)  # no public route serves it (openapi_url=None); tests fuzz from it
+    if ui_enabled:
+        from adgen.serve.webui import mount_ui
+
+        mount_ui(app, state)
+    _add_guards(app, settings)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; a client's mistake is a 4xx, only a bug is a 500."""
+
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -78,7 +99,11 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
 
-    # ---- routes ------------------------------------------------------------------------------
+
+
+def _add_info_routes(app: FastAPI, state: ServeState) -> None:
+    """/health, /metrics, /v1/models."""
+
     @app.get("/health")
     async def health():
         return state.health()
@@ -99,6 +124,11 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
             raise ApiError(404, f"the model '{model_id}' does not exist on this server", param="model",
                            code="model_not_found")
         return _model_card(state, model_id)
+
+
+
+def _add_generation_routes(app: FastAPI, state: ServeState) -> None:
+    """/v1/chat/completions and /v1/adcopy (streamed or not)."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -160,21 +190,10 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
         (result,) = await _complete(state, [messages], config, use_adapter, request)
         return _adcopy_result(state, head, pairs, result)
 
-    @app.get("/", include_in_schema=False)
-    async def root():
-        if ui_enabled:
-            return RedirectResponse("/ui/")
-        return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/models", "/v1/adcopy", "/health"]}
 
-    app.openapi = lambda: _openapi(app)  # no public route serves it (openapi_url=None); tests fuzz from it
 
-    ui_enabled = settings.ui if ui is None else ui
-    if ui_enabled:
-        from adgen.serve.webui import mount_ui
-
-        mount_ui(app, state)
-
-    # ---- guards (the last added runs first): body cap, then CORS, then the key ----------------
+def _add_guards(app: FastAPI, settings) -> None:
+    """The last added runs first: access log, body cap, then CORS, then the key."""
     api_key = settings.resolved_api_key()
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
@@ -192,7 +211,6 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
     from adgen.serve.access_log import AccessLogMiddleware
 
     app.add_middleware(AccessLogMiddleware)  # outermost: every request is logged, refused ones too
-    return app
 
 
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/adcopy": AdcopyRequest}

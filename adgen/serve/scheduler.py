@@ -143,9 +143,8 @@ class Scheduler:
         self.generator = generator
         self.metrics = metrics  # adgen.serve.metrics.ServeMetrics, or None
         self.max_queue = max_queue
-        self.max_batch = max_batch or getattr(generator, "batch_size", 8)
-        self.engine = (generator.decode_engine(self.max_batch)
-                       if continuous and getattr(generator, "uses_engine", False) else None)
+        self.max_batch = max_batch or generator.batch_size
+        self.engine = generator.decode_engine(self.max_batch) if continuous and generator.uses_engine else None
         self._owners: dict = {}  # engine request -> (its _EngineJob, choice indices, StreamPieces | None)
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -164,12 +163,12 @@ class Scheduler:
     # ---- model access -----------------------------------------------------------------------
     @property
     def model(self):
-        return getattr(self.generator, "model", None)
+        return self.generator.model
 
     @property
     def can_disable_adapter(self) -> bool:
         model = self.model
-        return getattr(self.generator, "adapter", None) is not None and hasattr(model, "disable_adapter")
+        return self.generator.adapter is not None and hasattr(model, "disable_adapter")
 
     def _install_forward_counter(self):
         model = self.model
@@ -195,7 +194,7 @@ class Scheduler:
 
     # ---- submitting (event loop side) -------------------------------------------------------
     def _submit(self, job: Job) -> Job:
-        if not job.use_adapter and not self.can_disable_adapter and getattr(self.generator, "adapter", None):
+        if not job.use_adapter and not self.can_disable_adapter and self.generator.adapter:
             raise ValueError("this backend cannot switch its adapter off")
         with self._cv:
             if self._closing:
@@ -296,7 +295,7 @@ class Scheduler:
             return
         run = _EngineJob(job, [None] * len(job.prompts), len(groups))
         adapter = (job.use_adapter if isinstance(job.use_adapter, str)
-                   else None if job.use_adapter or getattr(self.generator, "adapter", None) is None else "__base__")
+                   else None if job.use_adapter or self.generator.adapter is None else "__base__")
         self._active += 1
         for k, (ids, (_prompt, indices)) in enumerate(zip(encoded, groups)):
             # choices of one seeded request differ: choice k samples with seed + k

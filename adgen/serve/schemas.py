@@ -63,6 +63,9 @@ class DecodingFields(BaseModel):
     dry_allowed_length: Annotated[int, Field(ge=1, le=64)] | None = None
     no_repeat_char_ngram: Annotated[int, Field(ge=0, le=64)] | None = None
     loop_detection: bool | None = None
+    end_after_chars: Annotated[int, Field(ge=0, le=4096)] | None = None
+    end_bias_per_char: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    banned_strings: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=16)] | None = None
 
     @field_validator("no_repeat_char_ngram")
     @classmethod
@@ -72,7 +75,8 @@ class DecodingFields(BaseModel):
         return v
 
     def repetition_fields(self) -> dict[str, Any]:
-        names = ("dry_multiplier", "dry_base", "dry_allowed_length", "no_repeat_char_ngram", "loop_detection")
+        names = ("dry_multiplier", "dry_base", "dry_allowed_length", "no_repeat_char_ngram", "loop_detection",
+                 "end_after_chars", "end_bias_per_char", "banned_strings")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     @field_validator("stop")

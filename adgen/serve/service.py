@@ -126,7 +126,7 @@ class ServeState:
             "adapter": self.adapter_name,
             "model_id": self.model_id,
             "device": device,
-            "backend": getattr(gen, "backend", "hf"),
+            "backend": gen.backend,
             "uptime_s": round(time.time() - self.started, 3),
             **self.scheduler.stats(),
         }
@@ -151,24 +151,12 @@ class ServeState:
     def check_prompt(self, messages: list[dict], param: str = "messages") -> int:
         """Prompt length in tokens; 400 above the caps (characters first: cheap, before tokenizing)."""
         chars = sum(len(m.get("content") or "") for m in messages)
-        if chars > self.limits.max_prompt_chars:
-            raise ApiError(
-                400,
-                f"the prompt is {chars} characters long; this server accepts at most {self.limits.max_prompt_chars}",
-                param=param,
-                code="context_length_exceeded",
-            )
+        _check_length(chars, self.limits.max_prompt_chars, "characters", param)
         try:
             n = len(self.generator.prompt_ids(messages))
         except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template cannot render these messages: {e}", param=param) from None
-        if n > self.limits.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"the prompt is {n} tokens long; this server accepts at most {self.limits.max_prompt_tokens}",
-                param=param,
-                code="context_length_exceeded",
-            )
+        _check_length(n, self.limits.max_prompt_tokens, "tokens", param)
         return n
 
     @property
@@ -178,9 +166,7 @@ class ServeState:
             return self.limits.default_max_tokens
         from adgen.generation import DecodingConfig
 
-        resolve = getattr(self.generator, "resolve", None)
-        n = resolve(DecodingConfig()).max_new_tokens if resolve is not None else 256
-        return min(n, self.limits.max_tokens)
+        return min(self.generator.resolve(DecodingConfig()).max_new_tokens, self.limits.max_tokens)
 
     def decoding_config(self, req, n: int = 1):
         """A DecodingConfig from the request's decoding fields, within the server's caps."""
@@ -258,12 +244,18 @@ class ServeState:
         return out
 
 
+def _check_length(n: int, limit: int, unit: str, param: str) -> None:
+    if n > limit:
+        raise ApiError(400, f"the prompt is {n} {unit} long; this server accepts at most {limit}", param=param,
+                       code="context_length_exceeded")
+
+
 def load_named_adapter(generator, name: str, path: str) -> None:
     """Load a further LoRA adapter next to the default one (`--adapter NAME=PATH`)."""
     from adgen.errors import ConfigError, ModelError
 
     model = generator.model
-    if not hasattr(model, "load_adapter") or getattr(generator, "adapter", None) is None:
+    if not hasattr(model, "load_adapter") or generator.adapter is None:
         raise ConfigError("further adapters need a first (default) one: --adapter PATH --adapter NAME=PATH")
     if name in ("default", "__base__") or name in getattr(model, "peft_config", {}):
         raise ConfigError(f"adapter name '{name}' is taken: pick another (--adapter NAME=PATH)")

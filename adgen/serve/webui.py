@@ -142,20 +142,7 @@ def build_ui(state: ServeState):
                                        max_length=64, elem_id="style-hint")
                     length = gr.Slider(0, 300, value=0, step=10, label="篇幅提示（字，0 = 不提示）",
                                        elem_id="length-hint")
-                with gr.Accordion("解码设置 decoding", open=False):
-                    max_tokens = gr.Slider(8, limits.max_tokens, value=state.default_max_tokens,
-                                           step=8, label="max_tokens", elem_id="max-tokens")
-                    sampling = gr.Checkbox(value=False, label="采样 sampling（关闭 = greedy，结果可复现）")
-                    temperature = gr.Slider(0.05, 2.0, value=0.95, step=0.05, label="temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="top_p")
-                    seed = gr.Number(value=-1, precision=0, label="seed（采样时使用，-1 = 随机）")
-                    dry = gr.Slider(0.0, 3.0, value=_DEFAULT.dry_multiplier, step=0.1, elem_id="dry-multiplier",
-                                    label="字级重复惩罚 DRY（0 = 关闭）",
-                                    info=f"续写会重复已写过的 {_DEFAULT.dry_allowed_length} 字以上片段时降低其概率")
-                    ngram = gr.Number(value=_DEFAULT.no_repeat_char_ngram, precision=0, minimum=0, maximum=64,
-                                      label="禁止重复的字数 N（0 = 关闭）", elem_id="no-repeat-char-ngram")
-                    loops = gr.Checkbox(value=_DEFAULT.loop_detection, elem_id="loop-detection",
-                                        label="循环检测：文本开始循环时停止并删去重复部分")
+                decoding = _decoding_panel(gr, state)
                 compare = gr.Checkbox(value=False, label="对比基座模型（关闭 adapter）", info=compare_info,
                                       interactive=compare_ok, elem_id="compare-base")
                 with gr.Row():
@@ -196,54 +183,10 @@ def build_ui(state: ServeState):
             for handle in running.pop(getattr(request, "session_hash", None) or "", []):
                 handle.cancel()
 
-        async def generate(request: gr.Request, *args):
-            (cat, *kv), rest = args[: 1 + 2 * N_ROWS], args[1 + 2 * N_ROWS :]
-            raw_s, style_s, length_v, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, loops_v, cmp = rest
-            rows = list(zip(kv[0::2], kv[1::2]))
-            try:
-                content, pairs = form_to_content(cat, rows, raw_s)
-                messages = state.adcopy_messages(content, style_s, int(length_v or 0) or None)
-                state.check_prompt(messages, param="attributes")
-                config = _ui_config(limits, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, loops_v)
-            except Exception as e:  # ValueError, ApiError: shown, never raised into Gradio
-                yield "", "", "", "", f"⚠️ {getattr(e, 'message', None) or e}"
-                return
-            runs = [True] + ([False] if cmp and compare_ok else [])
-            handles = []
-            try:
-                for use_adapter in runs:
-                    handles.append(state.scheduler.open_stream([messages], config, use_adapter=use_adapter))
-            except Exception as e:
-                for h in handles:
-                    h.cancel()
-                yield "", "", "", "", f"⚠️ 服务器忙 server busy: {e}"
-                return
-            session = getattr(request, "session_hash", None) or ""
-            await cancel_session(request)  # a new click replaces this session's previous run
-            running[session] = handles
-            texts, figs = ["", ""], ["", ""]
-            yield "", "", "", "", f"生成中… `{content}`"
-            try:
-                for slot, handle in enumerate(handles):
-                    async for kind, _i, payload in handle:
-                        if kind == "piece":
-                            texts[slot] += payload
-                        elif kind == "done":
-                            texts[slot] = payload.text
-                            fig = await asyncio.to_thread(state.figures, pairs, payload.text)
-                            figs[slot] = format_figures(fig, payload)
-                        yield texts[0], figs[0], texts[1], figs[1], f"生成中… `{content}`"
-                yield texts[0], figs[0], texts[1], figs[1], f"完成 · `{content}`"
-            finally:
-                for h in handles:
-                    h.cancel()  # page closed / stop pressed: the model stops after its current step
-                if running.get(session) is handles:
-                    del running[session]
-
+        generate = _generate_handler(gr, state, running, cancel_session, compare_ok)
         event = go.click(
             generate,
-            inputs=[*form_inputs, style, length, max_tokens, sampling, temperature, top_p, seed, dry, ngram, loops,
-                    compare],
+            inputs=[*form_inputs, style, length, *decoding, compare],
             outputs=[out_main, fig_main, out_base, fig_base, status],
             api_visibility="private",
             concurrency_limit=8,
@@ -257,7 +200,81 @@ def build_ui(state: ServeState):
     return demo
 
 
-def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed, dry=None, ngram=None, loops=None):
+def _decoding_panel(gr, state: ServeState) -> list:
+    """The decoding accordion: [max_tokens, sampling, temperature, top_p, seed, dry, ngram, ending, loops]."""
+    limits = state.limits
+    with gr.Accordion("解码设置 decoding", open=False):
+        max_tokens = gr.Slider(8, limits.max_tokens, value=state.default_max_tokens,
+                               step=8, label="max_tokens", elem_id="max-tokens")
+        sampling = gr.Checkbox(value=False, label="采样 sampling（关闭 = greedy，结果可复现）")
+        temperature = gr.Slider(0.05, 2.0, value=0.95, step=0.05, label="temperature")
+        top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="top_p")
+        seed = gr.Number(value=-1, precision=0, label="seed（采样时使用，-1 = 随机）")
+        dry = gr.Slider(0.0, 3.0, value=_DEFAULT.dry_multiplier, step=0.1, elem_id="dry-multiplier",
+                        label="字级重复惩罚 DRY（0 = 关闭）",
+                        info=f"续写会重复已写过的 {_DEFAULT.dry_allowed_length} 字以上片段时降低其概率")
+        ngram = gr.Number(value=_DEFAULT.no_repeat_char_ngram, precision=0, minimum=0, maximum=64,
+                          label="禁止重复的字数 N（0 = 关闭）", elem_id="no-repeat-char-ngram")
+        ending = gr.Slider(0, 300, value=_DEFAULT.end_after_chars, step=10, elem_id="end-after-chars",
+                           label="收尾字数（0 = 关闭）",
+                           info="超过这个字数后，在下一个分句处结束句子并倾向于收尾")
+        loops = gr.Checkbox(value=_DEFAULT.loop_detection, elem_id="loop-detection",
+                            label="循环检测：文本开始循环时停止并删去重复部分")
+    return [max_tokens, sampling, temperature, top_p, seed, dry, ngram, ending, loops]
+
+
+def _generate_handler(gr, state: ServeState, running: dict, cancel_session, compare_ok: bool):
+    """The Generate button: form -> prompt -> one stream (two with the base model beside it), shown as it comes."""
+    limits = state.limits
+
+    async def generate(request: gr.Request, *args):
+        (cat, *kv), rest = args[: 1 + 2 * N_ROWS], args[1 + 2 * N_ROWS :]
+        raw_s, style_s, length_v, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, end_v, loops_v, cmp = rest
+        rows = list(zip(kv[0::2], kv[1::2]))
+        try:
+            content, pairs = form_to_content(cat, rows, raw_s)
+            messages = state.adcopy_messages(content, style_s, int(length_v or 0) or None)
+            state.check_prompt(messages, param="attributes")
+            config = _ui_config(limits, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, loops_v, end_v)
+        except Exception as e:  # ValueError, ApiError: shown, never raised into Gradio
+            yield "", "", "", "", f"⚠️ {getattr(e, 'message', None) or e}"
+            return
+        runs = [True] + ([False] if cmp and compare_ok else [])
+        handles = []
+        try:
+            for use_adapter in runs:
+                handles.append(state.scheduler.open_stream([messages], config, use_adapter=use_adapter))
+        except Exception as e:
+            for h in handles:
+                h.cancel()
+            yield "", "", "", "", f"⚠️ 服务器忙 server busy: {e}"
+            return
+        session = getattr(request, "session_hash", None) or ""
+        await cancel_session(request)  # a new click replaces this session's previous run
+        running[session] = handles
+        texts, figs = ["", ""], ["", ""]
+        yield "", "", "", "", f"生成中… `{content}`"
+        try:
+            for slot, handle in enumerate(handles):
+                async for kind, _i, payload in handle:
+                    if kind == "piece":
+                        texts[slot] += payload
+                    elif kind == "done":
+                        texts[slot] = payload.text
+                        fig = await asyncio.to_thread(state.figures, pairs, payload.text)
+                        figs[slot] = format_figures(fig, payload)
+                    yield texts[0], figs[0], texts[1], figs[1], f"生成中… `{content}`"
+            yield texts[0], figs[0], texts[1], figs[1], f"完成 · `{content}`"
+        finally:
+            for h in handles:
+                h.cancel()  # page closed / stop pressed: the model stops after its current step
+            if running.get(session) is handles:
+                del running[session]
+
+    return generate
+
+
+def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed, dry=None, ngram=None, loops=None, ending=None):
     from adgen.generation import DecodingConfig
 
     max_tokens = max(1, min(int(max_tokens or limits.default_max_tokens or 256), limits.max_tokens))
@@ -265,6 +282,7 @@ def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed, dry=None,
         dry_multiplier=float(_DEFAULT.dry_multiplier if dry is None else dry),
         no_repeat_char_ngram=int(_DEFAULT.no_repeat_char_ngram if ngram in (None, "") else ngram),
         loop_detection=bool(_DEFAULT.loop_detection if loops is None else loops),
+        end_after_chars=int(_DEFAULT.end_after_chars if ending in (None, "") else ending),
     )
     if not sampling:
         return DecodingConfig(max_new_tokens=max_tokens, **repetition)

@@ -63,26 +63,51 @@ class CausalLMLoss(nn.Module):
         logits, tgt = self.target_logits(input_ids, targets, position_ids, attention_mask)
         return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk), tgt.numel()
 
-    def target_logits(self, input_ids, targets, position_ids=None, attention_mask=None):
-        """(logits [N, V], targets [N]) at the N positions with a target, in row-major order."""
-        keep = targets != IGNORE_INDEX  # [B, T] bool
+    def decide_logits_selection(self, batch) -> str:
+        """Decide once, at setup, whether the model computes logits only at the target positions (it must
+        gather by a boolean mask); eval mode and no grad, so the training's random state is untouched.
+        Returns what was decided, for the run's resolved settings."""
+        if self.select_logits and not self._checked:
+            import torch
+
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                self._probe(**self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask),
+                            keep=batch.targets != IGNORE_INDEX)
+            self.model.train(was_training)
+        return "target positions only" if self.select_logits else "every position"
+
+    @staticmethod
+    def _forward_kwargs(input_ids, position_ids, attention_mask) -> dict:
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        return kwargs
+
+    def _probe(self, keep, **kwargs):
+        """Logits at the `keep` positions if the model gathers by a boolean mask, else None (and never again)."""
+        try:
+            logits = self.model(**kwargs, logits_to_keep=keep).logits
+        except (IndexError, RuntimeError, TypeError):
+            logits = None  # it only slices by an int / a position list
+        if logits is not None and tuple(logits.shape[:-1]) != (int(keep.sum()),):
+            logits = None
+        self.select_logits = logits is not None
+        self._checked = True
+        return logits
+
+    def target_logits(self, input_ids, targets, position_ids=None, attention_mask=None):
+        """(logits [N, V], targets [N]) at the N positions with a target, in row-major order."""
+        keep = targets != IGNORE_INDEX  # [B, T] bool
+        kwargs = self._forward_kwargs(input_ids, position_ids, attention_mask)
         logits = None
         if self.select_logits and self._checked:
             logits = self.model(**kwargs, logits_to_keep=keep).logits
-        elif self.select_logits:  # first call: check the model gathers by a boolean mask
-            try:
-                logits = self.model(**kwargs, logits_to_keep=keep).logits
-            except (IndexError, RuntimeError, TypeError):
-                logits = None  # it only slices by an int / a position list
-            if logits is not None and tuple(logits.shape[:-1]) != (int(keep.sum()),):
-                logits = None
-            self.select_logits = logits is not None
-            self._checked = True
+        elif self.select_logits:  # used outside the trainer, which decides at setup
+            logits = self._probe(keep, **kwargs)
         if logits is None:
             logits = self.model(**kwargs).logits[keep]
         return logits, targets[keep]

@@ -1,8 +1,9 @@
-"""The SFT loop: one readable function on top of accelerate.
+"""The training loop (SFT and DPO) on top of accelerate, in named pieces a reader can find:
 
-    train(cfg) = prepare run dir -> tokenize data -> load model + method -> optimizer, schedule
-                 -> [resume] -> for each optimizer step: grad_accum micro-batches, clip, step,
-                    log / eval / NaN guard / checkpoint -> final eval -> artefacts + summary
+    train(cfg) = setup_run (processes, precision, run dir) -> setup_data -> setup_model (method,
+                 batching, attention) -> setup_optimization (optimizer, schedule, loss, logits selection)
+                 -> restore_checkpoint -> fit: for each step train_step, log_step, maybe_evaluate,
+                 maybe_checkpoint -> finish (final eval, artefacts, summary)
 
 accelerate supplies the process group (DDP over gloo/NCCL, FSDP, DeepSpeed), device placement,
 mixed precision and no-sync gradient accumulation; everything else (data order, packing, loss,
@@ -31,7 +32,7 @@ from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from adgen.train import checkpoint as ckpt_mod
 from adgen.train import tracking
 from adgen.train.config import RESUME_MUTABLE_KEYS, TrainConfig
-from adgen.train.run_dir import prepare_output_dir, replace_dir, temp_dir_for
+from adgen.train.run_dir import RUN_FILES, prepare_output_dir, replace_dir, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -221,33 +222,102 @@ class _Printer:
 # ---- the recipe --------------------------------------------------------------------------------
 
 
+@dataclass
+class TrainRun:
+    """Everything a training run's loop reads and writes, built once by the `setup_*` functions.
+
+    The decisions taken at setup (precision, batching, attention kernel, logits selection, steps) live
+    here and in `resolved` (written to summary.json), never switched later inside the loop.
+    """
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    say: "_Printer"
+    precision: Any
+    ckpt_info: Any = None
+    dpo: bool = False
+    # data
+    resolved_model: Any = None  # adgen.models.ResolvedModel
+    tokenizer: Any = None
+    formatter: Any = None  # adgen.data.chat.ChatFormatter
+    train_records: list = field(default_factory=list)
+    train_examples: list = field(default_factory=list)  # Example, or PairExample for DPO
+    stats: Any = None  # encoding stats: truncated / dropped
+    eval_records: list = field(default_factory=list)
+    eval_examples: list = field(default_factory=list)
+    gen_records: list = field(default_factory=list)  # the first eval records, for generation metrics
+    gen_vocab: Any = None
+    # model and optimisation
+    model: Any = None  # the model with its method applied (PeftModel or the model itself)
+    wrapped: Any = None  # the loss module as accelerate prepared it
+    loss_module: Any = None  # CausalLMLoss or DPOLoss
+    eval_loss_module: Any = None
+    params: list = field(default_factory=list)  # trainable parameters (for clipping)
+    optimizer: Any = None
+    scheduler: Any = None
+    order: Any = None
+    reference: Any = None  # DPO: the starting model's log-probabilities of every pair
+    batching: str = "packed"
+    share_prefix: bool = False
+    pad_id: int | None = None
+    total_steps: int = 0
+    warmup: int = 0
+    resolved: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    # progress
+    start_step: int = 0
+    step: int = 0
+    status: str = "completed"
+    metrics: list = field(default_factory=list)
+    counters: dict = field(default_factory=lambda: {"tokens": 0, "padded": 0, "examples": 0, "train_time": 0.0})
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "targets": 0})
+    window_stats: dict = field(default_factory=dict)  # DPO: reward accuracy / margins over the log window
+    last_ckpt: str | None = None
+    last_eval: float | None = None
+    summary_base: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
 def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False) -> TrainResult:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from adgen.data.chat import ChatFormatter, encode_records, resolve_system_prompt
-    from adgen.models import load_tokenizer, resolve_model
-    from adgen.train.collate import DataOrder, collate, eval_batches
-    from adgen.train.dpo import DPOLoss, collate_pairs, disable_dropout
-    from adgen.train.loss import CausalLMLoss
-    from adgen.train.packed_attention import enable_packed_attention
-    from adgen.train.peft_setup import (
-        add_neftune_noise,
-        apply_method,
-        count_parameters,
-        load_base_model,
-        optimizer_groups,
-        resolve_precision,
-        rewrites_base,
-        save_initial_adapter,
-    )
-
+    """Set up (processes, run directory, data, model, optimisation, resume), fit, finish."""
     cfg.validate()
     t_setup = time.perf_counter()
-    out = Path(cfg.output_dir)
+    run = setup_run(cfg, resume=resume, overwrite=overwrite)
+    setup_data(run)
+    setup_model(run)
+    setup_optimization(run)
+    restore_checkpoint(run)
+    announce(run, time.perf_counter() - t_setup)
+    fit(run)
+    return finish(run)
 
-    # -- processes, device, precision ----------------------------------------------------------
+
+# ---- setup -----------------------------------------------------------------------------------------
+def setup_run(cfg: TrainConfig, *, resume, overwrite: bool) -> TrainRun:
+    """Processes, device and precision (accelerate), the run directory, the checkpoint to resume."""
+    import torch
+    from accelerate import Accelerator
+
+    from adgen.train.fsdp_cpu import enable_fsdp_on_cpu
+    from adgen.train.peft_setup import resolve_precision
+
+    out = Path(cfg.output_dir)
     want_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if not want_cpu and cfg.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(torch.device(cfg.device))
@@ -257,373 +327,493 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         cpu=want_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
         **tracking.accelerator_kwargs(cfg, out),
     )
-    from adgen.train.fsdp_cpu import enable_fsdp_on_cpu
-
     enable_fsdp_on_cpu(accelerator)  # accelerate would run an FSDP launch on CPUs as plain DDP
-    main = accelerator.is_main_process
-    say = _Printer(main)
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-
-    # -- run directory -------------------------------------------------------------------------
+    run = TrainRun(cfg=cfg, out=out, accelerator=accelerator, say=_Printer(accelerator.is_main_process),
+                   precision=precision, dpo=cfg.objective == "dpo")
     resuming = resume not in (None, False)
-    if main:
+    if run.main:
         prepare_output_dir(out, overwrite=overwrite, resume=resuming)
     accelerator.wait_for_everyone()
-    ckpt_info = ckpt_mod.resolve_resume(out, resume) if resuming else None
-    if main and resuming:
-        ckpt_mod.clean_partial(out)
-    if main:
+    run.ckpt_info = ckpt_mod.resolve_resume(out, resume) if resuming else None
+    if run.main:
         from adgen.config import save_config
 
+        if resuming:
+            ckpt_mod.clean_partial(out)
         save_config(cfg, out / "config.yaml")
     tracking.start(accelerator, cfg)
+    return run
 
-    # -- data ----------------------------------------------------------------------------------
-    with accelerator.main_process_first():  # built-in models are converted once, by one process
-        resolved = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(resolved, trust_remote_code=cfg.trust_remote_code)
-    formatter = ChatFormatter(tokenizer, system_prompt=resolve_system_prompt(cfg.system_prompt), loss_on=cfg.loss_on, max_length=cfg.max_length)
-    dpo = cfg.objective == "dpo"
-    if dpo:
-        train_records, train_examples, stats = _read_pairs(cfg, formatter)
-        say(f"[adgen] preference pairs: {cfg.preference_data}: {stats.summary()}")
+
+def setup_data(run: TrainRun) -> None:
+    """Tokenizer, chat formatter, encoded train (or preference) and eval examples."""
+    from adgen.data.chat import ChatFormatter, encode_records, resolve_system_prompt
+    from adgen.models import load_tokenizer, resolve_model
+
+    cfg, say = run.cfg, run.say
+    with run.accelerator.main_process_first():  # built-in models are converted once, by one process
+        run.resolved_model = resolve_model(cfg.model)
+    run.tokenizer = load_tokenizer(run.resolved_model, trust_remote_code=cfg.trust_remote_code)
+    run.formatter = ChatFormatter(run.tokenizer, system_prompt=resolve_system_prompt(cfg.system_prompt),
+                                  loss_on=cfg.loss_on, max_length=cfg.max_length)
+    if run.dpo:
+        run.train_records, run.train_examples, run.stats = _read_pairs(cfg, run.formatter)
+        say(f"[adgen] preference pairs: {cfg.preference_data}: {run.stats.summary()}")
     else:
-        train_records = _read(cfg.train_data, cfg, cfg.max_samples, "training")
-        train_examples, stats = encode_records(formatter, train_records)
-        say(f"[adgen] train data: {cfg.train_data}: {stats.summary()}")
-    if not train_examples:
+        run.train_records = _read(cfg.train_data, cfg, cfg.max_samples, "training")
+        run.train_examples, run.stats = encode_records(run.formatter, run.train_records)
+        say(f"[adgen] train data: {cfg.train_data}: {run.stats.summary()}")
+    if not run.train_examples:
         raise AdgenError(f"no training example fits max_length={cfg.max_length}: raise max_length")
-    eval_examples, eval_records = [], []
     if cfg.eval_data:
-        eval_records = _read(cfg.eval_data, cfg, cfg.max_eval_samples, "eval")
-        eval_examples, estats = encode_records(formatter, eval_records)
+        run.eval_records = _read(cfg.eval_data, cfg, cfg.max_eval_samples, "eval")
+        run.eval_examples, estats = encode_records(run.formatter, run.eval_records)
         say(f"[adgen] eval data: {cfg.eval_data}: {estats.summary()}")
+    if cfg.gen_eval_every:
+        run.gen_records = [r for r in run.eval_records if r.summary][: cfg.gen_eval_samples]
+    run.pad_id = run.tokenizer.pad_token_id
 
-    # -- model + method ------------------------------------------------------------------------
+
+def setup_model(run: TrainRun) -> None:
+    """The base model, the training method on it, and the batching / attention the run will use."""
+    from accelerate.utils import set_seed
+
+    from adgen.train.dpo import disable_dropout
+    from adgen.train.peft_setup import (
+        add_neftune_noise,
+        apply_method,
+        count_parameters,
+        load_base_model,
+        rewrites_base,
+        save_initial_adapter,
+    )
+
+    cfg = run.cfg
     set_seed(cfg.seed)
-    base = load_base_model(cfg, str(resolved.path), precision, device, local_rank=accelerator.local_process_index)
-    model = apply_method(base, cfg, precision)
-    if rewrites_base(cfg) and main and not (out / LORA_INIT).is_dir():
-        save_initial_adapter(model, out / LORA_INIT)  # PiSSA / OLoRA: to convert the result on save
+    base = load_base_model(cfg, str(run.resolved_model.path), run.precision, run.device,
+                           local_rank=run.accelerator.local_process_index)
+    run.model = apply_method(base, cfg, run.precision)
+    if rewrites_base(cfg) and run.main and not (run.out / LORA_INIT).is_dir():
+        save_initial_adapter(run.model, run.out / LORA_INIT)  # PiSSA / OLoRA: to convert the result on save
     if cfg.neftune_alpha:
-        add_neftune_noise(model, cfg.neftune_alpha)
-    if dpo:
-        disable_dropout(model)  # policy and reference log-probabilities must be computed alike
-    trainable, total = count_parameters(model)
+        add_neftune_noise(run.model, cfg.neftune_alpha)
+    if run.dpo:
+        disable_dropout(run.model)  # policy and reference log-probabilities must be computed alike
+    trainable, total = count_parameters(run.model)
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
+    attention = _choose_batching(run, base)
+    for n in run.notes:
+        run.say(f"[adgen] note: {n}")
+    run.resolved.update(precision=run.precision.name, batching=run.batching, attention=attention,
+                        trainable_parameters=trainable, total_parameters=total)
+    run.say(
+        f"[adgen] model {cfg.model} ({run.resolved_model.kind}), method {cfg.method}, precision {run.precision.name}, "
+        f"batching {run.batching}, attention {attention}, {run.world} process(es) on {run.device.type}; trainable "
+        f"{trainable:,} / {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
+    )
 
-    batching = cfg.batching
-    notes: list[str] = []
-    if batching == "packed" and cfg.method == "prefix":
-        batching = "grouped"
-        notes.append(
+
+def _choose_batching(run: TrainRun, base) -> str:
+    """Decide packed vs padded rows and the attention kernel once; returns the attention's name."""
+    from adgen.train.packed_attention import enable_packed_attention
+
+    cfg = run.cfg
+    run.batching = cfg.batching
+    if run.batching == "packed" and cfg.method == "prefix":
+        run.batching = "grouped"
+        run.notes.append(
             "prefix tuning: packing is off (the trained prefix is a key/value cache, and transformers only "
             "separates packed samples without one); using length-grouped padded batches"
         )
-    elif batching == "packed" and cfg.trust_remote_code:
-        batching = "grouped"
-        notes.append("remote-code model: its attention may ignore per-sample position ids, so packing is off; "
-                     "using length-grouped padded batches")
+    elif run.batching == "packed" and cfg.trust_remote_code:
+        run.batching = "grouped"
+        run.notes.append("remote-code model: its attention may ignore per-sample position ids, so packing is off; "
+                         "using length-grouped padded batches")
     attention = getattr(base.config, "_attn_implementation", None) or "default"
-    share_prefix = False  # the common prompt start once per packed row: needs our per-example attention
-    if batching == "packed" and not cfg.attn_implementation and enable_packed_attention(base):
-        share_prefix = cfg.share_prompt_prefix and cfg.loss_on == "response"
-        attention = "per-example" + (", shared prompt prefix" if share_prefix else "")
-    for n in notes:
-        say(f"[adgen] note: {n}")
-    say(
-        f"[adgen] model {cfg.model} ({resolved.kind}), method {cfg.method}, precision {precision.name}, "
-        f"batching {batching}, attention {attention}, {world} process(es) on {device.type}; trainable {trainable:,} / {total:,} parameters "
-        f"({100 * trainable / max(total, 1):.3f}%)"
-    )
+    run.share_prefix = False  # the common prompt start once per packed row: needs our per-example attention
+    if run.batching == "packed" and not cfg.attn_implementation and enable_packed_attention(base):
+        run.share_prefix = cfg.share_prompt_prefix and cfg.loss_on == "response"
+        attention = "per-example" + (", shared prompt prefix" if run.share_prefix else "")
+    return attention
 
-    # -- optimisation --------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def setup_optimization(run: TrainRun) -> None:
+    """Optimizer, data order, schedule, loss module (logits selection decided here), DPO reference."""
+    import torch
+
+    from adgen.train.collate import DataOrder
+    from adgen.train.dpo import DPOLoss
+    from adgen.train.loss import CausalLMLoss
+    from adgen.train.peft_setup import optimizer_groups
+
+    cfg, model = run.cfg, run.model
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
     )
-    order = DataOrder(
-        [len(e) if dpo else len(e.input_ids) for e in train_examples], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        world_size=world, seed=cfg.seed, batching=batching,
+    run.order = DataOrder(
+        [len(e) if run.dpo else len(e.input_ids) for e in run.train_examples], batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum, world_size=run.world, seed=cfg.seed, batching=run.batching,
     )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.num_examples / order.examples_per_step))
-    warmup = _warmup_steps(cfg, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
+    run.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.order.num_examples / run.order.examples_per_step))
+    run.warmup = _warmup_steps(cfg, run.total_steps)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg.lr_scheduler, run.warmup, run.total_steps, cfg.min_lr_ratio)
     )
-    _fill_deepspeed_config(accelerator, cfg)
-    if dpo:
-        loss_module = DPOLoss(model, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight,
-                              select_logits=cfg.target_logits_only)
+    _fill_deepspeed_config(run.accelerator, cfg)
+    if run.dpo:
+        run.loss_module = DPOLoss(model, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight,
+                                  select_logits=cfg.target_logits_only)
     else:
-        loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only)
-    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
-    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
-    pad_id = tokenizer.pad_token_id
+        run.loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only)
+    lm = run.loss_module.lm if run.dpo else run.loss_module
+    probe = make_batch(run, run.order.step_indices(0, run.rank)[0][:1])
+    logits = lm.decide_logits_selection(probe.to(run.device))
+    run.resolved["logits"] = logits
+    run.wrapped, run.optimizer = run.accelerator.prepare(run.loss_module, optimizer)
+    run.params = [p for p in run.wrapped.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
     # SFT eval loss (of the references) also for DPO runs: through the plain LM loss inside the DPO module
-    eval_loss_module = loss_module.lm if dpo else wrapped
-    reference = None
-    if dpo:  # before a resume loads trained weights: the reference is the starting model
-        reference = _dpo_reference(cfg, out, accelerator, loss_module, train_examples, batching, pad_id,
-                                   share_prefix, resuming=ckpt_info is not None, say=say)
+    run.eval_loss_module = run.loss_module.lm if run.dpo else run.wrapped
+    if run.dpo:  # before a resume loads trained weights: the reference is the starting model
+        run.reference = _dpo_reference(cfg, run.out, run.accelerator, run.loss_module, run.train_examples,
+                                       run.batching, run.pad_id, run.share_prefix,
+                                       resuming=run.ckpt_info is not None, say=run.say)
 
-    # -- resume --------------------------------------------------------------------------------
-    start_step, metrics = 0, []
-    counters = {"tokens": 0, "padded": 0, "examples": 0, "train_time": 0.0}
-    last_ckpt: str | None = None
-    if ckpt_info is not None:
-        state = ckpt_mod.load_checkpoint(
-            accelerator, ckpt_info, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler
-        )
-        start_step, metrics = state["step"], state["metrics"]
-        counters.update(state["counters"])
-        last_ckpt = str(ckpt_info.path)
-        diff = dict_diff(state.get("config", {}), asdict(cfg), ignore=RESUME_MUTABLE_KEYS)
+
+def restore_checkpoint(run: TrainRun) -> None:
+    """Resume: weights, optimizer, schedule, counters and metrics of the checkpoint (or start afresh)."""
+    info = run.ckpt_info
+    if info is not None:
+        state = ckpt_mod.load_checkpoint(run.accelerator, info, model=run.model, wrapped=run.wrapped,
+                                         optimizer=run.optimizer, scheduler=run.scheduler)
+        run.start_step, run.metrics = state["step"], state["metrics"]
+        run.counters.update(state["counters"])
+        run.last_ckpt = str(info.path)
+        diff = dict_diff(state.get("config", {}), asdict(run.cfg), ignore=RESUME_MUTABLE_KEYS)
         if diff:
-            say("[adgen] warning: the config differs from the checkpoint's; the result will differ from an "
-                "uninterrupted run: " + "; ".join(diff[:8]))
-        say(f"[adgen] resumed from {ckpt_info.path} at step {start_step}/{total_steps}")
-    if main:
-        atomic_write_jsonl(out / "metrics.jsonl", metrics)
-    say(
-        f"[adgen] {len(train_examples)} examples, {order.examples_per_step} per step "
-        f"({cfg.batch_size} x {cfg.grad_accum} accum x {world} proc), {total_steps} steps "
-        f"({order.epoch_at(total_steps):.2f} epochs), warmup {warmup}, setup {time.perf_counter() - t_setup:.1f}s"
-    )
+            run.say("[adgen] warning: the config differs from the checkpoint's; the result will differ from an "
+                    "uninterrupted run: " + "; ".join(diff[:8]))
+        run.say(f"[adgen] resumed from {info.path} at step {run.start_step}/{run.total_steps}")
+    run.step = run.start_step
+    if run.main:
+        atomic_write_jsonl(run.out / "metrics.jsonl", run.metrics)
 
-    summary_base = {
-        "output_dir": str(out), "model": cfg.model, "model_path": str(resolved.path), "method": cfg.method,
-        "objective": cfg.objective,
-        "precision": precision.name, "batching": batching, "processes": world, "device": device.type,
-        "trainable_parameters": trainable, "total_parameters": total, "train_examples": len(train_examples),
-        "eval_examples": len(eval_examples), "truncated_examples": stats.truncated, "dropped_examples": stats.dropped,
-        "total_steps": total_steps, "notes": notes,
+
+def announce(run: TrainRun, setup_s: float) -> None:
+    """The run's plan in one line, and the summary fields known before the first step."""
+    cfg, order = run.cfg, run.order
+    run.say(
+        f"[adgen] {len(run.train_examples)} examples, {order.examples_per_step} per step "
+        f"({cfg.batch_size} x {cfg.grad_accum} accum x {run.world} proc), {run.total_steps} steps "
+        f"({order.epoch_at(run.total_steps):.2f} epochs), warmup {run.warmup}, setup {setup_s:.1f}s"
+    )
+    run.summary_base = {
+        "output_dir": str(run.out), "model": cfg.model, "model_path": str(run.resolved_model.path),
+        "method": cfg.method, "objective": cfg.objective, "precision": run.precision.name, "batching": run.batching,
+        "processes": run.world, "device": run.device.type,
+        "trainable_parameters": run.resolved["trainable_parameters"], "total_parameters": run.resolved["total_parameters"],
+        "train_examples": len(run.train_examples), "eval_examples": len(run.eval_examples),
+        "truncated_examples": run.stats.truncated, "dropped_examples": run.stats.dropped,
+        "total_steps": run.total_steps, "notes": run.notes, "resolved": run.resolved,
     }
 
-    def state_for_checkpoint(step: int) -> dict:
-        return {"step": step, "data_position": step * order.examples_per_step, "world_size": world,
-                "counters": dict(counters), "metrics": metrics, "config": asdict(cfg)}
 
-    def reduce_sum(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if world > 1:
-            t = accelerator.reduce(t, reduction="sum")
-        return t.tolist()
+# ---- the steps -------------------------------------------------------------------------------------
+def make_batch(run: TrainRun, idx: list[int]):
+    from adgen.train.collate import collate
+    from adgen.train.dpo import collate_pairs
 
-    def evaluate() -> float | None:
-        if not eval_examples:
-            return None
-        _eval_mode(wrapped, keep_4bit_training=cfg.quantized and device.type == "cpu")
-        loss_sum, count = 0.0, 0
-        with torch.no_grad():
-            for b in eval_batches(eval_examples, cfg.batch_size, batching, pad_id, rank, world, share_prefix):
-                b = b.to(device)
-                s, n = eval_loss_module(b.input_ids, b.targets, b.position_ids, b.attention_mask)
-                loss_sum += float(s)
-                count += n
-        wrapped.train()
-        loss_sum, count = reduce_sum([loss_sum, count])
-        return loss_sum / max(count, 1)
+    if run.dpo:
+        import torch
 
-    def write_metrics_row(row: dict) -> None:
-        tracking.log(accelerator, cfg, row)
-        metrics.append(row)
-        if main:
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        ref = None
+        if run.reference is not None:
+            ref = torch.cat([run.reference[idx, 0], run.reference[idx, 1]]).float()
+        return collate_pairs([run.train_examples[i] for i in idx], run.batching, run.pad_id, run.share_prefix, ref)
+    return collate([run.train_examples[i] for i in idx], run.batching, run.pad_id, run.share_prefix)
 
-    gen_records = [r for r in eval_records if r.summary][: cfg.gen_eval_samples] if cfg.gen_eval_every else []
-    gen_vocab = None
 
-    def gen_evaluate(step: int) -> None:
-        """Generation metrics on the first eval records (every process generates: the same greedy text,
-        so each one takes the same best / early-stopping decision)."""
-        nonlocal gen_vocab
-        from adgen.metrics import AttributeVocab
-        from adgen.train.gen_eval import generation_metrics
+def reduce_sum(run: TrainRun, values: list[float]) -> list[float]:
+    import torch
 
-        if gen_vocab is None:
-            gen_vocab = AttributeVocab.from_records(train_records, source=str(cfg.train_data))
-        t = time.perf_counter()
-        figures = generation_metrics(model, tokenizer, formatter, gen_records, gen_vocab,
-                                     max_new_tokens=cfg.gen_max_new_tokens)  # puts the model back in train mode
-        write_metrics_row({"step": step, "gen_eval": figures, "gen_eval_s": round(time.perf_counter() - t, 1)})
-        say(f"[adgen] step {step}: generation on {figures['n']} eval records: ROUGE-1 {figures['rouge-1']:.2f} "
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        t = run.accelerator.reduce(t, reduction="sum")
+    return t.tolist()
+
+
+def train_step(run: TrainRun, step: int) -> dict:
+    """One optimizer step over every micro-batch of every process; the figures the log needs."""
+    import torch
+
+    cfg, accelerator, wrapped = run.cfg, run.accelerator, run.wrapped
+    t0 = time.perf_counter()
+    batches = [make_batch(run, idx) for idx in run.order.step_indices(step - 1, run.rank)]
+    local = [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches),
+             sum(b.num_padded for b in batches), sum(b.num_examples for b in batches)]
+    n_targets, n_tokens, n_padded, n_examples = reduce_sum(run, local) if run.world > 1 else local
+    scale = run.world * cfg.grad_accum / max(n_targets, 1)
+    loss_local = torch.zeros((), dtype=torch.float64, device=run.device)
+    for b in batches:
+        b = b.to(run.device)
+        with accelerator.accumulate(wrapped):
+            loss_sum, _, *extra = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask, **b.loss_kwargs())
+            accelerator.backward(loss_sum * scale)
+        loss_local += loss_sum.detach().double()
+        for k, v in (extra[0] if extra else {}).items():
+            run.window_stats[k] = run.window_stats.get(k, 0.0) + v
+    loss = (reduce_sum(run, [float(loss_local)])[0] if run.world > 1 else float(loss_local)) / max(n_targets, 1)
+    if not math.isfinite(loss):
+        run.status = "diverged"
+        raise TrainingDiverged(
+            f"the training loss became {loss} at step {step}; the run stopped without applying that update. "
+            f"Last good checkpoint: {run.last_ckpt or 'none (no checkpoint was written yet)'}. "
+            f"Try a lower lr (now {cfg.lr:g}), precision=bf16 or fp32 instead of fp16, max_grad_norm=1.0, "
+            "or check the data; continue from the checkpoint with --resume"
+        )
+    grad_norm = None
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        gn = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        grad_norm = float(gn) if gn is not None else None
+    lr_now = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    if not run.optimizer.step_was_skipped:
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    for key, value in (("tokens", n_tokens), ("padded", n_padded), ("examples", n_examples)):
+        run.counters[key] += int(value)
+    run.counters["train_time"] += dt
+    run.window["loss"] += loss * n_targets
+    run.window["targets"] += n_targets
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr_now, "tokens": n_tokens, "padded": n_padded,
+            "tokens_per_s": n_tokens / dt if dt > 0 else 0.0}
+
+
+class _TimeBudget:
+    """`max_minutes`: after BUDGET_PROBE_STEPS steps, shorten the schedule to the steps that fit."""
+
+    def __init__(self, run: TrainRun) -> None:
+        self.t0 = self.first_step_end = time.perf_counter()
+
+    def after_step(self, run: TrainRun, bar) -> None:
+        cfg, step = run.cfg, run.step
+        if not cfg.max_minutes:
+            return
+        if step == run.start_step + 1:
+            self.first_step_end = time.perf_counter()
+        if step != run.start_step + BUDGET_PROBE_STEPS:
+            return
+        now = time.perf_counter()
+        per_step = (now - self.first_step_end) / (BUDGET_PROBE_STEPS - 1)
+        planned = _steps_in_budget(cfg, step, run.total_steps, now - self.t0, per_step)
+        if planned >= run.total_steps:
+            return
+        run.total_steps = planned
+        run.warmup = _warmup_steps(cfg, planned)
+        if cfg.warmup_steps is not None:  # a fixed warmup must leave a step to decay in
+            run.warmup = min(run.warmup, max(0, planned - 1))
+        run.scheduler.lr_lambdas = [_lr_lambda(cfg.lr_scheduler, run.warmup, planned, cfg.min_lr_ratio)
+                                    for _ in run.scheduler.lr_lambdas]
+        run.summary_base["total_steps"] = planned
+        bar.total = planned
+        run.say(f"[adgen] time budget {cfg.max_minutes:g} min: {planned} steps fit "
+                f"({run.order.epoch_at(planned):.2f} epochs), warmup {run.warmup}")
+
+
+def log_step(run: TrainRun, figures: dict, bar) -> None:
+    """A metrics row every `log_every` steps (mean loss of the window), the progress bar always."""
+    cfg, step = run.cfg, run.step
+    if step % cfg.log_every == 0 or step == run.total_steps:
+        row = {
+            "step": step, "epoch": round(run.order.epoch_at(step), 4),
+            "loss": run.window["loss"] / max(run.window["targets"], 1), "lr": figures["lr"],
+            "grad_norm": figures["grad_norm"], "tokens": run.counters["tokens"],
+            "tokens_per_s": round(figures["tokens_per_s"], 1),
+            "padding": round(1 - figures["tokens"] / max(figures["padded"], 1), 4),
+            "peak_mem_gb": round(_peak_memory_gb(run.device)[0], 3),
+            "time": round(run.counters["train_time"], 2),
+        }
+        # DPO (this process's pairs): share where chosen beat rejected, mean reward margin
+        row.update({k: round(v / max(run.window["targets"] / run.world, 1), 4) for k, v in run.window_stats.items()})
+        write_metrics_row(run, row)
+        run.window, run.window_stats = {"loss": 0.0, "targets": 0}, {}
+        if not cfg.progress:  # plain log lines instead of the bar (CI, log files)
+            run.say(f"[adgen] step {step}/{run.total_steps} loss {row['loss']:.4f} lr {figures['lr']:.2e} "
+                    f"tokens/s {figures['tokens_per_s']:.0f} padding {100 * row['padding']:.1f}% "
+                    f"peak mem {row['peak_mem_gb']:.2f} GiB")
+    bar.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{figures['lr']:.2e}", tok_s=f"{figures['tokens_per_s']:.0f}",
+                    refresh=False)
+    bar.update(1)
+
+
+def write_metrics_row(run: TrainRun, row: dict) -> None:
+    tracking.log(run.accelerator, run.cfg, row)
+    run.metrics.append(row)
+    if run.main:
+        with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---- evaluation, best/, checkpoints ------------------------------------------------------------------
+def evaluate(run: TrainRun) -> float | None:
+    """Token-weighted eval loss of the references over every process's share of the eval examples."""
+    import torch
+
+    from adgen.train.collate import eval_batches
+
+    if not run.eval_examples:
+        return None
+    cfg = run.cfg
+    _eval_mode(run.wrapped, keep_4bit_training=cfg.quantized and run.device.type == "cpu")
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for b in eval_batches(run.eval_examples, cfg.batch_size, run.batching, run.pad_id, run.rank, run.world,
+                              run.share_prefix):
+            b = b.to(run.device)
+            s, n = run.eval_loss_module(b.input_ids, b.targets, b.position_ids, b.attention_mask)
+            loss_sum += float(s)
+            count += n
+    run.wrapped.train()
+    loss_sum, count = reduce_sum(run, [loss_sum, count])
+    return loss_sum / max(count, 1)
+
+
+def gen_evaluate(run: TrainRun, step: int) -> None:
+    """Generation metrics on the first eval records (every process generates: the same greedy text,
+    so each one takes the same best / early-stopping decision)."""
+    from adgen.metrics import AttributeVocab
+    from adgen.train.gen_eval import generation_metrics
+
+    if run.gen_vocab is None:
+        run.gen_vocab = AttributeVocab.from_records(run.train_records, source=str(run.cfg.train_data))
+    t = time.perf_counter()
+    figures = generation_metrics(run.model, run.tokenizer, run.formatter, run.gen_records, run.gen_vocab,
+                                 max_new_tokens=run.cfg.gen_max_new_tokens)  # puts the model back in train mode
+    write_metrics_row(run, {"step": step, "gen_eval": figures, "gen_eval_s": round(time.perf_counter() - t, 1)})
+    run.say(f"[adgen] step {step}: generation on {figures['n']} eval records: ROUGE-1 {figures['rouge-1']:.2f} "
             f"BLEU-4 {figures['bleu-4']:.2f} coverage {figures['attr_coverage'] or 0:.2f} "
             f"ended {figures['ended_share']:.0%} never stopped {figures['never_stopped_share']:.0%} "
             f"repetition {figures['repetition_rate']:.2f}")
 
-    def track_best(step: int) -> bool:
-        """Save best/ when `step` is the best evaluation so far; True when early stopping ends the run."""
-        if not cfg.best_metric:
-            return False
-        from adgen.train.gen_eval import best_so_far
 
-        best_step, best, since = best_so_far(metrics, cfg.best_metric)
-        if best_step == step:
-            save_final(accelerator, cfg, out, model, wrapped, tokenizer, name="best")
-            say(f"[adgen] step {step}: new best {cfg.best_metric} {best:.4f} -> {out / 'best'}")
-        return bool(cfg.early_stopping_patience) and since >= cfg.early_stopping_patience
+def track_best(run: TrainRun, step: int) -> bool:
+    """Save best/ when `step` is the best evaluation so far; True when early stopping ends the run."""
+    cfg = run.cfg
+    if not cfg.best_metric:
+        return False
+    from adgen.train.gen_eval import best_so_far
 
-    # -- the loop ------------------------------------------------------------------------------
+    best_step, best, since = best_so_far(run.metrics, cfg.best_metric)
+    if best_step == step:
+        save_final(run.accelerator, cfg, run.out, run.model, run.wrapped, run.tokenizer, name="best")
+        run.say(f"[adgen] step {step}: new best {cfg.best_metric} {best:.4f} -> {run.out / 'best'}")
+    return bool(cfg.early_stopping_patience) and since >= cfg.early_stopping_patience
+
+
+def maybe_evaluate(run: TrainRun) -> None:
+    """The loss / generation evaluations due at this step, best/, and early stopping (ends the schedule)."""
+    cfg, step = run.cfg, run.step
+    evaluated = False
+    if cfg.eval_every and step % cfg.eval_every == 0 and step != run.total_steps and run.eval_examples:
+        run.last_eval = evaluate(run)
+        write_metrics_row(run, {"step": step, "eval_loss": run.last_eval})
+        run.say(f"[adgen] step {step}: eval loss {run.last_eval:.4f}")
+        evaluated = True
+    if cfg.gen_eval_every and step % cfg.gen_eval_every == 0 and step != run.total_steps and run.gen_records:
+        gen_evaluate(run, step)
+        evaluated = True
+    if evaluated and track_best(run, step):
+        run.status = "early_stopped"
+        run.say(f"[adgen] step {step}: early stopping, no better {cfg.best_metric} in "
+                f"{cfg.early_stopping_patience} evaluation(s); the best is in {run.out / 'best'}")
+        run.total_steps = step
+        run.summary_base["total_steps"] = step
+
+
+def maybe_checkpoint(run: TrainRun) -> None:
+    cfg, step = run.cfg, run.step
+    if cfg.save_every and (step % cfg.save_every == 0 or step == run.total_steps):
+        trainer_state = {"step": step, "data_position": step * run.order.examples_per_step, "world_size": run.world,
+                         "counters": dict(run.counters), "metrics": run.metrics, "config": asdict(cfg)}
+        path = ckpt_mod.save_checkpoint(
+            run.accelerator, run.out, step, model=run.model, wrapped=run.wrapped, optimizer=run.optimizer,
+            scheduler=run.scheduler, trainer_state=trainer_state, keep=cfg.keep_checkpoints, is_peft=cfg.is_peft,
+        )
+        run.last_ckpt = str(path)
+
+
+# ---- the loop and the end --------------------------------------------------------------------------
+def fit(run: TrainRun) -> None:
+    """Optimizer steps until the schedule (or the time budget, or early stopping) ends."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress), file=sys.stderr)
-    wrapped.train()
-    trim_heap = _heap_trimmer(device)
-    window = {"loss": 0.0, "targets": 0}
-    window_stats: dict[str, float] = {}  # DPO: reward accuracy / margins, summed over the window's pairs
-
-    def make_batch(idx: list[int]):
-        if dpo:
-            ref = torch.cat([reference[idx, 0], reference[idx, 1]]).float()
-            return collate_pairs([train_examples[i] for i in idx], batching, pad_id, share_prefix, ref)
-        return collate([train_examples[i] for i in idx], batching, pad_id, share_prefix)
-
-    tokens_per_s = 0.0
-    last_eval = None
-    status = "completed"
-    step = start_step
-    if cfg.eval_on_start and start_step == 0 and eval_examples:
-        write_metrics_row({"step": 0, "eval_loss": evaluate()})
-        say(f"[adgen] step 0: eval loss {metrics[-1]['eval_loss']:.4f}")
-    loop_t0 = first_step_end = time.perf_counter()
+    cfg = run.cfg
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (run.main and cfg.progress), file=sys.stderr)
+    run.wrapped.train()
+    trim_heap = _heap_trimmer(run.device)
+    if cfg.eval_on_start and run.start_step == 0 and run.eval_examples:
+        write_metrics_row(run, {"step": 0, "eval_loss": evaluate(run)})
+        run.say(f"[adgen] step 0: eval loss {run.metrics[-1]['eval_loss']:.4f}")
+    budget = _TimeBudget(run)
     try:
-        while step < total_steps:
-            step += 1
-            t0 = time.perf_counter()
-            batches = [make_batch(idx) for idx in order.step_indices(step - 1, rank)]
-            local = [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches),
-                     sum(b.num_padded for b in batches), sum(b.num_examples for b in batches)]
-            n_targets, n_tokens, n_padded, n_examples = reduce_sum(local) if world > 1 else local
-            scale = world * cfg.grad_accum / max(n_targets, 1)
-            loss_local = torch.zeros((), dtype=torch.float64, device=device)
-            for b in batches:
-                b = b.to(device)
-                with accelerator.accumulate(wrapped):
-                    loss_sum, _, *extra = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask,
-                                                  **b.loss_kwargs())
-                    accelerator.backward(loss_sum * scale)
-                loss_local += loss_sum.detach().double()
-                for k, v in (extra[0] if extra else {}).items():
-                    window_stats[k] = window_stats.get(k, 0.0) + v
-            loss = (reduce_sum([float(loss_local)])[0] if world > 1 else float(loss_local)) / max(n_targets, 1)
-            if not math.isfinite(loss):
-                status = "diverged"
-                raise TrainingDiverged(
-                    f"the training loss became {loss} at step {step}; the run stopped without applying that update. "
-                    f"Last good checkpoint: {last_ckpt or 'none (no checkpoint was written yet)'}. "
-                    f"Try a lower lr (now {cfg.lr:g}), precision=bf16 or fp32 instead of fp16, max_grad_norm=1.0, "
-                    "or check the data; continue from the checkpoint with --resume"
-                )
-            grad_norm = None
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                gn = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                grad_norm = float(gn) if gn is not None else None
-            lr_now = scheduler.get_last_lr()[0]
-            optimizer.step()
-            if not optimizer.step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        while run.step < run.total_steps:
+            run.step += 1
+            figures = train_step(run, run.step)
             trim_heap()
-            dt = time.perf_counter() - t0
-            counters["tokens"] += int(n_tokens)
-            counters["padded"] += int(n_padded)
-            counters["examples"] += int(n_examples)
-            counters["train_time"] += dt
-            tokens_per_s = n_tokens / dt if dt > 0 else 0.0
-            window["loss"] += loss * n_targets
-            window["targets"] += n_targets
-            if cfg.max_minutes and step == start_step + 1:
-                first_step_end = time.perf_counter()
-            if cfg.max_minutes and step == start_step + BUDGET_PROBE_STEPS:
-                now = time.perf_counter()
-                per_step = (now - first_step_end) / (BUDGET_PROBE_STEPS - 1)
-                planned = _steps_in_budget(cfg, step, total_steps, now - loop_t0, per_step)
-                if planned < total_steps:
-                    total_steps = planned
-                    warmup = _warmup_steps(cfg, total_steps)
-                    if cfg.warmup_steps is not None:  # a fixed warmup must leave a step to decay in
-                        warmup = min(warmup, max(0, total_steps - 1))
-                    scheduler.lr_lambdas = [_lr_lambda(cfg.lr_scheduler, warmup, total_steps, cfg.min_lr_ratio)
-                                            for _ in scheduler.lr_lambdas]
-                    summary_base["total_steps"] = total_steps
-                    bar.total = total_steps
-                    say(f"[adgen] time budget {cfg.max_minutes:g} min: {total_steps} steps fit "
-                        f"({order.epoch_at(total_steps):.2f} epochs), warmup {warmup}")
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = {
-                    "step": step, "epoch": round(order.epoch_at(step), 4),
-                    "loss": window["loss"] / max(window["targets"], 1), "lr": lr_now,
-                    "grad_norm": grad_norm, "tokens": counters["tokens"],
-                    "tokens_per_s": round(tokens_per_s, 1),
-                    "padding": round(1 - n_tokens / max(n_padded, 1), 4),
-                    "peak_mem_gb": round(_peak_memory_gb(device)[0], 3),
-                    "time": round(counters["train_time"], 2),
-                }
-                # DPO (this process's pairs): share where chosen beat rejected, mean reward margin
-                row.update({k: round(v / max(window["targets"] / world, 1), 4) for k, v in window_stats.items()})
-                write_metrics_row(row)
-                window, window_stats = {"loss": 0.0, "targets": 0}, {}
-                if not cfg.progress:  # plain log lines instead of the bar (CI, log files)
-                    say(f"[adgen] step {step}/{total_steps} loss {row['loss']:.4f} lr {lr_now:.2e} "
-                        f"tokens/s {tokens_per_s:.0f} padding {100 * row['padding']:.1f}% "
-                        f"peak mem {row['peak_mem_gb']:.2f} GiB")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            bar.update(1)
-
-            evaluated = False
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and eval_examples:
-                last_eval = evaluate()
-                write_metrics_row({"step": step, "eval_loss": last_eval})
-                say(f"[adgen] step {step}: eval loss {last_eval:.4f}")
-                evaluated = True
-            if cfg.gen_eval_every and step % cfg.gen_eval_every == 0 and step != total_steps and gen_records:
-                gen_evaluate(step)
-                evaluated = True
-            if evaluated and track_best(step):
-                status = "early_stopped"
-                say(f"[adgen] step {step}: early stopping, no better {cfg.best_metric} in "
-                    f"{cfg.early_stopping_patience} evaluation(s); the best is in {out / 'best'}")
-                total_steps = step
-                summary_base["total_steps"] = step
-            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-                path = ckpt_mod.save_checkpoint(
-                    accelerator, out, step, model=model, wrapped=wrapped, optimizer=optimizer,
-                    scheduler=scheduler, trainer_state=state_for_checkpoint(step), keep=cfg.keep_checkpoints,
-                    is_peft=cfg.is_peft,
-                )
-                last_ckpt = str(path)
+            budget.after_step(run, bar)
+            log_step(run, figures, bar)
+            maybe_evaluate(run)
+            maybe_checkpoint(run)
     except TrainingDiverged:
         bar.close()
-        if main:
-            summary = {**summary_base, "status": status, "steps": step - 1, "last_checkpoint": last_ckpt}
-            atomic_write_json(out / "summary.json", summary)
-            atomic_write_jsonl(out / "metrics.jsonl", metrics)
+        if run.main:
+            summary = {**run.summary_base, "status": run.status, "steps": run.step - 1, "last_checkpoint": run.last_ckpt}
+            atomic_write_json(run.out / "summary.json", summary)
+            atomic_write_jsonl(run.out / "metrics.jsonl", run.metrics)
         raise
     bar.close()
 
-    # -- final eval and artefacts --------------------------------------------------------------
-    if status != "early_stopped":  # (an early stop was decided on this step's evaluation)
-        if eval_examples:
-            last_eval = evaluate()
-            write_metrics_row({"step": total_steps, "eval_loss": last_eval})
-        if gen_records:
-            gen_evaluate(total_steps)
-        track_best(total_steps)
-    artefact = save_final(accelerator, cfg, out, model, wrapped, tokenizer)
-    peak, peak_kind = _peak_memory_gb(device)
-    peak = max([peak] + [r.get("peak_mem_gb", 0.0) for r in metrics if "loss" in r])
-    train_rows = [r for r in metrics if "loss" in r]
-    summary = {
-        **summary_base,
-        "status": status,
-        "steps": total_steps,
-        "epochs": round(order.epoch_at(total_steps), 4),
+
+def finish(run: TrainRun) -> TrainResult:
+    """Final evaluations, the trained weights, loss.png, attribute_vocab.json and the summary."""
+    cfg, out = run.cfg, run.out
+    if run.status != "early_stopped":  # (an early stop was decided on this step's evaluation)
+        if run.eval_examples:
+            run.last_eval = evaluate(run)
+            write_metrics_row(run, {"step": run.total_steps, "eval_loss": run.last_eval})
+        if run.gen_records:
+            gen_evaluate(run, run.total_steps)
+        track_best(run, run.total_steps)
+    artefact = save_final(run.accelerator, cfg, out, run.model, run.wrapped, run.tokenizer)
+    summary = _final_summary(run, artefact)
+    if run.main:
+        atomic_write_jsonl(out / "metrics.jsonl", run.metrics)
+        if cfg.plot:
+            from adgen.train.plots import plot_losses
+
+            plot_losses(run.metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}" + (" · DPO" if run.dpo else ""),
+                        **({"ylabel": "train: DPO loss (+ sft_weight x NLL); eval: token cross-entropy"} if run.dpo else {}))
+        _save_vocab(run.train_records, out / "attribute_vocab.json", cfg.train_data, run.say, vocab=run.gen_vocab)
+        atomic_write_text(out / "train_summary.md", summary_markdown(summary))
+        atomic_write_json(out / "summary.json", summary)
+    run.accelerator.wait_for_everyone()
+    if run.world > 1 or cfg.report_to:
+        run.accelerator.end_training()  # closes the trackers; destroys the process group
+    return TrainResult(out, run.status, run.total_steps, summary, run.metrics)
+
+
+def _final_summary(run: TrainRun, artefact: Path) -> dict:
+    counters, out = run.counters, run.out
+    peak, peak_kind = _peak_memory_gb(run.device)
+    peak = max([peak] + [r.get("peak_mem_gb", 0.0) for r in run.metrics if "loss" in r])
+    train_rows = [r for r in run.metrics if "loss" in r]
+    return {
+        **run.summary_base,
+        "status": run.status,
+        "steps": run.total_steps,
+        "epochs": round(run.order.epoch_at(run.total_steps), 4),
         "train_time_s": round(counters["train_time"], 1),
         "tokens": counters["tokens"],
         "tokens_per_s": round(counters["tokens"] / max(counters["train_time"], 1e-9), 1),
@@ -632,27 +822,12 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
         "peak_memory_kind": peak_kind,
         "first_train_loss": train_rows[0]["loss"] if train_rows else None,
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
-        "final_eval_loss": last_eval,
+        "final_eval_loss": run.last_eval,
         "artefact": str(artefact),
-        "last_checkpoint": last_ckpt,
-        **_best_summary(cfg, metrics, out),
-        "files": {k: str(out / k) for k in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json",
-                                            "train_summary.md", "attribute_vocab.json")},
+        "last_checkpoint": run.last_ckpt,
+        **_best_summary(run.cfg, run.metrics, out),
+        "files": {k: str(out / k) for k in RUN_FILES if "." in k},
     }
-    if main:
-        atomic_write_jsonl(out / "metrics.jsonl", metrics)
-        if cfg.plot:
-            from adgen.train.plots import plot_losses
-
-            plot_losses(metrics, out / "loss.png", title=f"{cfg.model} · {cfg.method}" + (" · DPO" if dpo else ""),
-                        **({"ylabel": "train: DPO loss (+ sft_weight x NLL); eval: token cross-entropy"} if dpo else {}))
-        _save_vocab(train_records, out / "attribute_vocab.json", cfg.train_data, say, vocab=gen_vocab)
-        atomic_write_text(out / "train_summary.md", summary_markdown(summary))
-        atomic_write_json(out / "summary.json", summary)
-    accelerator.wait_for_everyone()
-    if world > 1 or cfg.report_to:
-        accelerator.end_training()  # closes the trackers; destroys the process group
-    return TrainResult(out, status, total_steps, summary, metrics)
 
 
 LORA_INIT = "lora_init"  # PiSSA / OLoRA: the initial adapter, for converting the result to a plain LoRA
