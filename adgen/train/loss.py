@@ -65,17 +65,17 @@ class CausalLMLoss(nn.Module):
 
     def decide_logits_selection(self, batch) -> str:
         """Decide once, at setup, whether the model computes logits only at the target positions (it must
-        gather by a boolean mask); eval mode and no grad, so the training's random state is untouched.
-        Returns what was decided, for the run's resolved settings."""
+        gather by a boolean mask). As a training forward: train mode and grad on (bitsandbytes repacks CPU 4-bit
+        layers for inference the first time they run without grad, and no gradient flows through them after;
+        the graph is dropped at once), with the random state restored, so training is exactly what it would be
+        without the probe. Returns what was decided."""
         if self.select_logits and not self._checked:
             import torch
 
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                self._probe(**self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask),
-                            keep=batch.targets != IGNORE_INDEX)
-            self.model.train(was_training)
+            devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
+            with torch.random.fork_rng(devices=devices):
+                self._probe(batch.targets != IGNORE_INDEX,
+                            **self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask))
         return "target positions only" if self.select_logits else "every position"
 
     @staticmethod
