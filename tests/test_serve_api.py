@@ -522,12 +522,14 @@ def test_disconnect_of_a_queued_non_streaming_request_cancels_it(server, http):
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
             # a long stream holds the worker while the impatient request waits in the queue
             async with c.stream("POST", "/v1/chat/completions",
-                                json=chat_body(server, max_tokens=1500, stream=True, end_after_chars=0)) as blocker:
+                                json=chat_body(server, max_tokens=1500, stream=True, end_after_chars=0,
+                                               loop_detection=False)) as blocker:
                 lines = blocker.aiter_lines()
                 await lines.__anext__()
                 async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=0.3) as impatient:
                     with pytest.raises(httpx.ReadTimeout):
-                        await impatient.post("/v1/adcopy", json={"attributes": CONTENT, "max_tokens": 1500, "end_after_chars": 0})
+                        await impatient.post("/v1/adcopy", json={"attributes": CONTENT, "max_tokens": 1500,
+                                                                 "end_after_chars": 0, "loop_detection": False})
                 # the server notices the closed connection and drops the job while it is still queued
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
@@ -551,7 +553,7 @@ def test_disconnect_of_a_running_non_streaming_request_stops_its_batch(server, h
     before = http.get("/health").json()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/adcopy", headers=AUTH, timeout=0.5,
-                   json={"attributes": CONTENT, "max_tokens": 1500})
+                   json={"attributes": CONTENT, "max_tokens": 1500, "end_after_chars": 0})
     h = wait_idle(http, timeout=5.0)
     assert h["cancelled"] == before["cancelled"] + 1
     calls = h["model_forward_calls"] - before["model_forward_calls"]
