@@ -173,22 +173,29 @@ def test_ui_shows_form_errors_instead_of_failing(page, ui_server):
     assert field(page, "output-main").input_value() == ""
 
 
+def set_slider(page, elem_id: str, value: str) -> None:
+    number = page.locator(f"#{elem_id} input[type=number]")
+    number.wait_for(state="visible")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(10):  # the slider's number box commits on Enter / blur once the page is live
+        number.fill(value)
+        number.press("Enter")
+        number.blur()
+        if slider.input_value() == value:
+            break
+        page.wait_for_timeout(200)
+    assert slider.input_value() == value
+
+
 def start_long_generation(page, ui_server):
     page.goto(ui_server.url + "/ui/", wait_until="domcontentloaded")
     field(page, "raw-content").wait_for(state="visible", timeout=30_000)
     field(page, "raw-content").fill("类型#上衣*颜色#白色")
     page.get_by_text("解码设置 decoding").click()
-    number = page.locator("#max-tokens input[type=number]")
-    number.wait_for(state="visible")
-    slider = page.locator("#max-tokens input[type=range]")
-    for _ in range(10):  # the slider's number box commits on Enter / blur once the page is live
-        number.fill("1600")
-        number.press("Enter")
-        number.blur()
-        if slider.input_value() == "1600":
-            break
-        page.wait_for_timeout(200)
-    assert slider.input_value() == "1600"
+    set_slider(page, "max-tokens", "1600")
+    # a random model's text must run long: no ending bonus, no loop detection
+    set_slider(page, "end-after-chars", "0")
+    page.locator("#loop-detection input[type=checkbox]").uncheck()
     page.locator("#generate-btn").click()
     page.wait_for_function("() => document.querySelector('#output-main textarea').value.length > 0", timeout=30_000)
 
