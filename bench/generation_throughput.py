@@ -56,6 +56,17 @@ def run_baseline(model, tokenizer, formatter, contents, max_new_tokens):
     return texts, new_tokens
 
 
+def plain_decoding(decoding_cls, max_new_tokens: int):
+    """Plain greedy. Older trees (run with PYTHONPATH=<old tree> for before / after figures) have no
+    `DecodingConfig.plain`: there, the same switches that tree knows."""
+    if hasattr(decoding_cls, "plain"):
+        return decoding_cls.plain(max_new_tokens=max_new_tokens)
+    off = {"dry_multiplier": 0.0, "no_repeat_char_ngram": 0, "loop_detection": False, "end_after_chars": 0,
+           "banned_strings": ()}
+    known = decoding_cls.__dataclass_fields__
+    return decoding_cls(max_new_tokens=max_new_tokens, **{k: v for k, v in off.items() if k in known})
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     n = 24 if args.quick else args.num_records
@@ -73,17 +84,21 @@ def main(argv=None) -> int:
           f"threads {torch.get_num_threads()}; CPU flags: {cpu_flags()} -> {cpu_kind()}")
 
     gen = load_generator(args.model, batch_size=args.batch_size)
-    # Same weights, same dtype (fp32 on CPU) for both: only the way of generating differs.
+    # Same weights, same dtype for both (`--dtype auto`: bf16 on CPUs with AVX512-BF16 / AMX, fp32 where
+    # bf16 is emulated): only the way of generating differs.
     model, tokenizer, formatter = gen.model, gen.tokenizer, gen.formatter
+    print(f"# precision: baseline and adgen {next(model.parameters()).dtype} (the same model object)")
 
     run_baseline(model, tokenizer, formatter, contents[:1], 4)  # warm-up (allocations, kernels)
     t0 = time.perf_counter()
     base_texts, base_tokens = run_baseline(model, tokenizer, formatter, contents, args.max_new_tokens)
     base_s = time.perf_counter() - t0
 
-    gen.generate(contents[:2], DecodingConfig(max_new_tokens=4))  # warm-up
+    # the same decoding as the baseline (plain greedy): the bench measures the engine, not adgen's
+    # repetition control / ending (on by default in `adgen eval`; their cost: BENCHMARKS.md section 3)
+    gen.generate(contents[:2], plain_decoding(DecodingConfig, 4))  # warm-up
     t0 = time.perf_counter()
-    outs = gen.generate(contents, DecodingConfig(max_new_tokens=args.max_new_tokens))
+    outs = gen.generate(contents, plain_decoding(DecodingConfig, args.max_new_tokens))
     cand_s = time.perf_counter() - t0
     cand_texts = [o.text for o in outs]
     cand_tokens = sum(o.completion_tokens for o in outs)

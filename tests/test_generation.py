@@ -261,8 +261,10 @@ def test_rows_stop_independently_in_a_batch(tiny_gen, tok):
     assert batched[1] == full[1] and batched[1].finish_reason == "length"
 
 
-def test_stop_strings(tiny_llama3_dir, tok):
+@pytest.mark.parametrize("continuous", [True, False], ids=["engine", "padded"])
+def test_stop_strings(tiny_llama3_dir, tok, continuous):
     gen = make_gen(chain_model(tiny_llama3_dir, [HAO, KAN, DE], EOT), tok, OnlyEosFormatter(tok))
+    gen.continuous = continuous  # the engine's own stop check, or transformers' StopStringCriteria
     cfg = DecodingConfig(max_new_tokens=40, stop=["的好"])  # spans two tokens, and the first turn's eot
     for g in gen.generate(["类型#裙", "类型#上衣*颜色#白色*风格#简约"], cfg):
         assert g.text == "好看" and g.finish_reason == "stop"

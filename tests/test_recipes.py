@@ -104,3 +104,27 @@ def test_train_help_lists_every_config_key_with_the_recipe_s_values(capsys):
         assert f"\n  {key} (" in text, key
     assert "  top_layers (int | None) = 12" in text and "  lr (float) = 0.0003" in text  # the recipe + override
     assert "  method (lora | qlora | dora | prefix | full) = 'full'" in text
+
+
+def test_train_flags_are_built_from_the_config_fields():
+    """Each --flag sets its config key, with the field's type and (for Literal fields) its choices."""
+    import typing
+
+    from adgen.cli import build_parser
+    from adgen.commands.train import FLAG_KEYS, build_config
+    from adgen.train.config import TrainConfig
+
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    by_dest = {a.dest: a for a in train_parser._actions}
+    for key in FLAG_KEYS:
+        assert key in by_dest, key
+        literal = typing.get_type_hints(TrainConfig)[key]
+        if typing.get_origin(literal) is typing.Literal:
+            assert by_dest[key].choices == list(typing.get_args(literal)), key
+    args = parser.parse_args(["train", "--config", "smollm2-135m", "--precision", "fp32", "--max-steps", "3",
+                              "--lr", "1e-3", "-o", "runs/x", "lora.r=4"])
+    cfg = build_config(args)
+    assert (cfg.precision, cfg.max_steps, cfg.lr, cfg.output_dir, cfg.lora.r) == ("fp32", 3, 1e-3, "runs/x", 4)
+    with pytest.raises(SystemExit):  # a value outside the Literal is refused by the parser
+        parser.parse_args(["train", "--precision", "fp64"])

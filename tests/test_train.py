@@ -694,3 +694,27 @@ def test_neftune_noise_only_while_training(tiny_llama3_dir, adgen_train_path, tm
     noised = train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "b", max_steps=2, neftune_alpha=15))
     assert plain.status == noised.status == "completed"
     assert train_losses(tmp_path / "a")[1] != train_losses(tmp_path / "b")[1]
+
+
+def test_parameter_counts_of_lora_and_of_top_layer_fine_tuning(tiny_llama3_dir):
+    """LoRA r on q/v: r x (in + out) per adapted projection (PEFT's count); full FT of the top layer: its weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adgen.train.peft_setup import count_parameters
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir))
+    total = sum(p.numel() for p in base.parameters())
+    top = base.model.layers[-1]
+    for p in base.parameters():
+        p.requires_grad = False
+    for p in top.parameters():
+        p.requires_grad = True
+    assert count_parameters(base) == (sum(p.numel() for p in top.parameters()), total)
+
+    r, c = 4, base.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    q_out, v_out = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    lora = get_peft_model(base, LoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
+    expected = c.num_hidden_layers * r * ((c.hidden_size + q_out) + (c.hidden_size + v_out))
+    assert count_parameters(lora) == (expected, total + expected)

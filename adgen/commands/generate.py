@@ -83,7 +83,7 @@ def decoding_config(args: argparse.Namespace):
 
     sampling_asked = any(getattr(args, k) is not None for k in ("temperature", "top_p", "top_k"))
     do_sample = bool(args.do_sample or sampling_asked)
-    return DecodingConfig(
+    fields = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=do_sample,
         temperature=1.0 if args.temperature is None else args.temperature,
@@ -93,14 +93,15 @@ def decoding_config(args: argparse.Namespace):
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         seed=args.seed,
         stop=tuple(args.stop or ()),
-        dry_multiplier=0.0 if args.plain else args.dry_multiplier,
         dry_base=args.dry_base,
         dry_allowed_length=args.dry_allowed_length,
-        no_repeat_char_ngram=0 if args.plain else args.no_repeat_char_ngram,
-        loop_detection=False if args.plain else args.loop_detection,
-        end_after_chars=0 if args.plain else args.end_after_chars,
         end_bias_per_char=args.end_bias_per_char,
-        banned_strings=() if args.plain else _banned(args.ban),
+    )
+    if args.plain:
+        return DecodingConfig.plain(**fields)
+    return DecodingConfig(
+        **fields, dry_multiplier=args.dry_multiplier, no_repeat_char_ngram=args.no_repeat_char_ngram,
+        loop_detection=args.loop_detection, end_after_chars=args.end_after_chars, banned_strings=_banned(args.ban),
     )
 
 

@@ -6,9 +6,11 @@ import argparse
 
 from adgen.commands import quiet_library_noise
 
-# flags that set the config key of the same name (everything else is a `key=value` override)
+# the config keys that also have a --flag (every key is a `key=value` override); each flag's type, choices
+# and help come from TrainConfig's field and its comment (`add_config_flags`)
 FLAG_KEYS = ("model", "train_data", "eval_data", "method", "output_dir", "max_steps", "epochs", "max_samples",
              "lr", "batch_size", "grad_accum", "precision", "batching", "seed")
+SHORT_FLAGS = {"output_dir": "-o"}
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -65,6 +67,29 @@ def config_keys_help(config: str | None = None, overrides: list[str] | None = No
     return "\n".join(lines)
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --train-data, ... for FLAG_KEYS, built from TrainConfig's fields: the type (Literal ->
+    choices), the comment as help, the config's default shown."""
+    import types
+    import typing
+
+    from adgen.config import field_comments
+    from adgen.train.config import TrainConfig
+
+    hints, comments, defaults = typing.get_type_hints(TrainConfig), field_comments(TrainConfig), TrainConfig()
+    for key in FLAG_KEYS:
+        tp = hints[key]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `int | None` -> int
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        kwargs: dict = {"dest": key, "help": f"{comments.get(key, '')} (config key {key}; default {getattr(defaults, key)!r})"}
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+        elif tp in (int, float):
+            kwargs["type"] = tp
+        flags = ["--" + key.replace("_", "-")] + ([SHORT_FLAGS[key]] if key in SHORT_FLAGS else [])
+        parser.add_argument(*flags, **kwargs)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,20 +105,7 @@ def register(subparsers) -> None:
     p.add_argument("-h", "--help", action=_HelpWithKeys, help="show the flags and every config key (after --config: its values)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=16 max_samples=200")
     p.add_argument("--config", "-c", default=None, help="YAML file or shipped recipe name (smollm2-135m-adgen, llama3-8b-lora, ...)")
-    p.add_argument("--model", help="hub id, local HF directory, .gguf file or built-in alias (smollm2-135m)")
-    p.add_argument("--train-data", help="AdGen training data: JSON lines / array (UTF-8 / GBK), Parquet, CSV, a save_to_disk directory or a Hub dataset id (ID[:SPLIT])")
-    p.add_argument("--eval-data", help="AdGen data for the periodic eval loss (the same kinds as --train-data)")
-    p.add_argument("--method", choices=["lora", "qlora", "dora", "prefix", "full"])
-    p.add_argument("--output-dir", "-o", help="run directory (default runs/adgen)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-samples", type=int, help="train on the first N records only")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, help="examples per micro-batch per process")
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-frozen", "fp16"])
-    p.add_argument("--batching", choices=["packed", "grouped", "padded"])
-    p.add_argument("--seed", type=int)
+    add_config_flags(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (ChatGLM-style)")
     p.add_argument("--force-fp16", action="store_true", help="allow precision=fp16 despite its NaN risk")
     p.add_argument(

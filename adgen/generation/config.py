@@ -14,6 +14,11 @@ FinishReason = Literal["stop", "length", "loop", "cancelled"]
 ROOM_CHARS = 192
 
 
+# The adgen-specific shaping switched off (the fields `DecodingConfig.plain` sets).
+PLAIN_FIELDS = {"dry_multiplier": 0.0, "no_repeat_char_ngram": 0, "loop_detection": False, "end_after_chars": 0,
+                "banned_strings": ()}
+
+
 @dataclass(frozen=True)
 class DecodingConfig:
     """How to decode. Greedy by default (deterministic, what evaluation reports).
@@ -136,6 +141,12 @@ class DecodingConfig:
 
     def replace(self, **changes) -> "DecodingConfig":
         return replace(self, **changes)
+
+    @classmethod
+    def plain(cls, **fields) -> "DecodingConfig":
+        """Decoding as `model.generate` does it: no character-level repetition control, no loop
+        detection, no ending, nothing banned (`--plain`; the baseline of comparisons and benches)."""
+        return cls(**{**PLAIN_FIELDS, **fields})
 
     def for_tokenizer(self, tokenizer) -> "DecodingConfig":
         """This config with `max_new_tokens` fixed (sized from the tokenizer when it is None)."""

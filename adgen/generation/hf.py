@@ -456,7 +456,12 @@ def _CancelCriteria(event: threading.Event):
 
 
 def _StopStringCriteria(tokenizer, stops: Sequence[str], prompt_width: int):
-    """Per-row stop: the row's newest tokens complete a stop string. Records which rows hit one."""
+    """Per-row stop: the row's newest tokens complete a stop string. Records which rows hit one.
+
+    Not transformers' `GenerationConfig(stop_strings=...)`: it matches the raw token strings, so a stop
+    string with a special token inside it (the text a user sees has none) is missed and the row runs on
+    (tests/test_generation.py::test_stop_strings[padded]: 15 tokens instead of 5), and it records no
+    per-row hit, which the token count needs."""
     import torch
     from transformers import StoppingCriteria
 

@@ -89,8 +89,9 @@ class TrainConfig:
     dpo_sft_weight: float = 0.0  # + this x the chosen texts' mean token NLL (RPO); keeps chosen copy likely
 
     # ---- data --------------------------------------------------------------------------------
-    train_data: str | None = None  # AdGen records (JSON lines / array; --train-data)
-    eval_data: str | None = None  # records for the eval loss and generation metrics (--eval-data)
+    # AdGen records: JSON lines / array (UTF-8 / GBK), Parquet, CSV, a save_to_disk directory or a Hub id (ID[:SPLIT])
+    train_data: str | None = None
+    eval_data: str | None = None  # records (the same kinds) for the eval loss and the generation metrics
     encoding: str | None = None  # default: detect UTF-8 / UTF-8-BOM / GBK
     on_error: Literal["fail", "skip"] = "fail"  # a bad record stops the run (naming its line) or is left out
     columns: str | None = None  # e.g. "content=instruction,summary=output" or "alpaca"

@@ -230,6 +230,12 @@ def _top_layer_indices(model, top: int) -> list[int]:
 
 
 def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters: PEFT's own count for adapter models (a 4-bit weight's stored bytes
+    hold two values each), the same sum over the parameters for full / top-layer fine-tuning."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
