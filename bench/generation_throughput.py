@@ -84,8 +84,8 @@ def main(argv=None) -> int:
           f"threads {torch.get_num_threads()}; CPU flags: {cpu_flags()} -> {cpu_kind()}")
 
     gen = load_generator(args.model, batch_size=args.batch_size)
-    # Same weights, same dtype for both (`--dtype auto`: bf16 on CPUs with AVX512-BF16 / AMX, fp32 where
-    # bf16 is emulated): only the way of generating differs.
+    # Same weights, same dtype for both (`--dtype auto`: fp32 on every CPU, `adgen.models.select_dtype`):
+    # only the way of generating differs.
     model, tokenizer, formatter = gen.model, gen.tokenizer, gen.formatter
     print(f"# precision: baseline and adgen {next(model.parameters()).dtype} (the same model object)")
 
