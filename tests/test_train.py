@@ -151,6 +151,63 @@ def test_packed_loss_equals_padded_loss(tiny_model, tiny_examples):
     assert abs(float(leak) - float(ld)) / n_d > 1e-3
 
 
+def _loss_and_grads(model, wrapper, batch):
+    model.zero_grad(set_to_none=True)
+    total, n = wrapper(batch.input_ids, batch.targets, position_ids=batch.position_ids)
+    total.backward()
+    return float(total.detach()), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_head_loss_equals_logits_then_cross_entropy(tiny_llama3_dir, tiny_examples, monkeypatch):
+    """The fused LM head + loss (no logits kept) gives the loss and every gradient of logits -> cross-entropy,
+    the head's weight included (trained here), over several chunks of positions."""
+    import adgen.train.linear_cross_entropy as lce
+    from transformers import AutoModelForCausalLM
+
+    from adgen.train.loss import CausalLMLoss
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
+    monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 positions per chunk
+    batch = pack(tiny_examples)
+    fused, plain = CausalLMLoss(model), CausalLMLoss(model, fused_head=False)
+    assert fused.decide_logits_selection(batch) == "target positions only, head fused with the loss"
+    assert plain.decide_logits_selection(batch) == "target positions only"
+    assert int((batch.targets != IGNORE_INDEX).sum()) > 3 * 5
+    loss_f, grads_f = _loss_and_grads(model, fused, batch)
+    loss_p, grads_p = _loss_and_grads(model, plain, batch)
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    assert set(grads_f) == set(grads_p) and "lm_head.weight" in grads_f
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(k.startswith("_fused") for k in fused.state_dict())  # the head is not registered twice
+    with torch.no_grad():  # evaluation: the loss alone
+        assert float(fused(batch.input_ids, batch.targets, position_ids=batch.position_ids)[0]) == pytest.approx(loss_p, rel=1e-5)
+
+
+def test_fused_head_is_refused_where_the_logits_are_not_the_heads_output(tmp_path):
+    """Gemma-2 soft-caps its logits after the head: the check at setup sees it and keeps the plain path."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from adgen.train.loss import CausalLMLoss
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=2.0))
+    examples = [Example(list(range(5, 25)), [IGNORE_INDEX] * 8 + list(range(13, 25))),
+                Example(list(range(40, 52)), [IGNORE_INDEX] * 5 + list(range(45, 52)))]
+    batch = pad(examples, pad_id=0)
+    wrapper = CausalLMLoss(model)
+    assert wrapper.decide_logits_selection(batch) == "target positions only"
+    assert wrapper.fused_head is None
+    with torch.no_grad():
+        total, n = wrapper(batch.input_ids, batch.targets, attention_mask=batch.attention_mask)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    keep = batch.targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[keep], batch.targets[keep], reduction="sum")
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_packing_and_padding_train_the_same(tiny_llama3_dir, adgen_train_path, tmp_path):
     from adgen.train import train
 

@@ -66,6 +66,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     # LM head only at positions with a target (response tokens); false = full logits, as HF Trainer does
     target_logits_only: bool = True
+    # with target_logits_only: LM head and cross-entropy fused over chunks of positions, no logits kept (less
+    # memory, same loss); used where a check at setup finds the logits are the plain head's (not FSDP / DeepSpeed)
+    fused_head_loss: bool = True
     # packed rows: the prompt start all examples share (chat header + system prompt) computed once per row
     share_prompt_prefix: bool = True
     precision: Precision = "auto"  # auto: bf16 where the hardware has it natively (CUDA, AVX512-BF16 / AMX), else fp32

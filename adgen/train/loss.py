@@ -10,6 +10,11 @@ micro-batch. Going through the model's own forward (rather than its decoder + lm
 model-specific logit processing (soft-capping, logit scaling) and works for every PEFT method,
 prefix tuning included (its key/value prefixes are added inside the PEFT forward).
 
+Where the model's logits are exactly its output head applied to the last hidden states (checked once on
+a real batch at setup: no soft-capping, no scaling, a plain `nn.Linear` head), the head and the
+cross-entropy run fused over chunks of positions (`linear_cross_entropy`): no logits are kept at all.
+The model's own forward still runs; only the head's own call is skipped while it does.
+
 Models whose forward has no `logits_to_keep` (e.g. remote-code checkpoints) get full logits,
 gathered afterwards: same loss, more memory.
 
@@ -21,12 +26,14 @@ micro-batches, rows or processes.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adgen.data.chat import IGNORE_INDEX
+from adgen.train.linear_cross_entropy import linear_cross_entropy_sum
 
 
 def chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -49,19 +56,62 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def _plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head if it is a plain bias-free nn.Linear over an ordinary (unsharded) weight."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or type(head.weight.data) is not torch.Tensor:
+        return None  # LoRA / modules_to_save wrappers, biased heads, FSDP's DTensors: the plain path
+    return head
+
+
+def _identity(hidden):
+    return hidden
+
+
+@contextmanager
+def _head_returns_hidden(head: nn.Module):
+    """While inside, the head's call returns its input: the model's forward yields hidden states as `logits`."""
+    before = head.__dict__.get("forward")  # accelerate's hooks live here; put back whatever was there
+    head.forward = _identity  # nn.Module.__call__ looks up the instance attribute first
+    try:
+        yield
+    finally:
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
+
+
 class CausalLMLoss(nn.Module):
     """forward(input_ids, targets, position_ids=None, attention_mask=None) -> (loss_sum, n_targets)."""
 
-    def __init__(self, model: nn.Module, *, ce_chunk: int = 2048, select_logits: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, ce_chunk: int = 2048, select_logits: bool = True,
+                 fused_head: bool = True) -> None:
         super().__init__()
         self.model = model
         self.ce_chunk = ce_chunk
         self.select_logits = select_logits and _accepts_logits_to_keep(model)
         self._checked = False
+        self.want_fused = fused_head
+        self._fused: tuple[nn.Linear, ...] = ()  # (head,) once decide_logits_selection checked it; a tuple so
+        # that nn.Module does not register the head a second time (state_dict keys stay the model's)
+
+    @property
+    def fused_head(self) -> nn.Linear | None:
+        return self._fused[0] if self._fused else None
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None):
+        if self.fused_head is not None:
+            hidden, tgt = self.target_hidden(input_ids, targets, position_ids, attention_mask)
+            return linear_cross_entropy_sum(hidden, self.fused_head.weight, tgt), tgt.numel()
         logits, tgt = self.target_logits(input_ids, targets, position_ids, attention_mask)
         return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk), tgt.numel()
+
+    def target_hidden(self, input_ids, targets, position_ids=None, attention_mask=None):
+        """(last hidden states [N, H], targets [N]) at the N target positions; needs the fused head."""
+        with _head_returns_hidden(self.fused_head):
+            return self.target_logits(input_ids, targets, position_ids, attention_mask)
 
     def decide_logits_selection(self, batch) -> str:
         """Decide once, at setup, whether the model computes logits only at the target positions (it must
@@ -74,9 +124,31 @@ class CausalLMLoss(nn.Module):
 
             devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
             with torch.random.fork_rng(devices=devices):
-                self._probe(batch.targets != IGNORE_INDEX,
-                            **self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask))
+                state = torch.get_rng_state()  # the check's forward draws the same dropout masks as the probe's
+                logits = self._probe(batch.targets != IGNORE_INDEX,
+                                     **self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask))
+                if logits is not None and self.want_fused:
+                    torch.set_rng_state(state)
+                    self._fused = self._check_fused_head(batch, logits.detach())
+        if self.fused_head is not None:
+            return "target positions only, head fused with the loss"
         return "target positions only" if self.select_logits else "every position"
+
+    def _check_fused_head(self, batch, logits) -> tuple[nn.Linear, ...]:
+        """(head,) if the model's logits on this batch are its head applied to its last hidden states, else ()."""
+        head = _plain_output_head(self.model)
+        if head is None:
+            return ()
+        self._fused = (head,)
+        try:
+            hidden, _ = self.target_hidden(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)
+            if hidden.shape[-1] != head.in_features:
+                return ()
+            mine = hidden.detach().to(head.weight.dtype) @ head.weight.detach().T
+            same = torch.allclose(mine.float(), logits.float(), rtol=2e-2, atol=2e-2)
+        finally:
+            self._fused = ()
+        return (head,) if same else ()
 
     @staticmethod
     def _forward_kwargs(input_ids, position_ids, attention_mask) -> dict:

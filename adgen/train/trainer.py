@@ -489,7 +489,9 @@ def setup_optimization(run: TrainRun) -> None:
         run.loss_module = DPOLoss(model, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight,
                                   select_logits=cfg.target_logits_only)
     else:
-        run.loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only)
+        sharded = run.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")  # the head's weight is not whole
+        run.loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only,
+                                       fused_head=cfg.fused_head_loss and not sharded)
     lm = run.loss_module.lm if run.dpo else run.loss_module
     probe = make_batch(run, run.order.step_indices(0, run.rank)[0][:1])
     logits = lm.decide_logits_selection(probe.to(run.device))
