@@ -184,7 +184,7 @@ def test_fused_head_loss_equals_logits_then_cross_entropy(tiny_llama3_dir, tiny_
         assert float(fused(batch.input_ids, batch.targets, position_ids=batch.position_ids)[0]) == pytest.approx(loss_p, rel=1e-5)
 
 
-def test_fused_head_is_refused_where_the_logits_are_not_the_heads_output(tmp_path):
+def test_fused_head_is_refused_where_the_logits_are_not_the_heads_output():
     """Gemma-2 soft-caps its logits after the head: the check at setup sees it and keeps the plain path."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -201,7 +201,7 @@ def test_fused_head_is_refused_where_the_logits_are_not_the_heads_output(tmp_pat
     assert wrapper.decide_logits_selection(batch) == "target positions only"
     assert wrapper.fused_head is None
     with torch.no_grad():
-        total, n = wrapper(batch.input_ids, batch.targets, attention_mask=batch.attention_mask)
+        total, _ = wrapper(batch.input_ids, batch.targets, attention_mask=batch.attention_mask)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     keep = batch.targets != IGNORE_INDEX
     expected = torch.nn.functional.cross_entropy(logits[keep], batch.targets[keep], reduction="sum")

@@ -115,9 +115,10 @@ def sequence_logps(lm: CausalLMLoss, batch: Batch, counts: Sequence[int], chunk:
 class DPOLoss(nn.Module):
     """forward(..., counts, ref_logps) -> (sum of the pairs' losses, pairs, {reward sums})."""
 
-    def __init__(self, model: nn.Module, *, beta: float, sft_weight: float = 0.0, select_logits: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, beta: float, sft_weight: float = 0.0, select_logits: bool = True,
+                 fused_head: bool = True) -> None:
         super().__init__()
-        self.lm = CausalLMLoss(model, select_logits=select_logits)
+        self.lm = CausalLMLoss(model, select_logits=select_logits, fused_head=fused_head)  # its forward: SFT eval loss
         self.beta = beta
         self.sft_weight = sft_weight
 

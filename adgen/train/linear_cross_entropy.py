@@ -11,7 +11,7 @@ Peak memory for the head drops to one chunk; no logits are recomputed.
 
 Hand-written because the libraries that do this (Liger-Kernel's fused linear cross-entropy, Apple's
 cut-cross-entropy) are Triton kernels for GPUs; this is plain PyTorch and runs wherever the model does.
-Its equality with logits -> `F.cross_entropy` (loss and gradients) is tested in tests/test_loss.py.
+Its equality with logits -> `F.cross_entropy` (loss and gradients) is tested in tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -71,6 +71,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = hidden.dtype
-    grad_on = torch.is_grad_enabled()
+    grad_on = torch.is_grad_enabled()  # ctx.needs_input_grad stays True under no_grad: evaluation would pay for grads
     return _LinearCrossEntropySum.apply(hidden, weight, targets, dtype, grad_on and hidden.requires_grad,
                                         grad_on and weight.requires_grad)

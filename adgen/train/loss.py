@@ -124,11 +124,10 @@ class CausalLMLoss(nn.Module):
 
             devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
             with torch.random.fork_rng(devices=devices):
-                state = torch.get_rng_state()  # the check's forward draws the same dropout masks as the probe's
                 logits = self._probe(batch.targets != IGNORE_INDEX,
                                      **self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask))
-                if logits is not None and self.want_fused:
-                    torch.set_rng_state(state)
+            if logits is not None and self.want_fused:
+                with torch.random.fork_rng(devices=devices):  # from the same state: the probe's dropout masks
                     self._fused = self._check_fused_head(batch, logits.detach())
         if self.fused_head is not None:
             return "target positions only, head fused with the loss"
@@ -139,16 +138,12 @@ class CausalLMLoss(nn.Module):
         head = _plain_output_head(self.model)
         if head is None:
             return ()
-        self._fused = (head,)
-        try:
-            hidden, _ = self.target_hidden(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)
-            if hidden.shape[-1] != head.in_features:
-                return ()
-            mine = hidden.detach().to(head.weight.dtype) @ head.weight.detach().T
-            same = torch.allclose(mine.float(), logits.float(), rtol=2e-2, atol=2e-2)
-        finally:
-            self._fused = ()
-        return (head,) if same else ()
+        with _head_returns_hidden(head):
+            hidden, _ = self.target_logits(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)
+        if hidden.shape[-1] != head.in_features:
+            return ()
+        mine = hidden.detach().to(head.weight.dtype) @ head.weight.detach().T
+        return (head,) if torch.allclose(mine.float(), logits.float(), rtol=2e-2, atol=2e-2) else ()
 
     @staticmethod
     def _forward_kwargs(input_ids, position_ids, attention_mask) -> dict:

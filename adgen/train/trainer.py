@@ -163,6 +163,11 @@ def _eval_mode(module, *, keep_4bit_training: bool) -> None:
             m.training = True
 
 
+def _shards_weights(accelerator) -> bool:
+    """FSDP / DeepSpeed: each process holds a part of the weights."""
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+
 def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
     """DeepSpeed reads batch size / accumulation / clipping from its JSON: fill the "auto" ones from cfg."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -485,13 +490,12 @@ def setup_optimization(run: TrainRun) -> None:
         optimizer, _lr_lambda(cfg.lr_scheduler, run.warmup, run.total_steps, cfg.min_lr_ratio)
     )
     _fill_deepspeed_config(run.accelerator, cfg)
+    fused = cfg.fused_head_loss and not _shards_weights(run.accelerator)  # the head's weight must be whole
     if run.dpo:
         run.loss_module = DPOLoss(model, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight,
-                                  select_logits=cfg.target_logits_only)
+                                  select_logits=cfg.target_logits_only, fused_head=fused)
     else:
-        sharded = run.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")  # the head's weight is not whole
-        run.loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only,
-                                       fused_head=cfg.fused_head_loss and not sharded)
+        run.loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only, fused_head=fused)
     lm = run.loss_module.lm if run.dpo else run.loss_module
     probe = make_batch(run, run.order.step_indices(0, run.rank)[0][:1])
     logits = lm.decide_logits_selection(probe.to(run.device))
@@ -862,9 +866,8 @@ LORA_INIT = "lora_init"  # PiSSA / OLoRA: the initial adapter, for converting th
 def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokenizer, name: str | None = None) -> Path:
     """adapter/ (PEFT) or model/ (full), or `name`/ (best/): complete directories, moved into place at once."""
     final = out / (name or ("adapter" if cfg.is_peft else "model"))
-    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     state_dict = None
-    if sharded:  # every process takes part in gathering the full weights
+    if _shards_weights(accelerator):  # every process takes part in gathering the full weights
         from adgen.train.fsdp_cpu import full_state_dict  # FSDP2 on CPUs: DTensors otherwise
 
         state_dict = full_state_dict(accelerator, wrapped)
