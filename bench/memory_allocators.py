@@ -14,7 +14,8 @@ from adgen.train.config import load_train_config
 if os.environ.get("TRIM") == "0":  # never trim
     T._heap_trimmer = lambda device: (lambda: None)
 elif os.environ.get("TRIM") == "each":  # trim after every step (the trainer before 2026-12-02)
-    T.TRIM_GROWTH = -1.0
+    import ctypes
+    T._heap_trimmer = lambda device: (lambda: ctypes.CDLL("libc.so.6").malloc_trim(0))
 steps = int(os.environ.get("STEPS", "12"))
 out = f"/tmp/adgen-mem-{os.getpid()}"
 cfg = load_train_config("demo-smollm2-135m", {"max_steps": steps, "output_dir": out, "progress": False,

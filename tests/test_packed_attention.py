@@ -96,3 +96,30 @@ def test_a_model_that_would_leak_between_examples_keeps_its_attention(tiny_model
     monkeypatch.setattr(packed_attention, "segment_bounds", lambda pos: [[(0, pos.shape[1], 0)]] * pos.shape[0])
     assert not enable_packed_attention(tiny_model)
     assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_each_example_runs_at_a_rounded_length(tiny_model, monkeypatch):
+    """Few distinct kernel shapes (PyTorch keeps kernels per sequence length), same numbers as exact lengths."""
+    import torch.nn.functional as F
+
+    prefix = torch.tensor([1, 2, 3, 4])
+    a = torch.cat([prefix, torch.arange(11, 48)])  # 41 tokens: its attention borrows the next example's tokens
+    b = torch.cat([prefix, torch.arange(51, 56)])  # last in the row: zero-padded to 32
+    row = torch.cat([prefix, a[4:], b[4:]]).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(a)), torch.arange(4, len(b))]).unsqueeze(0)
+    lengths = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kw):
+        lengths.append(q.shape[-2])
+        return real_sdpa(q, k, v, **kw)
+
+    with torch.no_grad():
+        alone = [tiny_model(input_ids=x.unsqueeze(0)).logits[0] for x in (a, b)]
+        assert enable_packed_attention(tiny_model)
+        monkeypatch.setattr(packed_attention.F, "scaled_dot_product_attention", recording_sdpa)
+        packed = tiny_model(input_ids=row, position_ids=pos).logits[0]
+    assert lengths and all(n % packed_attention.SEGMENT_MULTIPLE == 0 for n in lengths)
+    assert set(lengths) == {64, 32}
+    torch.testing.assert_close(packed[: len(a)], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[len(a):], alone[1][4:], atol=1e-5, rtol=1e-4)

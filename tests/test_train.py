@@ -86,17 +86,58 @@ def test_shared_prefix_packing_gives_the_padded_loss_and_gradients(tiny_llama3_d
     wrapper = CausalLMLoss(model)
     shared = pack(tiny_examples, share_prefix=True)
     assert len(tiny_examples) == 4 and shared.num_shared > 0 and shared.input_ids.shape[1] < shared.num_tokens
+    filled = pack(tiny_examples, share_prefix=True, pad_id=0, pad_to_multiple_of=64)  # what collate() does
+    assert filled.input_ids.shape[1] % 64 == 0 and filled.input_ids.shape[1] > shared.input_ids.shape[1]
     padded = pad(tiny_examples, pad_id=0)
     grads = []
-    for b, kw in ((shared, {"position_ids": shared.position_ids}), (padded, {"attention_mask": padded.attention_mask})):
+    for b in (shared, filled, padded):
+        kw = {"attention_mask": b.attention_mask} if b is padded else {"position_ids": b.position_ids}
         model.zero_grad()
         loss, n = wrapper(b.input_ids, b.targets, **kw)
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
         grads[-1].insert(0, loss.item())
-    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
-    for g_shared, g_padded in zip(grads[0][1:], grads[1][1:]):
-        torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)
+    for other in grads[1:]:
+        assert grads[0][0] == pytest.approx(other[0], rel=1e-5)
+        for g_shared, g_other in zip(grads[0][1:], other[1:]):
+            torch.testing.assert_close(g_shared, g_other, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_rows_are_filled_to_a_multiple_without_new_targets():
+    a = Example([1, 2, 3], [IGNORE_INDEX, 2, 3])
+    b = Example([4, 5], [IGNORE_INDEX, 5])
+    batch = pack([a, b], pad_id=0, pad_to_multiple_of=8)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
+    # the fill continues the last example's positions (no new segment) and has no targets
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch.targets.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch.num_tokens == 5 and batch.num_padded == 8 and batch.num_targets == 3
+    assert pack([a, b], pad_id=0, pad_to_multiple_of=5).input_ids.shape[1] == 5  # already a multiple: no fill
+
+
+def test_heap_is_trimmed_only_when_the_rss_outgrows_a_steps_working_set(monkeypatch):
+    import ctypes
+
+    import adgen.train.trainer as trainer
+
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    rss = iter([300, 310, 314, 316, 200, 320, 335, 337])  # the RSS after each step
+    monkeypatch.setattr(trainer, "_rss_bytes", lambda: next(rss))
+    maybe_trim = trainer._heap_trimmer(torch.device("cpu"))
+    trimmed = []
+    for _ in range(8):
+        before = len(calls)
+        maybe_trim()
+        trimmed.append(len(calls) > before)
+    # reference 300 (the first step): 310 and 314 are within 5%, 316 is not -> trim; the next step (200) is the
+    # new reference, so 320 trims; 335 is the reference after that trim, and 337 is within 5% of it
+    assert trimmed == [False, False, False, True, False, True, False, False]
 
 
 def test_data_order_is_a_function_of_the_step_and_splits_the_global_batch():
@@ -216,7 +257,8 @@ def test_packing_and_padding_train_the_same(tiny_llama3_dir, adgen_train_path, t
         cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / batching, batching=batching, max_steps=3, max_length=160)
         runs[batching] = train(cfg)
     packed, padded = runs["packed"], runs["padded"]
-    assert packed.summary["padding_share"] == 0.0 and padded.summary["padding_share"] > 0.01
+    # packed rows are only filled up to the next multiple of ROW_MULTIPLE tokens (< 64 slots per row of ~500 here)
+    assert 0.0 < packed.summary["padding_share"] < 0.13 and padded.summary["padding_share"] > 0.01
     assert len(packed.train_losses) == 3
     for a, b in zip(packed.train_losses, padded.train_losses):
         assert a == pytest.approx(b, rel=1e-4)
@@ -431,7 +473,7 @@ def test_cli_train_writes_every_artefact(tiny_llama3_dir, adgen_train_path, tmp_
     rows = read_metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert all(r["tokens_per_s"] > 0 and r["padding"] == 0.0 and r["peak_mem_gb"] > 0 for r in train_rows)
+    assert all(r["tokens_per_s"] > 0 and 0.0 <= r["padding"] < 0.2 and r["peak_mem_gb"] > 0 for r in train_rows)
     assert sorted(eval_losses(out)) == [2, 4]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4 and summary["tokens_per_s"] > 0

@@ -36,7 +36,7 @@ class Batch:
     attention_mask: torch.Tensor | None  # padded rows: 1 = real token
     num_examples: int
     num_tokens: int  # real (non-pad) tokens of the examples
-    num_padded: int  # slots in the tensor (rows * T); for packed rows = num_tokens
+    num_padded: int  # slots in the tensor (rows * T); for packed rows num_tokens + the fill up to ROW_MULTIPLE
     num_shared: int = 0  # prompt-prefix tokens computed once for several examples (not in the tensor)
 
     @property
@@ -95,7 +95,13 @@ def _prompt_length(ex: Example) -> int:
     return n
 
 
-def pack(examples: Sequence[Example], share_prefix: bool = False) -> Batch:
+# Packed rows are padded to a multiple of this many tokens. oneDNN builds (and caches) matmul kernels per shape:
+# at a new row length each of a step's matmuls first paid ~7 ms to build one, and the cache grew the RSS.
+ROW_MULTIPLE = 64
+
+
+def pack(examples: Sequence[Example], share_prefix: bool = False, pad_id: int = 0,
+         pad_to_multiple_of: int | None = None) -> Batch:
     """One row holding every example back to back; position ids restart per example; no padding.
 
     share_prefix: the prompt start that all examples have in common (chat header, system prompt) is
@@ -103,6 +109,9 @@ def pack(examples: Sequence[Example], share_prefix: bool = False) -> Batch:
     length, which tells `packed_attention` to let them attend to that prefix. Same logits and loss as
     one copy per example (the prefix sees only itself either way), for 1/n of the prefix's compute.
     Only valid with `adgen.train.packed_attention` active.
+
+    pad_to_multiple_of: the last example is followed by `pad_id` tokens (positions continuing its own, no
+    targets) up to a multiple of this length; being causal, no real token attends to them.
     """
     shared = shared_prefix_length(examples) if share_prefix else 0
     ids: list[int] = list(examples[0].input_ids[:shared])
@@ -112,6 +121,10 @@ def pack(examples: Sequence[Example], share_prefix: bool = False) -> Batch:
         ids.extend(ex.input_ids[shared:])
         tgt.extend(shifted_targets(ex.labels)[shared:])
         pos.extend(range(shared, len(ex.input_ids)))
+    fill = -len(ids) % pad_to_multiple_of if pad_to_multiple_of else 0
+    ids.extend([pad_id] * fill)
+    tgt.extend([IGNORE_INDEX] * fill)
+    pos.extend(range(pos[-1] + 1, pos[-1] + 1 + fill))
     n = sum(len(ex.input_ids) for ex in examples)  # the examples' tokens, as if each had its own prefix
     return Batch(
         input_ids=torch.tensor([ids], dtype=torch.long),
@@ -120,7 +133,7 @@ def pack(examples: Sequence[Example], share_prefix: bool = False) -> Batch:
         attention_mask=None,
         num_examples=len(examples),
         num_tokens=n,
-        num_padded=n,
+        num_padded=n + fill,
         num_shared=shared * (len(examples) - 1),
     )
 
@@ -145,7 +158,7 @@ def pad(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int | None
 
 def collate(examples: Sequence[Example], batching: str, pad_id: int, share_prefix: bool = False) -> Batch:
     if batching == "packed":
-        return pack(examples, share_prefix)
+        return pack(examples, share_prefix, pad_id, ROW_MULTIPLE)
     return pad(examples, pad_id)
 
 

@@ -23,6 +23,12 @@ import torch.nn.functional as F
 
 PACKED_ATTENTION = "adgen_packed_sdpa"
 
+# Each example's attention runs on a length rounded up to this multiple. PyTorch's CPU flash-attention builds and
+# keeps kernels for every new sequence length (bf16 backward: ~5 MB and ~9 ms each, per thread; torch 2.13), so with
+# the exact lengths of a dataset's examples a run's memory grew ~45 MB a step and every new length ran at half
+# speed. Rounded, a few dozen lengths cover every example (BENCHMARKS.md section 8).
+SEGMENT_MULTIPLE = 32
+
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int, int]]]:
     """[(start, end, context), ...] per row.
@@ -42,17 +48,31 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int, int]
     return bounds
 
 
+def _rounded_slice(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """x[..., start:start+length, :]: the row's following tokens where it has them, zeros past its end.
+
+    The extra positions sit *after* the segment, so under a causal mask no real query sees them; their
+    outputs are dropped, so their gradient is zero and nothing flows back into the tokens they borrowed."""
+    end = start + length
+    if end <= x.shape[-2]:
+        return x[..., start:end, :]
+    return F.pad(x[..., start:, :], (0, 0, 0, end - x.shape[-2]))
+
+
 def _segment_attention(q, k, v, s, e, context, dropout, scaling):
-    if not context:
-        return F.scaled_dot_product_attention(q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], dropout_p=dropout,
-                                              is_causal=True, scale=scaling)
     n = e - s
-    keys = torch.cat([k[..., :context, :], k[..., s:e, :]], dim=-2)
-    values = torch.cat([v[..., :context, :], v[..., s:e, :]], dim=-2)
+    m = -(-n // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE
+    qs, ks, vs = (_rounded_slice(x, s, m) for x in (q, k, v))
+    if not context:
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling)
+        return out[..., :n, :]
+    keys = torch.cat([k[..., :context, :], ks], dim=-2)
+    values = torch.cat([v[..., :context, :], vs], dim=-2)
     # the whole prefix, then causal over the segment's own tokens
-    mask = torch.ones(n, context + n, dtype=torch.bool, device=q.device)
-    mask[:, context:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    return F.scaled_dot_product_attention(q[..., s:e, :], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    mask = torch.ones(m, context + m, dtype=torch.bool, device=q.device)
+    mask[:, context:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out[..., :n, :]
 
 
 def packed_sdpa_forward(

@@ -57,7 +57,7 @@ class TrainResult:
 # ---- small helpers ---------------------------------------------------------------------------
 
 
-TRIM_GROWTH = 0.10  # trim the heap once the RSS between steps has grown this much over its last trimmed level
+TRIM_GROWTH = 0.05  # trim the heap once the RSS between steps has grown this much over a step's working set
 
 
 def _rss_bytes() -> int:
@@ -66,14 +66,16 @@ def _rss_bytes() -> int:
 
 
 def _heap_trimmer(device):
-    """On Linux CPUs: give freed activation memory back to the OS when it piles up between steps.
+    """On Linux CPUs: give freed memory back to the OS when it piles up between steps, not every step.
 
-    Packed rows change length every step; glibc keeps the freed blocks of each size around, and the
-    process RSS crept up by GiBs within tens of steps (5.1 -> 9.0 GiB over 32 steps of 8 records). Trimming
-    after *every* step held it but costs kernel time: the next step faults the pages in again (demo recipe,
-    12 steps on one thread: 380 tokens/s with it, 465 without). So: trim only once the RSS between steps is
-    TRIM_GROWTH above what it was after the last trim (32 steps, two threads: 919 -> 961 tokens/s, peak RSS
-    5.45 -> 5.35 GiB; never trimming: 6.51 GiB). BENCHMARKS.md section 8.
+    glibc keeps a step's freed activations mapped, so the RSS between steps is one step's working set
+    plus whatever fragmentation has added since. Trimming after every step held the RSS down but made
+    every next step fault its working set in again (~0.5 M page faults a step, ~9% of the demo's CPU
+    time in the kernel). So the RSS right after the first step that follows a trim is the reference (a
+    whole step's working set), and the heap is trimmed only when the RSS between steps exceeds it by
+    TRIM_GROWTH. (The faster creep seen before 2026-12-03 was PyTorch's per-shape kernel caches, now
+    bounded by rounding row and segment lengths: collate.ROW_MULTIPLE, packed_attention.SEGMENT_MULTIPLE.)
+    BENCHMARKS.md section 8.
     """
     if device.type != "cpu" or not os.path.exists("/proc/self/statm"):
         return lambda: None
@@ -83,12 +85,15 @@ def _heap_trimmer(device):
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return lambda: None
-    level: list[int] = []  # the RSS right after the last trim
+    reference: list[int] = []  # the RSS after the first step since the last trim
 
     def maybe_trim() -> None:
-        if not level or _rss_bytes() > level[0] * (1 + TRIM_GROWTH):
+        rss = _rss_bytes()
+        if not reference:
+            reference.append(rss)
+        elif rss > reference[0] * (1 + TRIM_GROWTH):
             trim(0)
-            level[:] = [_rss_bytes()]
+            reference.clear()
 
     return maybe_trim
 
