@@ -1,6 +1,6 @@
 """Peak RSS, page faults and kernel time of N steps of the demo recipe in this process (one allocator setup).
 
-TRIM=0 drops the trainer's heap trim, TRIM=each trims after every step, unset = the trainer's own rule; the allocator itself is chosen from outside (bench/memory_allocators.sh:
+TRACE=1 prints each step's peak RSS and the RSS after the trimmer. TRIM=0 drops the trainer's heap trim, TRIM=each trims after every step, unset = the trainer's own rule; the allocator itself is chosen from outside (bench/memory_allocators.sh:
 THP_MEM_ALLOC_ENABLE, MALLOC_MMAP_THRESHOLD_, LD_PRELOAD=libjemalloc). Last line: RESULT <tag> wall tok/s maxrss
 minflt utime stime sys_share.
 """
@@ -16,6 +16,33 @@ if os.environ.get("TRIM") == "0":  # never trim
 elif os.environ.get("TRIM") == "each":  # trim after every step (the trainer before 2026-12-02)
     import ctypes
     T._heap_trimmer = lambda device: (lambda: ctypes.CDLL("libc.so.6").malloc_trim(0))
+if os.environ.get("TRACE"):  # one line per step: the step's peak RSS (sampled every 50 ms), the RSS after the trimmer
+    import threading
+
+    def _rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**30
+
+    _peak = [0.0]
+
+    def _sample():
+        while True:
+            _peak[0] = max(_peak[0], _rss())
+            time.sleep(0.05)
+
+    threading.Thread(target=_sample, daemon=True).start()
+    _inner = T._heap_trimmer
+
+    def _traced(device):
+        trimmer, step = _inner(device), [0]
+
+        def after_step():
+            step[0] += 1
+            trimmer()
+            print(f"step {step[0]:3d} peak {_peak[0]:.2f} GiB, after the trimmer {_rss():.2f} GiB", flush=True)
+            _peak[0] = 0.0
+        return after_step
+
+    T._heap_trimmer = _traced
 steps = int(os.environ.get("STEPS", "12"))
 out = f"/tmp/adgen-mem-{os.getpid()}"
 cfg = load_train_config("demo-smollm2-135m", {"max_steps": steps, "output_dir": out, "progress": False,
