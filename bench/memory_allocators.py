@@ -20,7 +20,7 @@ if os.environ.get("TRACE"):  # one line per step: the step's peak RSS (sampled e
     import threading
 
     def _rss():
-        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**30
+        return T._rss_bytes() / 2**30
 
     _peak = [0.0]
 
