@@ -111,6 +111,9 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     zero_decoding = DecodingConfig(max_new_tokens=zero_limit)
     zero, tuned_max = _evaluate(cfg, None, dev, dev_path, out / "eval-zero-shot", console, zero_decoding)
     timings["zero_shot_eval_s"] = time.perf_counter() - t
+    from adgen.train.trainer import release_memory
+
+    release_memory()  # the zero-shot model and its generation heap: the fine-tune starts from what it needs
 
     minutes = training_minutes(cfg, time.perf_counter() - t_start, timings["zero_shot_eval_s"], tuned_max)
     console.rule(f"[bold]3/5 fine-tune: the top 12 layers, {minutes:.1f} min on the first train records")

@@ -1,6 +1,6 @@
 """Peak RSS, page faults and kernel time of N steps of the demo recipe in this process (one allocator setup).
 
-TRACE=1 prints each step's peak RSS and the RSS after the trimmer. TRIM=0 drops the trainer's heap trim, TRIM=each trims after every step, unset = the trainer's own rule; the allocator itself is chosen from outside (bench/memory_allocators.sh:
+TRACE=1 prints each step's peak RSS and the RSS after the trimmer. LEAN=0 turns the lean norm / MLP blocks off. TRIM=0 drops the trainer's heap trim, TRIM=each trims after every step, unset = the trainer's own rule; the allocator itself is chosen from outside (bench/memory_allocators.sh:
 THP_MEM_ALLOC_ENABLE, MALLOC_MMAP_THRESHOLD_, LD_PRELOAD=libjemalloc). Last line: RESULT <tag> wall tok/s maxrss
 minflt utime stime sys_share.
 """
@@ -47,7 +47,7 @@ steps = int(os.environ.get("STEPS", "12"))
 out = f"/tmp/adgen-mem-{os.getpid()}"
 cfg = load_train_config("demo-smollm2-135m", {"max_steps": steps, "output_dir": out, "progress": False,
       "train_data": str(ROOT.parent / "shared/adgen/train.json"), "eval_data": str(ROOT.parent / "shared/adgen/dev.json"), "plot": False,
-      "max_eval_samples": 8, "log_every": 4})
+      "max_eval_samples": 8, "log_every": 4, "lean_layers": os.environ.get("LEAN", "1") != "0"})
 t0 = time.time()
 r = T.train(cfg, overwrite=True)
 ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -108,18 +108,52 @@ def test_each_example_runs_at_a_rounded_length(tiny_model, monkeypatch):
     row = torch.cat([prefix, a[4:], b[4:]]).unsqueeze(0)
     pos = torch.cat([torch.arange(len(a)), torch.arange(4, len(b))]).unsqueeze(0)
     lengths = []
-    real_sdpa = F.scaled_dot_product_attention
+    real_sdpa, (real_fwd, real_bwd) = F.scaled_dot_product_attention, packed_attention._cpu_flash_ops()
 
-    def recording_sdpa(q, k, v, **kw):
+    def recording_sdpa(q, k, v, **kw):  # the per-segment path (GPUs, dropout)
         lengths.append(q.shape[-2])
         return real_sdpa(q, k, v, **kw)
+
+    def recording_fwd(q, *args, **kw):  # the one-node CPU path
+        lengths.append(q.shape[-2])
+        return real_fwd(q, *args, **kw)
 
     with torch.no_grad():
         alone = [tiny_model(input_ids=x.unsqueeze(0)).logits[0] for x in (a, b)]
         assert enable_packed_attention(tiny_model)
         monkeypatch.setattr(packed_attention.F, "scaled_dot_product_attention", recording_sdpa)
+        monkeypatch.setattr(packed_attention, "_cpu_flash_ops", lambda: (recording_fwd, real_bwd))
         packed = tiny_model(input_ids=row, position_ids=pos).logits[0]
     assert lengths and all(n % packed_attention.SEGMENT_MULTIPLE == 0 for n in lengths)
     assert set(lengths) == {64, 32}
     torch.testing.assert_close(packed[: len(a)], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[len(a):], alone[1][4:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_node_cpu_attention_gives_the_per_segment_gradients(dtype, monkeypatch):
+    """The CPU path that runs a whole row's segments in one autograd node (gradients written straight into one
+    buffer, K/V repeated inside) equals the same segments through autograd one by one: outputs and the gradients
+    of q, k and v, with a shared prefix, grouped-query heads, a borrowed tail and a zero-padded last segment."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, prefix = [45, 20, 37], 9  # a causal first example, then two continuing its first 9 tokens
+    pos = torch.cat([torch.arange(lengths[0]), *(torch.arange(prefix, prefix + n) for n in lengths[1:])]).unsqueeze(0)
+    T = int(pos.shape[1])
+    q0 = torch.randn(1, 8, T, 16, generator=gen)
+    k0, v0 = torch.randn(1, 2, T, 16, generator=gen), torch.randn(1, 2, T, 16, generator=gen)
+    g = torch.randn(1, T, 8, 16, generator=gen)
+    segments = segment_bounds(pos)[0]
+    assert [c for _, _, c in segments] == [0, prefix, prefix]
+
+    def run(one_node: bool):
+        if not one_node:
+            monkeypatch.setattr(packed_attention, "_cpu_flash_ops", lambda: None)
+        q, k, v = (x.clone().to(dtype).requires_grad_() for x in (q0, k0, v0))
+        out = packed_attention._row_attention(q, k, v, segments, 0.0, 0.25)
+        out.backward(g.to(dtype))
+        monkeypatch.undo()
+        return [out.float(), *(x.grad.float() for x in (q, k, v))]
+
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for one, ref, what in zip(run(True), run(False), ["output", "dq", "dk", "dv"]):
+        torch.testing.assert_close(one, ref, **tol, msg=what)

@@ -611,6 +611,42 @@ def test_full_fine_tuning_of_the_top_layers_leaves_the_rest_as_it_was(tiny_llama
     assert any(".layers.1.mlp" in k for k in changed)
 
 
+def test_lean_norm_and_mlp_blocks_train_as_the_models_own(tiny_llama3_dir, adgen_train_path, tmp_path):
+    """Full fine-tuning with the lean RMSNorm / SwiGLU blocks (on by default) gives the losses of the model's own
+    modules, step by step (fp32: the same math), and the summary says they were used."""
+    from adgen.train import train
+
+    for lean in (True, False):
+        train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / f"lean-{lean}", max_steps=4, method="full",
+                          lr=1e-3, log_every=1, lean_layers=lean))
+    on, off = train_losses(tmp_path / "lean-True"), train_losses(tmp_path / "lean-False")
+    assert len(on) == 4 and on.keys() == off.keys()
+    assert all(on[k] == pytest.approx(off[k], rel=1e-5) for k in on), (on, off)
+    assert on[4] != pytest.approx(on[1], rel=1e-3)  # it trained
+    summary = json.loads((tmp_path / "lean-True" / "summary.json").read_text())
+    assert "lean norm / MLP blocks" in json.dumps(summary)
+
+
+def test_a_finished_run_keeps_nothing_alive(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
+    """train() hands everything back: what runs next in the process (the demo's evaluation) has the memory."""
+    import gc
+    import weakref
+
+    import adgen.train.trainer as T
+
+    refs = []
+    setup_optimization = T.setup_optimization
+
+    def keep_refs(run):
+        setup_optimization(run)
+        refs.extend(weakref.ref(x) for x in (run.model, run.optimizer))
+
+    monkeypatch.setattr(T, "setup_optimization", keep_refs)
+    T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "run", max_steps=2))
+    gc.collect()
+    assert len(refs) == 2 and all(r() is None for r in refs)
+
+
 def test_top_layers_is_refused_for_prefix_tuning(tiny_llama3_dir, adgen_train_path, tmp_path):
     with pytest.raises(ConfigError, match="top_layers"):
         tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "p", method="prefix", top_layers=1).validate()

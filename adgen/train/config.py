@@ -69,6 +69,9 @@ class TrainConfig:
     # with target_logits_only: LM head and cross-entropy fused over chunks of positions, no logits kept (less
     # memory, same loss); used where a check at setup finds the logits are the plain head's (not FSDP / DeepSpeed)
     fused_head_loss: bool = True
+    # Llama-shaped decoder layers: RMSNorm / SwiGLU blocks that keep ~40% less for the backward pass (same math,
+    # no recompute of matmuls; adgen/train/lean_layers.py); off where the weights are sharded (FSDP / DeepSpeed)
+    lean_layers: bool = True
     # packed rows: the prompt start all examples share (chat header + system prompt) computed once per row
     share_prompt_prefix: bool = True
     precision: Precision = "auto"  # auto: bf16 where the hardware has it natively (CUDA, AVX512-BF16 / AMX), else fp32

@@ -59,20 +59,127 @@ def _rounded_slice(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return F.pad(x[..., start:, :], (0, 0, 0, end - x.shape[-2]))
 
 
+def _rounded(n: int) -> int:
+    return -(-n // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE
+
+
 def _segment_attention(q, k, v, s, e, context, dropout, scaling):
     n = e - s
-    m = -(-n // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE
+    m = _rounded(n)
     qs, ks, vs = (_rounded_slice(x, s, m) for x in (q, k, v))
     if not context:
         out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling)
         return out[..., :n, :]
     keys = torch.cat([k[..., :context, :], ks], dim=-2)
     values = torch.cat([v[..., :context, :], vs], dim=-2)
-    # the whole prefix, then causal over the segment's own tokens
-    mask = torch.ones(m, context + m, dtype=torch.bool, device=q.device)
-    mask[:, context:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+    mask = _continuation_mask(m, context, torch.bool, q.device)
     out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out[..., :n, :]
+
+
+_MASKS: dict = {}
+
+
+def _continuation_mask(m: int, context: int, dtype, device) -> torch.Tensor:
+    """The whole prefix, then causal over the segment's own m tokens: [m, context + m]; bool (True = attend) or
+    additive (0 / -inf) in `dtype`. Kept per shape: rounded lengths make few, and every layer asks again."""
+    key = (m, context, dtype, str(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        keep = torch.ones(m, context + m, dtype=torch.bool, device=device)
+        keep[:, context:] = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+        mask = keep
+        if dtype != torch.bool:
+            mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+        if len(_MASKS) > 256:
+            _MASKS.clear()
+        _MASKS[key] = mask
+    return mask
+
+
+def _cpu_flash_ops():
+    ops = torch.ops.aten
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and \
+            hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+    return None
+
+
+def _segment_inputs(q, k, v, s, e, context, groups):
+    """One segment's kernel inputs: its rounded rows (prefix first for a continuation), K/V heads repeated."""
+    m = _rounded(e - s)
+    qs, ks, vs = (_rounded_slice(x, s, m) for x in (q, k, v))
+    if context:
+        ks = torch.cat([k[..., :context, :], ks], dim=-2)
+        vs = torch.cat([v[..., :context, :], vs], dim=-2)
+    if groups > 1:
+        ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+    mask = _continuation_mask(m, context, q.dtype, q.device) if context else None
+    return qs, ks, vs, mask
+
+
+class _PackedRowAttention(torch.autograd.Function):
+    """Every segment of one packed row through PyTorch's CPU flash-attention kernels, forward and backward, in one
+    autograd node. Through autograd per segment, each slice's backward wrote a zero-filled row-sized gradient
+    and each K/V repeat and prefix copy was kept for backward; here the gradients go straight into one row-sized
+    buffer each, and only q, the un-repeated k and v, the outputs and log-sum-exps are kept (BENCHMARKS.md 8)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments, scale):  # q [1, H, T, D]; k, v [1, H_kv, T, D]; one dtype
+        fwd, _ = _cpu_flash_ops()
+        groups = q.shape[1] // k.shape[1]
+        out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+        kept = []
+        for s, e, context in segments:
+            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups)
+            o, lse = fwd(qs, ks, vs, 0.0, not context, attn_mask=mask, scale=scale)
+            out[:, s:e] = o[..., : e - s, :].transpose(1, 2)
+            kept += [o, lse]
+        ctx.segments, ctx.scale, ctx.groups = segments, scale, groups
+        ctx.save_for_backward(q, k, v, *kept)
+        return out  # [1, T, H, D], as transformers expects
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _, bwd = _cpu_flash_ops()
+        q, k, v, *kept = ctx.saved_tensors
+        groups = ctx.groups
+        grad_q = torch.zeros_like(q)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        g = grad_out.transpose(1, 2)  # [1, H, T, D]
+        for i, (s, e, context) in enumerate(ctx.segments):
+            n = e - s
+            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups)
+            o, lse = kept[2 * i], kept[2 * i + 1]
+            go = torch.zeros_like(o)  # the borrowed rows' outputs were dropped: no gradient reaches them
+            go[..., :n, :] = g[..., s:e, :]
+            gq, gk, gv = bwd(go, qs, ks, vs, o, lse, 0.0, not context, attn_mask=mask, scale=ctx.scale)
+            if groups > 1:
+                gk = gk.unflatten(1, (k.shape[1], groups)).sum(2)
+                gv = gv.unflatten(1, (v.shape[1], groups)).sum(2)
+            grad_q[..., s:e, :] = gq[..., :n, :]
+            own = slice(context, context + n)  # keys after the segment's own n are only seen by borrowed rows
+            grad_k[..., s:e, :] += gk[..., own, :]
+            grad_v[..., s:e, :] += gv[..., own, :]
+            if context:
+                grad_k[..., :context, :] += gk[..., :context, :]
+                grad_v[..., :context, :] += gv[..., :context, :]
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _row_attention(q, k, v, segments, dropout, scaling):
+    """[1, T, H, D]: through the one-node CPU path where it applies, else per segment through autograd."""
+    if q.device.type == "cpu" and not dropout and _cpu_flash_ops() is not None and scaling is not None:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        if dtype in (torch.float32, torch.bfloat16):
+            with torch.autocast("cpu", enabled=False):
+                return _PackedRowAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), segments, scaling)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: one K/V head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    parts = [_segment_attention(q, k, v, s, e, ctx, dropout, scaling) for s, e, ctx in segments]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2)
 
 
 def packed_sdpa_forward(
@@ -99,18 +206,11 @@ def packed_sdpa_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: one K/V head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    rows = []
     position_ids = position_ids.view(-1, q_len).expand(query.shape[0], q_len)  # (1, T) when the model made them
-    for b, segments in enumerate(segment_bounds(position_ids)):
-        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
-        parts = [_segment_attention(q, k, v, s, e, ctx, dropout, scaling) for s, e, ctx in segments]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    rows = [_row_attention(query[b : b + 1], key[b : b + 1], value[b : b + 1], segments, dropout, scaling)
+            for b, segments in enumerate(segment_bounds(position_ids))]
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None  # [B, T, heads, D], as transformers expects
+    return out.contiguous(), None  # [B, T, heads, D], as transformers expects
 
 
 def _packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):

@@ -65,6 +65,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _malloc_trim():
+    """glibc's malloc_trim (hands freed heap pages back to the OS), or None where there is no glibc."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Free what a finished run left (model, optimizer state, the heap glibc keeps mapped after its last step):
+    whatever the process does next — the demo loads the tuned model and generates — starts from what it needs,
+    not from the run's working set (the demo's peak RSS was in its evaluation after training: BENCHMARKS.md 8)."""
+    import gc
+
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _heap_trimmer(device):
     """On Linux CPUs: give freed memory back to the OS when it piles up between steps, not every step.
 
@@ -77,13 +99,8 @@ def _heap_trimmer(device):
     bounded by rounding row and segment lengths: collate.ROW_MULTIPLE, packed_attention.SEGMENT_MULTIPLE.)
     BENCHMARKS.md section 8.
     """
-    if device.type != "cpu" or not os.path.exists("/proc/self/statm"):
-        return lambda: None
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _malloc_trim()
+    if device.type != "cpu" or trim is None or not os.path.exists("/proc/self/statm"):
         return lambda: None
     reference: list[int] = []  # the RSS after the first step since the last trim
 
@@ -339,7 +356,10 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
     restore_checkpoint(run)
     announce(run, time.perf_counter() - t_setup)
     fit(run)
-    return finish(run)
+    result = finish(run)
+    del run
+    release_memory()
+    return result
 
 
 # ---- setup -----------------------------------------------------------------------------------------
@@ -437,6 +457,11 @@ def setup_model(run: TrainRun) -> None:
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
     attention = _choose_batching(run, base)
+    if cfg.lean_layers and not _shards_weights(run.accelerator):  # sharded weights: leave FSDP's hooks alone
+        from adgen.train.lean_layers import make_layers_lean
+
+        if make_layers_lean(base):
+            attention += ", lean norm / MLP blocks"
     for n in run.notes:
         run.say(f"[adgen] note: {n}")
     run.resolved.update(precision=run.precision.name, batching=run.batching, attention=attention,
