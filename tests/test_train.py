@@ -627,6 +627,44 @@ def test_lean_norm_and_mlp_blocks_train_as_the_models_own(tiny_llama3_dir, adgen
     assert "lean norm / MLP blocks" in json.dumps(summary)
 
 
+def test_lora_under_bf16_autocast_trains_without_casting_adapter_inputs(tiny_llama3_dir, adgen_train_path, tmp_path,
+                                                                      monkeypatch):
+    """bf16 LoRA: the adapters get their inputs in bf16 during the training forward (PEFT would copy them to fp32 for
+    autocast to copy them back), with the losses of the casting path, step by step."""
+    from contextlib import nullcontext
+
+    import adgen.train.trainer as T
+
+    dtypes: set = set()
+    in_step = [False]
+    setup_model, train_step = T.setup_model, T.train_step
+
+    def record_adapter_inputs(run):
+        setup_model(run)
+        for name, m in run.model.named_modules():
+            if name.endswith("lora_A.default"):
+                m.register_forward_pre_hook(lambda mod, args: dtypes.add(args[0].dtype) if in_step[0] else None)
+
+    def step(run, i):
+        in_step[0] = True
+        try:
+            return train_step(run, i)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(T, "setup_model", record_adapter_inputs)
+    monkeypatch.setattr(T, "train_step", step)
+    over = {"max_steps": 3, "precision": "bf16", "log_every": 1, "lora": {"dropout": 0.0, "target_modules": "q_proj,v_proj"}}
+    T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "uncast", **over))
+    assert dtypes == {torch.bfloat16}
+    dtypes.clear()
+    monkeypatch.setattr(T, "_lora_inputs_uncast", lambda run: nullcontext())
+    T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "cast", **over))
+    assert dtypes == {torch.float32}  # PEFT's own cast, for comparison
+    uncast, cast = train_losses(tmp_path / "uncast"), train_losses(tmp_path / "cast")
+    assert len(uncast) == 3 and all(uncast[k] == pytest.approx(cast[k], rel=1e-6) for k in cast), (uncast, cast)
+
+
 def test_a_finished_run_keeps_nothing_alive(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
     """train() hands everything back: what runs next in the process (the demo's evaluation) has the memory."""
     import gc

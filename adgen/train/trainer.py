@@ -311,6 +311,9 @@ class TrainRun:
     reference: Any = None  # DPO: the starting model's log-probabilities of every pair
     batching: str = "packed"
     share_prefix: bool = False
+    # LoRA under bf16 autocast: PEFT's cast of each adapter's input to the adapter's fp32 (which autocast casts right
+    # back to bf16) is switched off for the training forward; same values, two fewer activation copies per adapter
+    lora_inputs_uncast: bool = False
     pad_id: int | None = None
     total_steps: int = 0
     warmup: int = 0
@@ -457,6 +460,7 @@ def setup_model(run: TrainRun) -> None:
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
     attention = _choose_batching(run, base)
+    run.lora_inputs_uncast = cfg.method == "lora" and run.precision.mixed_precision == "bf16"
     if cfg.lean_layers and not _shards_weights(run.accelerator):  # sharded weights: leave FSDP's hooks alone
         from adgen.train.lean_layers import make_layers_lean
 
@@ -602,6 +606,18 @@ def reduce_sum(run: TrainRun, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _lora_inputs_uncast(run: TrainRun):
+    """Measured on the LoRA bench recipe (bf16, this Xeon; 8 interleaved forward+backward pairs of one batch): median
+    4.92 -> 4.83 s, best 4.64 -> 4.43 s. Only inside the training forward, which always runs under autocast."""
+    from contextlib import nullcontext
+
+    if not run.lora_inputs_uncast:
+        return nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(run.model)
+
+
 def train_step(run: TrainRun, step: int) -> dict:
     """One optimizer step over every micro-batch of every process; the figures the log needs."""
     import torch
@@ -616,7 +632,7 @@ def train_step(run: TrainRun, step: int) -> dict:
     loss_local = torch.zeros((), dtype=torch.float64, device=run.device)
     for b in batches:
         b = b.to(run.device)
-        with accelerator.accumulate(wrapped):
+        with accelerator.accumulate(wrapped), _lora_inputs_uncast(run):
             loss_sum, _, *extra = wrapped(b.input_ids, b.targets, b.position_ids, b.attention_mask, **b.loss_kwargs())
             accelerator.backward(loss_sum * scale)
         loss_local += loss_sum.detach().double()
