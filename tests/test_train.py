@@ -654,7 +654,8 @@ def test_lora_under_bf16_autocast_trains_without_casting_adapter_inputs(tiny_lla
 
     monkeypatch.setattr(T, "setup_model", record_adapter_inputs)
     monkeypatch.setattr(T, "train_step", step)
-    over = {"max_steps": 3, "precision": "bf16", "log_every": 1, "lora": {"dropout": 0.0, "target_modules": "q_proj,v_proj"}}
+    over = {"max_steps": 3, "precision": "bf16", "log_every": 1,
+            "lora": {"dropout": 0.0, "target_modules": "q_proj,v_proj"}}
     T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "uncast", **over))
     assert dtypes == {torch.bfloat16}
     dtypes.clear()
