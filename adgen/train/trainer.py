@@ -460,8 +460,9 @@ def setup_model(run: TrainRun) -> None:
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
     attention = _choose_batching(run, base)
-    run.lora_inputs_uncast = cfg.method == "lora" and run.precision.mixed_precision == "bf16"
-    if cfg.lean_layers and not _shards_weights(run.accelerator):  # sharded weights: leave FSDP's hooks alone
+    sharded = _shards_weights(run.accelerator)  # FSDP / DeepSpeed: their own hooks and dtype handling; leave them be
+    run.lora_inputs_uncast = cfg.method == "lora" and run.precision.mixed_precision == "bf16" and not sharded
+    if cfg.lean_layers and not sharded:
         from adgen.train.lean_layers import make_layers_lean
 
         if make_layers_lean(base):
