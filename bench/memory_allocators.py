@@ -14,8 +14,7 @@ from adgen.train.config import load_train_config
 if os.environ.get("TRIM") == "0":  # never trim
     T._heap_trimmer = lambda device: (lambda: None)
 elif os.environ.get("TRIM") == "each":  # trim after every step (the trainer before 2026-12-02)
-    import ctypes
-    T._heap_trimmer = lambda device: (lambda: ctypes.CDLL("libc.so.6").malloc_trim(0))
+    T._heap_trimmer = lambda device: (lambda: T._malloc_trim()(0))
 if os.environ.get("TRACE"):  # one line per step: the step's peak RSS (sampled every 50 ms), the RSS after the trimmer
     import threading
 

@@ -63,18 +63,11 @@ def _rounded(n: int) -> int:
     return -(-n // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE
 
 
-def _segment_attention(q, k, v, s, e, context, dropout, scaling):
-    n = e - s
-    m = _rounded(n)
-    qs, ks, vs = (_rounded_slice(x, s, m) for x in (q, k, v))
-    if not context:
-        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling)
-        return out[..., :n, :]
-    keys = torch.cat([k[..., :context, :], ks], dim=-2)
-    values = torch.cat([v[..., :context, :], vs], dim=-2)
-    mask = _continuation_mask(m, context, torch.bool, q.device)
-    out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out[..., :n, :]
+def _segment_attention(q, k, v, s, e, context, groups, dropout, scaling):
+    qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups, torch.bool)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=not context,
+                                         scale=scaling)
+    return out[..., : e - s, :]
 
 
 _MASKS: dict = {}
@@ -105,8 +98,9 @@ def _cpu_flash_ops():
     return None
 
 
-def _segment_inputs(q, k, v, s, e, context, groups):
-    """One segment's kernel inputs: its rounded rows (prefix first for a continuation), K/V heads repeated."""
+def _segment_inputs(q, k, v, s, e, context, groups, mask_dtype):
+    """One segment's kernel inputs: its rounded rows (prefix first for a continuation), K/V heads repeated, and the
+    continuation's mask in `mask_dtype` (bool for sdpa, additive in q's dtype for the CPU flash ops)."""
     m = _rounded(e - s)
     qs, ks, vs = (_rounded_slice(x, s, m) for x in (q, k, v))
     if context:
@@ -114,7 +108,7 @@ def _segment_inputs(q, k, v, s, e, context, groups):
         vs = torch.cat([v[..., :context, :], vs], dim=-2)
     if groups > 1:
         ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
-    mask = _continuation_mask(m, context, q.dtype, q.device) if context else None
+    mask = _continuation_mask(m, context, mask_dtype, q.device) if context else None
     return qs, ks, vs, mask
 
 
@@ -131,7 +125,7 @@ class _PackedRowAttention(torch.autograd.Function):
         out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
         kept = []
         for s, e, context in segments:
-            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups)
+            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups, q.dtype)
             o, lse = fwd(qs, ks, vs, 0.0, not context, attn_mask=mask, scale=scale)
             out[:, s:e] = o[..., : e - s, :].transpose(1, 2)
             kept += [o, lse]
@@ -149,7 +143,7 @@ class _PackedRowAttention(torch.autograd.Function):
         g = grad_out.transpose(1, 2)  # [1, H, T, D]
         for i, (s, e, context) in enumerate(ctx.segments):
             n = e - s
-            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups)
+            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups, q.dtype)
             o, lse = kept[2 * i], kept[2 * i + 1]
             go = torch.zeros_like(o)  # the borrowed rows' outputs were dropped: no gradient reaches them
             go[..., :n, :] = g[..., s:e, :]
@@ -174,10 +168,8 @@ def _row_attention(q, k, v, segments, dropout, scaling):
         if dtype in (torch.float32, torch.bfloat16):
             with torch.autocast("cpu", enabled=False):
                 return _PackedRowAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), segments, scaling)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # grouped-query attention: one K/V head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    parts = [_segment_attention(q, k, v, s, e, ctx, dropout, scaling) for s, e, ctx in segments]
+    groups = q.shape[1] // k.shape[1]  # grouped-query attention: one K/V head serves `groups` query heads
+    parts = [_segment_attention(q, k, v, s, e, ctx, groups, dropout, scaling) for s, e, ctx in segments]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2)
 
