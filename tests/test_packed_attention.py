@@ -145,7 +145,7 @@ def test_one_node_cpu_attention_gives_the_per_segment_gradients(dtype, monkeypat
     segments = segment_bounds(pos)[0]
     assert [c for _, _, c in segments] == [0, prefix, prefix]
 
-    def run(one_node: bool):
+    def run(one_node: bool, dtype=dtype):
         if not one_node:
             monkeypatch.setattr(packed_attention, "_cpu_flash_ops", lambda: None)
         q, k, v = (x.clone().to(dtype).requires_grad_() for x in (q0, k0, v0))
@@ -154,6 +154,13 @@ def test_one_node_cpu_attention_gives_the_per_segment_gradients(dtype, monkeypat
         monkeypatch.undo()
         return [out.float(), *(x.grad.float() for x in (q, k, v))]
 
-    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    for one, ref, what in zip(run(True), run(False), ["output", "dq", "dk", "dv"]):
-        torch.testing.assert_close(one, ref, **tol, msg=what)
+    if dtype == torch.float32:
+        for one, ref, what in zip(run(True), run(False), ["output", "dq", "dk", "dv"]):
+            torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-4, msg=what)
+        return
+    # bf16: the one-node backward runs its kernel in fp32, so both bf16 paths are held against the fp32 result;
+    # the one-node path must be as close to it as the per-segment bf16 autograd path, and close in absolute terms.
+    exact = run(False, torch.float32)
+    for one, per_segment, ref, what in zip(run(True), run(False), exact, ["output", "dq", "dk", "dv"]):
+        err_one, err_seg = ((one - ref).norm() / ref.norm()).item(), ((per_segment - ref).norm() / ref.norm()).item()
+        assert err_one <= 1e-2 and err_one <= 1.1 * err_seg, (what, err_one, err_seg)

@@ -32,17 +32,23 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
-        rows = _chunk_rows(weight.shape[0])
-        for start in range(0, hidden.shape[0], rows):
+        n = hidden.shape[0]
+        chunks = -(-n // _chunk_rows(weight.shape[0]))
+        rows = max(1, -(-n // max(chunks, 1)))  # equal chunks: a matmul of a few leftover rows costs nearly a full one
+        for start in range(0, n, rows):
             h = hidden[start : start + rows].to(compute_dtype)
             t = targets[start : start + rows]
             logits = (h @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place, one pass each (torch.logsumexp allocates two chunk-sized temporaries)
+            top = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(top).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            lse = (top + sums.log()).squeeze(1)
             total += (lse - picked).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax in place of the logits
+            probs = exps.div_(sums)
             probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d(loss) / d(logits)
             g = probs.to(compute_dtype)
             if grad_hidden is not None:

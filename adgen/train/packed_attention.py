@@ -112,11 +112,21 @@ def _segment_inputs(q, k, v, s, e, context, groups, mask_dtype):
     return qs, ks, vs, mask
 
 
+def _groups_in_batch(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """A view of query-shaped [1, H, L, D] as [groups, H_kv, L, D], where [i, j] is query head j * groups + i: the
+    heads that share K/V head j (grouped-query attention, paired as repeat_interleave pairs them) sit in the batch
+    dimension, so the kernels read un-repeated K/V through a stride-0 batch view (`kv.expand(groups, ...)`).
+    Writing into the view writes into x."""
+    return x.unflatten(1, (-1, groups))[0].transpose(0, 1)
+
+
 class _PackedRowAttention(torch.autograd.Function):
     """Every segment of one packed row through PyTorch's CPU flash-attention kernels, forward and backward, in one
     autograd node. Through autograd per segment, each slice's backward wrote a zero-filled row-sized gradient
     and each K/V repeat and prefix copy was kept for backward; here the gradients go straight into one row-sized
-    buffer each, and only q, the un-repeated k and v, the outputs and log-sum-exps are kept (BENCHMARKS.md 8)."""
+    buffer each, and only q, the un-repeated k and v, the outputs and log-sum-exps are kept (BENCHMARKS.md 8).
+    K/V heads are never repeated: the query heads sharing one sit in the batch dimension (`_groups_in_batch`), so
+    a K/V gradient is a sum over that leading dimension instead of over repeated heads."""
 
     @staticmethod
     def forward(ctx, q, k, v, segments, scale):  # q [1, H, T, D]; k, v [1, H_kv, T, D]; one dtype
@@ -125,9 +135,10 @@ class _PackedRowAttention(torch.autograd.Function):
         out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
         kept = []
         for s, e, context in segments:
-            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups, q.dtype)
-            o, lse = fwd(qs, ks, vs, 0.0, not context, attn_mask=mask, scale=scale)
-            out[:, s:e] = o[..., : e - s, :].transpose(1, 2)
+            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, 1, q.dtype)
+            o, lse = fwd(_groups_in_batch(qs, groups), ks.expand(groups, -1, -1, -1), vs.expand(groups, -1, -1, -1),
+                         0.0, not context, attn_mask=mask, scale=scale)
+            _groups_in_batch(out[:, s:e].transpose(1, 2), groups).copy_(o[..., : e - s, :])
             kept += [o, lse]
         ctx.segments, ctx.scale, ctx.groups = segments, scale, groups
         ctx.save_for_backward(q, k, v, *kept)
@@ -138,27 +149,30 @@ class _PackedRowAttention(torch.autograd.Function):
         _, bwd = _cpu_flash_ops()
         q, k, v, *kept = ctx.saved_tensors
         groups = ctx.groups
-        grad_q = torch.zeros_like(q)
-        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        # The backward kernel runs in fp32 even after a bf16 forward: PyTorch's CPU flash backward is ~20% faster
+        # in fp32 than in bf16 on these shapes (the inputs are small to cast; BENCHMARKS.md 8), and exacter.
+        work = torch.float32
+        dtype, (q, k, v) = q.dtype, (x.to(work) for x in (q, k, v))  # cast once per row, not per segment
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         g = grad_out.transpose(1, 2)  # [1, H, T, D]
         for i, (s, e, context) in enumerate(ctx.segments):
             n = e - s
-            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, groups, q.dtype)
+            qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, 1, work)
             o, lse = kept[2 * i], kept[2 * i + 1]
-            go = torch.zeros_like(o)  # the borrowed rows' outputs were dropped: no gradient reaches them
-            go[..., :n, :] = g[..., s:e, :]
-            gq, gk, gv = bwd(go, qs, ks, vs, o, lse, 0.0, not context, attn_mask=mask, scale=ctx.scale)
-            if groups > 1:
-                gk = gk.unflatten(1, (k.shape[1], groups)).sum(2)
-                gv = gv.unflatten(1, (v.shape[1], groups)).sum(2)
-            grad_q[..., s:e, :] = gq[..., :n, :]
+            go = torch.zeros_like(o, dtype=work)  # the borrowed rows' outputs were dropped: no gradient reaches them
+            go[..., :n, :] = _groups_in_batch(g[..., s:e, :], groups)
+            gq, gk, gv = bwd(go, _groups_in_batch(qs, groups), ks.expand(groups, -1, -1, -1),
+                             vs.expand(groups, -1, -1, -1), o.to(work), lse, 0.0, not context, attn_mask=mask,
+                             scale=ctx.scale)
+            _groups_in_batch(grad_q[..., s:e, :], groups).copy_(gq[..., :n, :])
+            gk, gv = gk.sum(0, keepdim=True), gv.sum(0, keepdim=True)  # over the query heads sharing each K/V head
             own = slice(context, context + n)  # keys after the segment's own n are only seen by borrowed rows
             grad_k[..., s:e, :] += gk[..., own, :]
             grad_v[..., s:e, :] += gv[..., own, :]
             if context:
                 grad_k[..., :context, :] += gk[..., :context, :]
                 grad_v[..., :context, :] += gv[..., :context, :]
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), None, None
 
 
 def _row_attention(q, k, v, segments, dropout, scaling):
