@@ -3,6 +3,7 @@
     python bench/train_throughput.py --quick     # <= 6 min here; last line: train_speedup=X eval_loss_delta=Y
     python bench/train_throughput.py             # 256 records, as in BENCHMARKS.md
     python bench/train_throughput.py --levers    # + one adgen run per lever switched off (its share)
+    python bench/train_throughput.py --quick --pairs 3   # baseline, adgen, baseline, adgen, ...: medians per side
 
 Both sides: the built-in smollm2-135m, the first N records of ../shared/adgen/train.json encoded by the
 same ChatFormatter (default system prompt, max_length 512, response-only labels), LoRA r=8 alpha=16
@@ -16,6 +17,11 @@ dropout 0.05 on q_proj+v_proj, lr 2e-4 cosine with 3% warmup, 4 records per opti
 Each side trains in its own process (peak RSS from wait4); one more process then computes the eval loss
 of both adapters on the first dev records with the same fp32 code (token-weighted mean over response
 tokens), so the comparison does not depend on either engine's own eval.
+
+The sides run one after the other, so a slow spell of a shared host can land on one side only (on the 2-core
+Xeon of BENCHMARKS.md the ratio moved 1.98-3.00 over five runs of one tree). `--pairs N` runs the two sides
+alternately N times and reports each side's median samples/s (and its highest peak RSS); the first pair's
+adapters are evaluated.
 """
 
 from __future__ import annotations
@@ -158,12 +164,26 @@ LEVERS = {  # name -> the adgen override that switches that one lever off
 }
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """One side over its runs: the median samples/s (and tokens/s, seconds), the highest peak RSS; the first
+    run's losses and adapter (the runs train the same records with the same seed)."""
+    import statistics
+
+    row = dict(runs[0])
+    for key in ("samples_per_s", "tokens_per_s", "seconds"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="48 records, 48 dev records (<= 6 min here)")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--eval-records", type=int, default=100)
     p.add_argument("--levers", action="store_true", help="also one adgen run per lever switched off")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="run baseline and adgen alternately this many times; medians per side (default 1)")
     p.add_argument("--train", default=str(ROOT.parent / "shared/adgen/train.json"))
     p.add_argument("--dev", default=str(ROOT.parent / "shared/adgen/dev.json"))
     p.add_argument("--json", help="write all figures here")
@@ -191,17 +211,26 @@ def main() -> None:
     common = ["--train", args.train, "--dev", args.dev, "--records", str(args.records),
               "--eval-records", str(args.eval_records)]
 
-    (work / "baseline").mkdir()
-    rss, _ = run_child([*me, "--worker", "baseline", "--out", str(work / "baseline"), *common], work / "baseline.log")
-    b = json.loads((work / "baseline" / "result.json").read_text())
-    rows = [{"name": "baseline: HF Trainer + PEFT, fp32, padded", "samples_per_s": b["samples"] / b["seconds"],
-             "tokens_per_s": b["tokens"] / b["seconds"], "seconds": b["seconds"], "peak_rss_gib": rss / 2**20,
-             "first_train_loss": b["first_train_loss"], "final_train_loss": b["final_train_loss"],
-             "adapter": str(work / "baseline" / "adapter")}]
-    print(f"baseline done in {b['seconds']:.0f}s", flush=True)
-    rows.append(run_candidate(args, work, "adgen", []))
-    rows[-1]["name"] = f"adgen train defaults ({rows[-1]['precision']}, {rows[-1]['batching']})"
-    print(f"adgen done in {rows[-1]['seconds']:.0f}s", flush=True)
+    pairs = []
+    for i in range(max(1, args.pairs)):
+        tag = "" if i == 0 else f"-{i + 1}"
+        (work / f"baseline{tag}").mkdir()
+        rss, _ = run_child([*me, "--worker", "baseline", "--out", str(work / f"baseline{tag}"), *common],
+                           work / f"baseline{tag}.log")
+        b = json.loads((work / f"baseline{tag}" / "result.json").read_text())
+        base = {"name": "baseline: HF Trainer + PEFT, fp32, padded", "samples_per_s": b["samples"] / b["seconds"],
+                "tokens_per_s": b["tokens"] / b["seconds"], "seconds": b["seconds"], "peak_rss_gib": rss / 2**20,
+                "first_train_loss": b["first_train_loss"], "final_train_loss": b["final_train_loss"],
+                "adapter": str(work / f"baseline{tag}" / "adapter")}
+        print(f"baseline done in {b['seconds']:.0f}s", flush=True)
+        cand = run_candidate(args, work, f"adgen{tag}", [])
+        cand["name"] = f"adgen train defaults ({cand['precision']}, {cand['batching']})"
+        print(f"adgen done in {cand['seconds']:.0f}s", flush=True)
+        pairs.append((base, cand))
+    rows = [_median_row([p[0] for p in pairs]), _median_row([p[1] for p in pairs])]
+    if len(pairs) > 1:
+        print("pairs (baseline s, adgen s, ratio): " + ", ".join(
+            f"({b['seconds']:.0f}, {c['seconds']:.0f}, {c['samples_per_s'] / b['samples_per_s']:.2f})" for b, c in pairs))
     if args.levers:
         for lever, extra in LEVERS.items():
             rows.append(run_candidate(args, work, lever.split()[0] + "-" + str(len(rows)), extra))
@@ -230,7 +259,9 @@ def main() -> None:
             print(f"  {r['name']:48s} {full / r['samples_per_s']:.2f}x of the speed comes from it")
     if args.json:
         Path(args.json).write_text(json.dumps({"records": args.records, "eval_records": args.eval_records,
-                                               "torch": torch.__version__, "rows": rows}, indent=2))
+                                               "torch": torch.__version__, "rows": rows,
+                                               "pairs_seconds": [[b["seconds"], c["seconds"]] for b, c in pairs]},
+                                              indent=2))
     cand = rows[1]
     delta = (cand["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
     print(f"precision: baseline fp32, adgen {cand['precision']}")
