@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,8 +168,6 @@ LEVERS = {  # name -> the adgen override that switches that one lever off
 def _median_row(runs: list[dict]) -> dict:
     """One side over its runs: the median samples/s (and tokens/s, seconds), the highest peak RSS; the first
     run's losses and adapter (the runs train the same records with the same seed)."""
-    import statistics
-
     row = dict(runs[0])
     for key in ("samples_per_s", "tokens_per_s", "seconds"):
         row[key] = statistics.median(r[key] for r in runs)

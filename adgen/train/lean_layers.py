@@ -52,7 +52,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         kept, rstd, weight = ctx.saved_tensors
-        # Mixed-dtype ops promote inside one kernel: each line below is one pass over the [tokens, hidden] tensors.
+        # Mixed-dtype ops promote inside their one kernel (no separate cast pass); in-place where the input is spent.
         xhat_f = torch.div(kept, weight.float()) if ctx.from_output else torch.mul(kept, rstd)
         g = grad.to(ctx.y_dtype)
         grad_weight = None

@@ -120,6 +120,11 @@ def _groups_in_batch(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unflatten(1, (-1, groups))[0].transpose(0, 1)
 
 
+def _grouped_kernel_inputs(qs, ks, vs, groups: int):
+    """A segment's q, k, v in the kernels' layout: `_groups_in_batch` queries, K/V as stride-0 batch views."""
+    return _groups_in_batch(qs, groups), ks.expand(groups, -1, -1, -1), vs.expand(groups, -1, -1, -1)
+
+
 class _PackedRowAttention(torch.autograd.Function):
     """Every segment of one packed row through PyTorch's CPU flash-attention kernels, forward and backward, in one
     autograd node. Through autograd per segment, each slice's backward wrote a zero-filled row-sized gradient
@@ -136,8 +141,7 @@ class _PackedRowAttention(torch.autograd.Function):
         kept = []
         for s, e, context in segments:
             qs, ks, vs, mask = _segment_inputs(q, k, v, s, e, context, 1, q.dtype)
-            o, lse = fwd(_groups_in_batch(qs, groups), ks.expand(groups, -1, -1, -1), vs.expand(groups, -1, -1, -1),
-                         0.0, not context, attn_mask=mask, scale=scale)
+            o, lse = fwd(*_grouped_kernel_inputs(qs, ks, vs, groups), 0.0, not context, attn_mask=mask, scale=scale)
             _groups_in_batch(out[:, s:e].transpose(1, 2), groups).copy_(o[..., : e - s, :])
             kept += [o, lse]
         ctx.segments, ctx.scale, ctx.groups = segments, scale, groups
@@ -161,9 +165,8 @@ class _PackedRowAttention(torch.autograd.Function):
             o, lse = kept[2 * i], kept[2 * i + 1]
             go = torch.zeros_like(o, dtype=work)  # the borrowed rows' outputs were dropped: no gradient reaches them
             go[..., :n, :] = _groups_in_batch(g[..., s:e, :], groups)
-            gq, gk, gv = bwd(go, _groups_in_batch(qs, groups), ks.expand(groups, -1, -1, -1),
-                             vs.expand(groups, -1, -1, -1), o.to(work), lse, 0.0, not context, attn_mask=mask,
-                             scale=ctx.scale)
+            gq, gk, gv = bwd(go, *_grouped_kernel_inputs(qs, ks, vs, groups), o.to(work), lse, 0.0, not context,
+                             attn_mask=mask, scale=ctx.scale)
             _groups_in_batch(grad_q[..., s:e, :], groups).copy_(gq[..., :n, :])
             gk, gv = gk.sum(0, keepdim=True), gv.sum(0, keepdim=True)  # over the query heads sharing each K/V head
             own = slice(context, context + n)  # keys after the segment's own n are only seen by borrowed rows
