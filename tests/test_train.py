@@ -209,6 +209,7 @@ def test_fused_head_loss_equals_logits_then_cross_entropy(tiny_llama3_dir, tiny_
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
     monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 positions per chunk
+    monkeypatch.setattr(lce, "GRAD_ROWS", 2)  # each chunk's gradient matmul in blocks of 2, 2 and 1 rows
     batch = pack(tiny_examples)
     fused, plain = CausalLMLoss(model), CausalLMLoss(model, fused_head=False)
     assert fused.decide_logits_selection(batch) == "target positions only, head fused with the loss"
@@ -218,8 +219,8 @@ def test_fused_head_loss_equals_logits_then_cross_entropy(tiny_llama3_dir, tiny_
     loss_p, grads_p = _loss_and_grads(model, plain, batch)
     assert loss_f == pytest.approx(loss_p, rel=1e-5)
     assert set(grads_f) == set(grads_p) and "lm_head.weight" in grads_f
-    for name, g in grads_p.items():
-        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in grads_p.items():  # fp32 sums in another order: ~1e-6 apart where gradients reach ~10
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-5, msg=name)
     assert not any(k.startswith("_fused") for k in fused.state_dict())  # the head is not registered twice
     with torch.no_grad():  # evaluation: the loss alone
         assert float(fused(batch.input_ids, batch.targets, position_ids=batch.position_ids)[0]) == pytest.approx(loss_p, rel=1e-5)

@@ -18,11 +18,38 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 6 * 1024 * 1024  # logits per chunk: 24 MiB in fp32, under glibc's largest mmap threshold
+CHUNK_ELEMENTS = 48 * 1024 * 1024  # logits per chunk: 96 MiB in bf16; SmolLM2's ~900 target rows in one chunk
+GRAD_ROWS = 256  # rows per matmul of the gradient (softmax - one-hot) @ weight, a product over the whole vocabulary
+
+# Measured on SmolLM2's head (49k x 576, bf16, 2 cores; BENCHMARKS.md 8): the logits' matmul of ~900 rows took
+# 88 ms in one call and 194 ms in chunks of 114 rows (oneDNN repacks the 56 MB weight per call); the gradient's
+# matmul, whose reduction runs over the vocabulary, was fastest in blocks of 228-304 rows (133 ms; 206 ms in one
+# call). The logits go into one reused buffer: a fresh 90 MB tensor a step is a fresh mmap the kernel zeroes.
+_logits_buffers: dict[tuple, torch.Tensor] = {}
 
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _equal_blocks(n: int, most: int) -> list[tuple[int, int]]:
+    """[0, n) as near-equal blocks of at most `most`: a block of a few leftover rows costs nearly a full matmul."""
+    size = -(-n // -(-n // max(most, 1)))
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (device, dtype)
+    buf = _logits_buffers.get(key)
+    if buf is None or buf.numel() < rows * vocab:
+        _logits_buffers.pop(key, None)
+        buf = _logits_buffers[key] = torch.empty(rows * vocab, dtype=dtype, device=device)
+    return buf[: rows * vocab].view(rows, vocab)
+
+
+def release_buffers() -> None:
+    """Drop the reused logits buffer (the run is over)."""
+    _logits_buffers.clear()
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -33,28 +60,28 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
         n = hidden.shape[0]
-        chunks = -(-n // _chunk_rows(weight.shape[0]))
-        rows = max(1, -(-n // max(chunks, 1)))  # equal chunks: a matmul of a few leftover rows costs nearly a full one
-        for start in range(0, n, rows):
-            h = hidden[start : start + rows].to(compute_dtype)
-            t = targets[start : start + rows]
-            logits = (h @ w.T).float()
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            # log-sum-exp and softmax in place, one pass each (torch.logsumexp allocates two chunk-sized temporaries)
-            top = logits.amax(dim=-1, keepdim=True)
-            exps = logits.sub_(top).exp_()
-            sums = exps.sum(dim=-1, keepdim=True)
-            lse = (top + sums.log()).squeeze(1)
-            total += (lse - picked).sum()
+        on_cpu = hidden.device.type == "cpu"
+        for start, stop in _equal_blocks(n, _chunk_rows(weight.shape[0])):
+            h = hidden[start:stop].to(compute_dtype)
+            t = targets[start:stop]
+            if on_cpu:  # softmax in place in the reused buffer (CPU's kernel reads a row before it writes it)
+                logits = torch.mm(h, w.T, out=_logits_buffer(h.shape[0], w.shape[0], compute_dtype, h.device))
+                probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+            else:
+                probs = torch.softmax(h @ w.T, dim=-1)
+            # softmax in the compute dtype (fp32 inside the kernel): one pass where fp32 log-sum-exp took seven,
+            # two of them dtype copies; the loss is -log p(target), its bf16 rounding 2^-9 relative to p
+            rows_t = torch.arange(t.shape[0], device=t.device)
+            picked = probs[rows_t, t]
+            total -= picked.float().clamp_min(torch.finfo(torch.float32).tiny).log_().sum()  # not picked itself
             if grad_hidden is None and grad_weight is None:
                 continue
-            probs = exps.div_(sums)
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d(loss) / d(logits)
-            g = probs.to(compute_dtype)
+            probs[rows_t, t] = picked - 1  # d(loss) / d(logits) = softmax - one-hot
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = (g @ w).to(hidden.dtype)
+                for lo, hi in _equal_blocks(probs.shape[0], GRAD_ROWS):
+                    grad_hidden[start + lo : start + hi] = (probs[lo:hi] @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (g.T @ h).float()
+                grad_weight += (probs.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -71,7 +98,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     """sum over N positions of cross_entropy(hidden @ weight.T, targets): hidden [N, H], weight [V, H], targets [N].
 
     Computes in the autocast dtype when autocast is on for hidden's device (as the head's matmul would),
-    else in hidden's dtype; log-sum-exp and the loss always in fp32."""
+    else in hidden's dtype (the softmax too, fp32 inside its kernel); the loss summed in fp32."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

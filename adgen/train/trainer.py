@@ -81,6 +81,9 @@ def release_memory() -> None:
     not from the run's working set (the demo's peak RSS was in its evaluation after training: BENCHMARKS.md 8)."""
     import gc
 
+    from adgen.train.linear_cross_entropy import release_buffers
+
+    release_buffers()
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:
