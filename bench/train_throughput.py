@@ -162,6 +162,7 @@ LEVERS = {  # name -> the adgen override that switches that one lever off
     "no packing (padded)": ["--batching", "padded"],
     "no per-example attention": ["attn_implementation=sdpa"],
     "full logits": ["target_logits_only=false"],
+    "torch's dropout": ["fast_dropout=false"],
 }
 
 

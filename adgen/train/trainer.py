@@ -470,6 +470,11 @@ def setup_model(run: TrainRun) -> None:
 
         if make_layers_lean(base):
             attention += ", lean norm / MLP blocks"
+    if cfg.fast_dropout and run.device.type == "cpu":
+        from adgen.train.fast_dropout import use_fast_dropout
+
+        if use_fast_dropout(run.model):
+            attention += ", fast adapter dropout"
     for n in run.notes:
         run.say(f"[adgen] note: {n}")
     run.resolved.update(precision=run.precision.name, batching=run.batching, attention=attention,
