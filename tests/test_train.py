@@ -208,7 +208,7 @@ def test_fused_head_loss_equals_logits_then_cross_entropy(tiny_llama3_dir, tiny_
     from adgen.train.loss import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
-    monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 positions per chunk
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 5 * model.config.vocab_size * 4)  # 5 positions per chunk (fp32)
     monkeypatch.setattr(lce, "GRAD_ROWS", 2)  # each chunk's gradient matmul in blocks of 2, 2 and 1 rows
     batch = pack(tiny_examples)
     fused, plain = CausalLMLoss(model), CausalLMLoss(model, fused_head=False)

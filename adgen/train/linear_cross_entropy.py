@@ -4,7 +4,7 @@ The plain way keeps, per optimizer step, the logits of every target position (po
 the compute dtype), their fp32 copy and the softmax that cross-entropy saves for backward: on SmolLM2
 (49k vocabulary) ~2,000 target positions are ~1 GB, the largest tensors of the step, and each is a fresh
 mmap the kernel must zero (glibc maps blocks over 32 MiB anew every time). Here the forward walks the
-positions in chunks of at most `CHUNK_ELEMENTS` logits, computes each chunk's loss and, when a gradient is
+positions in chunks of at most `CHUNK_BYTES` of logits, computes each chunk's loss and, when a gradient is
 wanted, at once the gradient of the loss with respect to the chunk's hidden states (softmax - one-hot,
 times the head's weight) and to the head's weight if it is trained; backward only scales what was kept.
 Peak memory for the head drops to one chunk; no logits are recomputed.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 48 * 1024 * 1024  # logits per chunk: 96 MiB in bf16; SmolLM2's ~900 target rows in one chunk
+CHUNK_BYTES = 96 * 1024 * 1024  # logits per chunk: SmolLM2's ~900 target rows in one chunk in bf16, in two in fp32
 GRAD_ROWS = 256  # rows per matmul of the gradient (softmax - one-hot) @ weight, a product over the whole vocabulary
 
 # Measured on SmolLM2's head (49k x 576, bf16, 2 cores; BENCHMARKS.md 8): the logits' matmul of ~900 rows took
@@ -28,8 +28,8 @@ GRAD_ROWS = 256  # rows per matmul of the gradient (softmax - one-hot) @ weight,
 _logits_buffers: dict[tuple, torch.Tensor] = {}
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (max(vocab, 1) * dtype.itemsize))
 
 
 def _equal_blocks(n: int, most: int) -> list[tuple[int, int]]:
@@ -61,7 +61,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
         n = hidden.shape[0]
         on_cpu = hidden.device.type == "cpu"
-        for start, stop in _equal_blocks(n, _chunk_rows(weight.shape[0])):
+        for start, stop in _equal_blocks(n, _chunk_rows(weight.shape[0], compute_dtype)):
             h = hidden[start:stop].to(compute_dtype)
             t = targets[start:stop]
             if on_cpu:  # softmax in place in the reused buffer (CPU's kernel reads a row before it writes it)
