@@ -6,8 +6,9 @@ cores: 17% of the forward, more than every attention kernel of the step's forwar
 the same generator gives four independent uniform 16-bit integers, one per element, and an element is dropped when
 its integer falls in the lowest round(p * 65536) of the 65536 values (p = 0.05 -> P(drop) = 0.050003). Kept
 elements are scaled by 1 / (1 - p), as `nn.Dropout` does: the same distribution of outputs; forward + backward of
-one such tensor 12.2 -> 5.2 ms (best of 25; BENCHMARKS.md 8). Hand-written because no library offers a faster CPU dropout; seeded by torch's generator, so a
-run is reproducible from its seed as before (not bit-identical to `nn.Dropout`'s masks).
+one such tensor 12.2 -> 5.2 ms (best of 25; BENCHMARKS.md 8). Hand-written because no library offers a faster CPU
+dropout; seeded by torch's generator, so a run is reproducible from its seed as before (not bit-identical to
+`nn.Dropout`'s masks).
 
 Used only for CPU tensors in training mode; elsewhere (CUDA's dropout is fast; eval mode; p = 0 or 1) it is
 `nn.Dropout` itself.
@@ -24,9 +25,7 @@ _LEVELS = 1 << 16
 def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """An int16 tensor of `shape`: 0 (drop) with probability round(p * 65536) / 65536, else 1, independently per
     element. int16 because comparing into an int16 result is the cheapest of the CPU's options (bool was ~3x slower)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = shape.numel()
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(1 << 63), None)  # all 64 bits
     uniform16 = words.view(torch.int16)[:n].view(shape)  # each uniform on [-32768, 32767]
     return uniform16.clone().ge_(round(p * _LEVELS) - _LEVELS // 2)

@@ -42,7 +42,7 @@ def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
     key = (device, dtype)
     buf = _logits_buffers.get(key)
     if buf is None or buf.numel() < rows * vocab:
-        _logits_buffers.pop(key, None)
+        _logits_buffers.pop(key, None)  # free the smaller buffer before the larger one is allocated
         buf = _logits_buffers[key] = torch.empty(rows * vocab, dtype=dtype, device=device)
     return buf[: rows * vocab].view(rows, vocab)
 
@@ -73,7 +73,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             # two of them dtype copies; the loss is -log p(target), its bf16 rounding 2^-9 relative to p
             rows_t = torch.arange(t.shape[0], device=t.device)
             picked = probs[rows_t, t]
-            total -= picked.float().clamp_min(torch.finfo(torch.float32).tiny).log_().sum()  # not picked itself
+            # out of place: `picked` itself is needed for the gradient below (in fp32, .float() returns it as is)
+            total -= picked.float().clamp_min(torch.finfo(torch.float32).tiny).log_().sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             probs[rows_t, t] = picked - 1  # d(loss) / d(logits) = softmax - one-hot
