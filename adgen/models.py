@@ -255,6 +255,16 @@ def select_device(device: str | None = "auto"):
         raise ModelError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device '{device}' was asked for, but no CUDA GPU is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            # Otherwise the first CUDA call fails deep inside from_pretrained with "invalid device ordinal".
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+            raise ModelError(
+                f"device '{device}' was asked for, but only {count} CUDA GPU(s) are visible here "
+                f"(cuda:0 to cuda:{count - 1}; CUDA_VISIBLE_DEVICES={visible}): "
+                "use --device cuda (the first visible GPU) or a lower index, or change CUDA_VISIBLE_DEVICES"
+            )
     return dev
 
 
@@ -267,13 +277,26 @@ def dtype_name(dtype: str) -> str | None:
     return _DTYPES.get(str(dtype).lower())
 
 
+def cuda_bf16_native(device=None) -> bool:
+    """True when the CUDA device runs bf16 natively: compute capability 8.0 or newer (Ampere, Hopper, ...).
+
+    `torch.cuda.is_bf16_supported()` also says True on sm70 / sm75 (V100, T4), where bf16 is emulated and far
+    slower than fp32; every precision decision for a GPU goes through this function instead."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def select_dtype(dtype: str | None = "auto", device=None):
-    """bf16 on GPUs that support it, fp32 otherwise; fp16 only on explicit request (with a warning)."""
+    """bf16 on GPUs that run it natively (sm80+), fp32 otherwise; fp16 only on explicit request (with a warning)."""
     import torch
 
     if dtype in (None, "auto"):
         dev = select_device(device) if not isinstance(device, torch.device) else device
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        if dev.type == "cuda" and cuda_bf16_native(dev):
             return torch.bfloat16
         return torch.float32
     name = dtype_name(dtype)
@@ -309,7 +332,12 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
-        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    if dev.type == "cuda":
+        # Straight onto the GPU: loading on the CPU first and then .to(dev) sends every weight (16 GB for an 8B
+        # model in bf16) through host RAM, and needs that much free RAM.
+        kwargs["device_map"] = {"": _cuda_index(dev)}
+    elif quantization is not None:
+        kwargs["device_map"] = {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs, **_hub_kwargs(resolved))
     except _LOAD_ERRORS as e:
@@ -319,12 +347,19 @@ def load_model(
             f"could not load model weights from {resolved.path} ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}): it needs config.json and model.safetensors (or pytorch_model.bin)"
         ) from None
-    if quantization is None:
-        model.to(dev)
+    if "device_map" not in kwargs:
+        model.to(dev)  # not CUDA: loaded on the CPU (a no-op there), moved for any other device type
     if adapter is not None:
         model = attach_adapter(model, adapter)
     model.eval()
     return model
+
+
+def _cuda_index(dev) -> int:
+    """The GPU index of a CUDA device: its own (cuda:N), else the current one (plain "cuda")."""
+    import torch
+
+    return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
 def attach_adapter(model, adapter: str | Path):

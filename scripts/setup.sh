@@ -4,7 +4,8 @@
 # PyTorch goes in first and pinned, so that nothing later pulls another build:
 # on a CPU-only machine with a local CPU wheel (find-links) `torch==2.13.0` takes it in seconds;
 # on a GPU machine the same spec gets the CUDA build from the registry.
-# Override with ADGEN_TORCH_SPEC (e.g. "torch==2.13.0 --index-url <your CPU index>").
+# Override with ADGEN_TORCH_SPEC (e.g. "torch==2.13.0 --index-url <your CPU index>", or the CUDA index that matches
+# the driver: scripts/check_gpu.py, run at the end, fails and says so when torch cannot use the GPU here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_TEST=0
@@ -36,4 +37,7 @@ if [ $WITH_TEST = 1 ] && { [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null |
     echo "[setup] chromium missing and apt-get unavailable (not root?): install it for the browser test" >&2
   fi
 fi
+# Which GPU is here and whether torch can use it; fails (naming ADGEN_TORCH_SPEC) when a GPU is present but the
+# installed torch build cannot use it, instead of a setup that "succeeds" and then trains on the CPU.
+$VPY scripts/check_gpu.py || { echo "[setup] failed: see the GPU check above" >&2; exit 1; }
 echo "[setup] done: $($VPY -c 'import torch;print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

@@ -537,8 +537,8 @@ def test_vllm_backend_against_a_fake_vllm(tiny_llama3_dir, lora_dir, monkeypatch
             return [types.SimpleNamespace(outputs=[out]) for _ in inputs]
 
     class LoRARequest:
-        def __init__(self, name, int_id, path):
-            self.name, self.int_id, self.path = name, int_id, path
+        def __init__(self, *, lora_name, lora_int_id, lora_path):  # keywords only: vLLM's current signature
+            self.name, self.int_id, self.path = lora_name, lora_int_id, lora_path
 
     mods = {name: types.ModuleType(name) for name in ("vllm", "vllm.lora", "vllm.lora.request", "vllm.inputs")}
     mods["vllm"].LLM, mods["vllm"].SamplingParams = LLM, SamplingParams

@@ -275,12 +275,16 @@ def test_select_dtype():
 
 
 def test_select_dtype_auto_on_a_bf16_gpu(monkeypatch):
+    """bf16 where the GPU runs it natively (sm80+), whatever is_bf16_supported() says; never fp16 unless asked.
+    (Every capability: tests/test_gpu_paths_models.py.)"""
     import torch
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
     assert select_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert select_dtype("auto", torch.device("cuda")) is torch.float32  # never fp16 unless asked
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # a T4: bf16 emulated
+    assert select_dtype("auto", torch.device("cuda")) is torch.float32
 
 
 def test_select_device():

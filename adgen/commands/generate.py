@@ -5,6 +5,7 @@
     adgen generate --input catalog.jsonl --output ads.jsonl --batch-size 16
     adgen generate --content "..." -n 4 --do-sample --temperature 0.95 --top-p 0.7 --best-of coverage
     adgen generate --input catalog.parquet --output out/ --engine ray --workers 4   (Ray Data, sharded)
+    adgen generate --input catalog.parquet --output out/ --engine ray --gpus-per-worker 1   (one GPU per worker)
 
 The logic lives in `adgen.generation` (engine) and `adgen.generation.bulk` (resumable files).
 `add_model_arguments` / `add_decoding_arguments` / `decoding_config` are reusable by other commands.
@@ -142,7 +143,12 @@ def register(subparsers) -> None:
                    help="local: this process (default); ray: Ray Data workers, --output is then a directory of "
                         "shards (needs `pip install 'adgen[ray]'`)")
     r.add_argument("--address", default=None, help="with --engine ray: the Ray cluster to join (default: start a local one)")
-    r.add_argument("--workers", type=int, default=None, help="with --engine ray: generator copies (default: one per CPU)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="with --engine ray: generator copies (default: one per GPU with GPUs, else one per CPU)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, metavar="X",
+                   help="with --engine ray: GPUs Ray gives each worker (default: 1 where this machine or the cluster "
+                        "has GPUs, else 0; a fraction like 0.5 shares a GPU; Ray hides GPUs from workers that ask "
+                        "for none)")
     r.add_argument("--block-size", type=int, default=64, metavar="N",
                    help="with --engine ray: records per shard, the unit of work and of resuming (default 64)")
     r.add_argument("--shard-format", choices=["parquet", "jsonl"], default="parquet",
@@ -197,8 +203,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AdgenError("--stream works with one input and one candidate, without --json")
     if args.engine == "ray" and (args.input is None or args.backend != "hf"):
         raise AdgenError("--engine ray generates for a catalog (--input FILE --output DIR) with the hf backend")
-    if args.engine != "ray" and any(getattr(args, k) is not None for k in ("address", "workers")):
-        raise AdgenError("--address / --workers go with --engine ray")
+    if args.engine != "ray" and any(getattr(args, k) is not None for k in ("address", "workers", "gpus_per_worker")):
+        raise AdgenError("--address / --workers / --gpus-per-worker go with --engine ray")
+    if args.engine == "ray":
+        from adgen.generation.ray_catalog import check_gpu_options
+
+        check_gpu_options(args.gpus_per_worker, args.device)  # before the catalog is read and Ray starts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -296,8 +306,8 @@ def _run_ray(args, data, config, kw) -> int:
         lambda: run_catalog(
             data.records, args.output, generator_kwargs=generator_kwargs, config=config, n=args.n,
             best_of=args.best_of, vocab_path=args.vocab, address=args.address, workers=args.workers,
-            block_size=args.block_size, shard_format=args.shard_format, overwrite=args.overwrite,
-            progress=not args.no_progress),
+            gpus_per_worker=args.gpus_per_worker, block_size=args.block_size, shard_format=args.shard_format,
+            overwrite=args.overwrite, progress=not args.no_progress),
         f"every finished block is in {args.output}/shards", args.output, data, config)
 
 

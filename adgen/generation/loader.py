@@ -52,9 +52,11 @@ def load_generator(
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     if backend == "vllm":
-        from adgen.generation.vllm_backend import require_vllm
+        from adgen.generation.vllm_backend import check_vllm_adapter, require_vllm
 
         require_vllm()  # fail fast, before loading anything
+        if adapter is not None:
+            check_vllm_adapter(adapter)  # DoRA / modules_to_save refused before the tokenizer and vLLM load
     resolved = resolve_model(model_spec)
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     formatter = ChatFormatter(

@@ -1,6 +1,7 @@
 """Catalog generation on Ray Data: the same HF generator, one copy per Ray worker, over a whole catalog.
 
     adgen generate --input catalog.parquet --output out/ --engine ray [--address ADDR] [--workers N]
+        [--gpus-per-worker X]   (default: 1 where there are GPUs; Ray hides GPUs from actors that ask for none)
 
 Layout of the output directory (`DIR`):
 
@@ -261,6 +262,58 @@ def _init_ray(ray, address: str | None, workers: int | None) -> None:
                          "`ray start --head`, or leave out --address for a local one") from None
 
 
+def check_gpu_options(gpus_per_worker: float | None, device: str | None) -> None:
+    """--gpus-per-worker against --device, before anything starts."""
+    dev = str(device or "auto")
+    if gpus_per_worker is not None:
+        if not 0 <= gpus_per_worker <= 1:
+            raise AdgenError(f"--gpus-per-worker must be between 0 and 1 (a fraction shares one GPU between workers; "
+                             f"each worker's generator uses one GPU), not {gpus_per_worker:g}")
+        if gpus_per_worker > 0 and dev == "cpu":
+            raise AdgenError(f"--gpus-per-worker {gpus_per_worker:g} with --device cpu: the GPUs would be reserved "
+                             "and left idle; leave out --device cpu, or pass --gpus-per-worker 0")
+        if gpus_per_worker == 0 and dev.startswith("cuda"):
+            raise AdgenError(f"--device {dev} with --gpus-per-worker 0: Ray hides the GPUs from workers that ask for "
+                             "none; pass --gpus-per-worker 1 (or a fraction), or --device cpu")
+    if dev.startswith("cuda:") and dev != "cuda:0":
+        raise AdgenError(f"--device {dev} with --engine ray: Ray gives each worker its own GPU, which it sees as "
+                         "cuda:0; use --device cuda (or auto) and choose GPUs with --gpus-per-worker")
+
+
+def _driver_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def plan_workers(resources: dict, workers: int | None, gpus_per_worker: float | None, device: str | None,
+                 todo: int) -> tuple[int, float]:
+    """(workers, GPUs per worker) for the cluster's resources, or an AdgenError instead of a run that waits forever.
+
+    GPUs per worker default to 1 where there are GPUs (this machine's or the cluster's) unless --device cpu: Ray
+    hides the GPUs from an actor that asks for none, and it would load the model on the CPU in fp32."""
+    cpus = int(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0))
+    auto = gpus_per_worker is None
+    if auto:
+        cpu_only = str(device or "auto") == "cpu"
+        gpus_per_worker = 1.0 if not cpu_only and (gpus > 0 or _driver_sees_cuda()) else 0.0
+    if gpus_per_worker == 0:
+        return min(workers or cpus, todo), 0.0
+    fit = int(gpus / gpus_per_worker + 1e-9)  # workers the cluster's GPUs hold
+    n = workers or fit
+    if n < 1 or n > fit:
+        why = " (the default where this machine or the cluster has a GPU)" if auto else ""
+        need = max(n, 1)
+        raise AdgenError(
+            f"--gpus-per-worker {gpus_per_worker:g}{why} x {need} worker(s) needs {need * gpus_per_worker:g} GPU(s), "
+            f"but the Ray cluster has {gpus:g}: lower --workers or --gpus-per-worker (a fraction shares a GPU; "
+            "0 generates on CPUs), or add GPUs to the cluster")
+    return min(n, todo), gpus_per_worker
+
+
 def run_catalog(
     records: Sequence,
     output_dir: str | Path,
@@ -272,12 +325,15 @@ def run_catalog(
     vocab_path: str | None = None,
     address: str | None = None,
     workers: int | None = None,
+    gpus_per_worker: float | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     shard_format: str = "parquet",
     overwrite: bool = False,
     progress: bool = True,
 ) -> CatalogSummary:
-    """Generate for every record on Ray Data into `output_dir` (see the module docstring); resumable."""
+    """Generate for every record on Ray Data into `output_dir` (see the module docstring); resumable.
+
+    `gpus_per_worker`: Ray's `num_gpus` for each generator actor (None: 1 where there are GPUs, else 0)."""
     config = config or DecodingConfig()
     if shard_format not in SHARD_FORMATS:
         raise AdgenError(f"--shard-format must be {' or '.join(SHARD_FORMATS)}, not {shard_format!r}")
@@ -287,6 +343,7 @@ def run_catalog(
         raise AdgenError(f"--workers must be >= 1, not {workers}")
     if n > 1 and config.greedy:
         raise AdgenError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample")
+    check_gpu_options(gpus_per_worker, generator_kwargs.get("device"))
     ray = import_ray()
     out_dir = Path(output_dir)
     settings = {"generator": {k: v for k, v in generator_kwargs.items()}, "decoding": asdict(config),
@@ -303,9 +360,10 @@ def run_catalog(
     start = time.perf_counter()
     if todo:
         _init_ray(ray, address, workers)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        summary.workers = min(workers or cpus, len(todo))
-        threads = max(1, cpus // summary.workers)
+        resources = ray.cluster_resources()
+        summary.workers, gpus = plan_workers(resources, workers, gpus_per_worker, generator_kwargs.get("device"),
+                                             len(todo))
+        threads = max(1, int(resources.get("CPU", 1)) // summary.workers)
         items = [{"block": b, "records": json.dumps([_record_dict(r) for r in blocks[b]], ensure_ascii=False)}
                  for b in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -316,6 +374,7 @@ def run_catalog(
             # Ray Data's actors restart and retry their task by default: a killed worker's block is redone
             # (or, if its shard was already renamed into place, only its stats are read back).
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=summary.workers), num_cpus=threads,
+            num_gpus=gpus,
         )
         ray.data.DataContext.get_current().enable_progress_bars = progress
         bar = _products_bar(len(records), summary.already_done, progress)

@@ -1,12 +1,14 @@
 """vLLM backend (optional): fast batched generation on GPUs, LoRA adapters via adapter requests.
 
-vLLM is not a dependency of adgen; `pip install vllm` on a CUDA machine enables `--backend vllm`.
+vLLM is not a dependency of adgen; `pip install 'adgen[vllm]'` (a vLLM built on adgen's torch) on a CUDA machine
+enables `--backend vllm`.
 The prompt ids come from the same `ChatFormatter` as the HF backend, and the same stop ids
 (every end-of-turn id) are passed as `stop_token_ids`, so both backends see identical prompts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -20,10 +22,16 @@ from adgen.generation.text import clean_text, cut_at_stop
 
 log = logging.getLogger(__name__)
 
+# vLLM pins one torch release per version: 0.27.x to 0.30.x are built on torch==2.13.0, the torch adgen installs
+# (pyproject's `vllm` extra); other releases replace or break it.
+VLLM_TORCH = "torch==2.13.0 (vLLM 0.27 to 0.30)"
 VLLM_MISSING = (
-    "--backend vllm needs vLLM, which is not installed: `pip install vllm` (Linux + CUDA GPU), "
+    "--backend vllm needs vLLM, which is not installed: `pip install 'adgen[vllm]'` (Linux + CUDA GPU; plain "
+    f"`pip install vllm` takes the newest release, which may replace adgen's torch: pick one built on {VLLM_TORCH}), "
     "or use --backend hf (the default, works everywhere)"
 )
+# max_lora_rank values vLLM accepts (its LoRAConfig), for releases that do not export them as MaxLoRARanks.
+FALLBACK_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_available() -> bool:
@@ -35,9 +43,70 @@ def vllm_available() -> bool:
 def require_vllm():
     try:
         import vllm  # noqa: F401
-    except ImportError:
-        raise AdgenError(VLLM_MISSING) from None
+    except ImportError as e:
+        if e.name == "vllm":
+            raise AdgenError(VLLM_MISSING) from None
+        # Installed but broken: almost always a vLLM built for another torch (undefined symbols, a missing module).
+        import torch
+
+        raise AdgenError(
+            f"vLLM is installed but does not import ({type(e).__name__}: {str(e).splitlines()[0][:200]}): it needs "
+            f"the torch it was built for, and here is torch {torch.__version__}; install a vLLM built on "
+            f"{VLLM_TORCH}: `pip install 'adgen[vllm]'`, or use --backend hf"
+        ) from None
     return vllm
+
+
+def _adapter_config(adapter: str | Path) -> dict:
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+
+
+def check_vllm_adapter(adapter: str | Path) -> int:
+    """The adapter's largest LoRA rank, after refusing what vLLM cannot serve (before vLLM starts: minutes).
+
+    vLLM applies plain LoRA only: DoRA's magnitude vectors and `modules_to_save` (fully trained copies of,
+    e.g., lm_head / embed_tokens) are not loaded, so the model would silently not be the one that was trained."""
+    cfg = _adapter_config(adapter)
+    merge = (f"merge it into its base with `adgen export --adapter {adapter} -o MERGED` and run vLLM on MERGED "
+             "(--model MERGED, no --adapter), or use --backend hf")
+    if cfg.get("use_dora"):
+        raise ConfigError(f"{adapter}: a DoRA adapter (use_dora: true), which vLLM cannot apply: {merge}")
+    if cfg.get("modules_to_save"):
+        raise ConfigError(f"{adapter}: the adapter trains whole modules (modules_to_save: "
+                          f"{', '.join(map(str, cfg['modules_to_save']))}), which vLLM's LoRA cannot load: {merge}")
+    ranks = [cfg.get("r") or 8, *(cfg.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks)
+
+
+def allowed_lora_ranks() -> tuple[int, ...]:
+    """The max_lora_rank values the installed vLLM accepts (its MaxLoRARanks), else the known list."""
+    try:
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+
+        ranks = tuple(sorted(int(r) for r in get_args(MaxLoRARanks)))
+        if ranks:
+            return ranks
+    except Exception:  # older vLLM (no vllm.config.lora) or another layout: the known list
+        pass
+    return FALLBACK_LORA_RANKS
+
+
+def lora_rank_limit(rank: int, allowed: Sequence[int] | None = None) -> int:
+    """The smallest allowed max_lora_rank >= the adapter's rank (vLLM sizes its LoRA buffers by it)."""
+    allowed = sorted(allowed or allowed_lora_ranks())
+    for value in allowed:
+        if value >= rank:
+            return value
+    raise ConfigError(f"the adapter's LoRA rank r={rank} is above the largest rank vLLM serves ({allowed[-1]}): "
+                      "merge it with `adgen export` and serve the merged model, or use --backend hf")
 
 
 class VLLMGenerator:
@@ -61,31 +130,28 @@ class VLLMGenerator:
         model_name: str | None = None,
         dtype: str = "auto",
         batch_size: int = 8,
-        max_lora_rank: int = 64,
+        max_lora_rank: int | None = None,
         **llm_kwargs,
     ) -> None:
         vllm = require_vllm()
+        if adapter is not None:
+            rank = check_vllm_adapter(adapter)
+            max_lora_rank = lora_rank_limit(max(rank, max_lora_rank or 0))
+            llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
         self.tokenizer = tokenizer
         self.formatter = formatter
         self.model_name = model_name or str(model_path)
         self.adapter = str(adapter) if adapter is not None else None
         self.batch_size = batch_size  # vLLM schedules its own batches; kept for the common interface
         self.lock = threading.RLock()
-        from adgen.models import dtype_name
-
-        vllm_dtype = dtype_name(dtype) or dtype  # "auto" passes through
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype=vllm_dtype,
-            enable_lora=adapter is not None,
-            max_lora_rank=max_lora_rank,
-            **llm_kwargs,
-        )
+        self.llm = vllm.LLM(model=str(model_path), dtype=vllm_dtype(dtype), **llm_kwargs)
         self._lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            self._lora = LoRARequest("adgen-adapter", 1, str(Path(adapter).resolve()))
+            # Keywords: LoRARequest's fields after these three changed across releases.
+            self._lora = LoRARequest(lora_name="adgen-adapter", lora_int_id=1,
+                                     lora_path=str(Path(adapter).resolve()))
 
     @property
     def device(self):
@@ -157,6 +223,19 @@ class VLLMGenerator:
     def stream(self, prompt, config: DecodingConfig | None = None, *, cancel: threading.Event | None = None) -> "DoneStream":
         """The whole text as one piece (vLLM's offline engine does not stream), same attributes as TextStream."""
         return DoneStream(self.generate([prompt], config)[0], cancel)
+
+
+def vllm_dtype(dtype: str | None) -> str:
+    """vLLM's dtype name. "auto" is resolved here, not by vLLM: vLLM's own auto takes fp16 on GPUs without native
+    bf16 (V100, T4), and adgen never picks fp16 unless asked (bf16 where native, fp32 elsewhere)."""
+    from adgen.models import dtype_name, select_dtype
+
+    if dtype in (None, "auto"):
+        return str(select_dtype("auto")).removeprefix("torch.")
+    name = dtype_name(dtype)
+    if name is None:
+        raise ConfigError(f"unknown dtype '{dtype}' (use auto, bf16, fp32, or fp16)")
+    return name
 
 
 class DoneStream:
