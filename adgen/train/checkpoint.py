@@ -114,6 +114,20 @@ def trainable_state(model) -> dict:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _gather_sharded_trainable(accelerator, model, wrapped, *, is_peft: bool) -> dict:
+    """FSDP / DeepSpeed: the trainable weights whole (on the main process). PEFT gathers only those (an 8B
+    model's full state dict is 16 GB, its LoRA adapter a few MB); full fine-tuning trains (nearly) every weight,
+    so it takes accelerate's full state dict. A collective: every process calls it."""
+    from adgen.train.fsdp_cpu import full_state_dict, gather_trainable
+
+    if is_peft:
+        return gather_trainable(accelerator, model)
+    state = full_state_dict(accelerator, wrapped)
+    state = {k.removeprefix("model."): v for k, v in state.items()} if state else {}
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.contiguous().cpu() for k, v in state.items() if k in names}
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | Path,
@@ -142,20 +156,14 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / "rng" / f"rank-{accelerator.process_index}.pt")
     if sharded:
         accelerator.save_state(str(tmp / "accelerate_state"))
-        from adgen.train.fsdp_cpu import full_state_dict
-
-        state = full_state_dict(accelerator, wrapped)
-        state = {k.removeprefix("model."): v for k, v in state.items()} if state else state
+        weights = _gather_sharded_trainable(accelerator, model, wrapped, is_peft=is_peft)
     if main:
-        if sharded:
-            names = {n for n, p in model.named_parameters() if p.requires_grad}
-            weights = {k: v.contiguous().cpu() for k, v in state.items() if k in names}
-        else:
+        if not sharded:
             weights = trainable_state(model)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(weights, str(tmp / "trainable.safetensors"))
         if is_peft:  # sharded: from the gathered weights (the model's own are this process's shards)
-            model.save_pretrained(str(tmp / "adapter"), **({"state_dict": state} if sharded else {}))
+            model.save_pretrained(str(tmp / "adapter"), **({"state_dict": weights} if sharded else {}))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
         if final.exists():  # a previous attempt of the same step (e.g. resumed twice)

@@ -62,7 +62,9 @@ class TrainConfig:
     trust_remote_code: bool = False  # needed by ChatGLM-style checkpoints; only for code you trust
     method: Method = "lora"  # what is trained: LoRA / QLoRA (4-bit base) / DoRA adapters, prefixes, or the weights
     load_in_4bit: bool = False  # NF4 base (implied by method=qlora; also allowed with prefix)
-    attn_implementation: str | None = None  # None = transformers' default (sdpa); flash_attention_2 on GPUs
+    # None: on CPUs packed rows go to adgen's per-example attention; on GPUs to transformers' default (sdpa), which
+    # keeps packed examples apart by their per-sample position_ids (so does flash_attention_2, when installed and set)
+    attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     # LM head only at positions with a target (response tokens); false = full logits, as HF Trainer does
     target_logits_only: bool = True
@@ -70,7 +72,7 @@ class TrainConfig:
     # memory, same loss); used where a check at setup finds the logits are the plain head's (not FSDP / DeepSpeed)
     fused_head_loss: bool = True
     # Llama-shaped decoder layers: RMSNorm / SwiGLU blocks that keep ~40% less for the backward pass (same math,
-    # no recompute of matmuls; adgen/train/lean_layers.py); off where the weights are sharded (FSDP / DeepSpeed)
+    # no recompute of matmuls; adgen/train/lean_layers.py); CPUs only, and off where the weights are sharded
     lean_layers: bool = True
     # LoRA's input dropout on CPU from 16-bit slices of 64-bit random draws (same distribution, ~2.4x cheaper than
     # torch's per-element Bernoulli draws; adgen/train/fast_dropout.py)
@@ -152,7 +154,9 @@ class TrainConfig:
     # wandb (offline unless WANDB_MODE says otherwise), mlflow (a local mlruns/ store unless
     # MLFLOW_TRACKING_URI is set). Every metrics.jsonl row is logged at its step; the config as hyperparameters.
     report_to: list[str] = field(default_factory=list)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N (ignored under accelerate launch/torchrun)
+    # auto (CUDA if torch sees a GPU, else CPU), cpu, cuda, cuda:N; an explicit cuda that is not there is an error.
+    # Under accelerate launch / torchrun each process takes the GPU of its LOCAL_RANK (cuda:N is not used)
+    device: str = "auto"
 
     # ------------------------------------------------------------------------------------------
     def _validate_lora_variants(self) -> None:
@@ -271,6 +275,10 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}' must be >= 0 (0 = off)")
         if self.keep_checkpoints < 1:
             raise ConfigError("config key 'keep_checkpoints' must be >= 1")
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", str(self.device).strip().lower()):
+            raise ConfigError(f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
         return self
 
 

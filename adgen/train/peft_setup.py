@@ -8,7 +8,15 @@ Precision policy (`precision`; what lives in which dtype):
 | bf16-frozen   | bf16                | fp32              | base matmuls bf16, adapter matmuls fp32   |
 | bf16          | bf16 (PEFT) / fp32  | fp32              | bf16 autocast (accelerate mixed precision)|
 | fp16          | fp16 (PEFT) / fp32  | fp32              | fp16 autocast + loss scaling (forced only)|
-| auto          | GPU with bf16: bf16; CPU with AVX512-BF16/AMX: bf16 for PEFT methods, else fp32 |
+| auto          | GPU with native bf16 (sm80+): bf16; CPU with AVX512-BF16/AMX: bf16; else fp32       |
+
+On a GPU bf16 counts only where it is native (compute capability >= 8.0, `adgen.models.cuda_bf16_native`):
+`torch.cuda.is_bf16_supported()` also says yes on V100 / T4, which emulate it far slower than fp32. There
+`auto` gives fp32 and an explicit bf16 / bf16-frozen is refused (ConfigError naming precision=fp32).
+
+Full fine-tuning with bf16 keeps fp32 master weights (bf16 only in autocast). On one GPU they sit whole on
+it; under FSDP / DeepSpeed the model is loaded on the CPU (`load_base_model(sharded=True)`) and each GPU holds
+only its 1/N shard of the fp32 masters, gradients and Adam state; the full fp32 model never lands on a GPU.
 
 The CPU default comes from measurements on the SmolLM2-135M LoRA recipe (docs/TRAINING.md): with the
 frozen weights *stored* in bf16, autocast only casts activations and the small LoRA weights, and runs
@@ -36,17 +44,53 @@ class Precision:
     compute: str  # bnb 4-bit compute dtype
 
 
-def resolve_precision(cfg: TrainConfig, device_type: str) -> Precision:
+def resolve_device(requested: str, *, launched: bool) -> str:
+    """The device a single training process asks accelerate for: "cpu", "cuda" or "cuda:N".
+
+    `auto` takes CUDA where there is one. An explicit request that cannot be met is a ConfigError, never a
+    silent CPU run (a CPU-only torch would otherwise train an 8B model on the CPU for days). Under a launcher
+    (accelerate launch / torchrun) each process's GPU comes from LOCAL_RANK, so a cuda:N index is not checked."""
     import torch
 
+    req = (requested or "auto").strip().lower()
+    if req == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if req == "cpu":
+        return "cpu"
+    if req != "cuda" and not (req.startswith("cuda:") and req[5:].isdigit()):
+        raise ConfigError(f"config key 'device' is {requested!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"device={requested} but torch {torch.__version__} ({build}) sees no CUDA GPU. Use device=cpu or "
+            "device=auto, or install the CUDA build of torch (https://pytorch.org/get-started/locally/) on a "
+            "machine with an NVIDIA GPU and driver"
+        )
+    if req.startswith("cuda:") and not launched:
+        count = torch.cuda.device_count()
+        if int(req[5:]) >= count:
+            raise ConfigError(f"device={requested}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+                              "pick one of those, or device=cuda / auto")
+    return req
+
+
+def resolve_precision(cfg: TrainConfig, device) -> Precision:
+    """The precision policy for training on `device` (a torch.device, or "cpu" / "cuda" / "cuda:N")."""
+    import torch
+
+    from adgen.models import cuda_bf16_native
+
+    device = torch.device(device)
+    device_type = device.type
     name = cfg.precision
     if name == "fp16" and not cfg.allow_fp16:
         cfg.validate()  # raises the explanatory ConfigError
     if name == "auto":
         if device_type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            name = "bf16" if cuda_bf16_native(device) else "fp32"
             if name == "fp32":
-                log.warning("this GPU has no bf16: training in fp32 (fp16 is refused unless forced; see allow_fp16)")
+                log.warning("this GPU has no native bf16 (compute capability < 8.0): training in fp32 "
+                            "(fp16 is refused unless forced; see allow_fp16)")
         elif device_type == "cpu":
             # bf16 only where the CPU runs it natively (elsewhere emulated, ~100x slower than fp32). Measured
             # with AVX512-BF16: LoRA bf16 1.5x fp32 (docs/TRAINING.md); full FT (fp32 master weights + bf16
@@ -56,8 +100,11 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> Precision:
             name = "fp32"
     if name == "fp16" and device_type == "cpu":
         raise ConfigError("fp16 training is not supported on CPU: use precision=bf16-frozen, bf16 or fp32")
-    if name in ("bf16", "bf16-frozen") and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision={name}: this GPU does not support bf16; use precision=fp32")
+    if name in ("bf16", "bf16-frozen") and device_type == "cuda" and not cuda_bf16_native(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"precision={name}: this GPU (compute capability {major}.{minor}) only emulates bf16, "
+                          "far slower than fp32 (native bf16 needs 8.0+: A100, H100, RTX 30xx+); "
+                          "use precision=fp32 or auto")
     full = cfg.method == "full"
     if name == "fp32":
         return Precision("fp32", "float32", "no", "float32")
@@ -152,20 +199,45 @@ def _prefix_config(cfg: TrainConfig):
     )
 
 
-def load_base_model(cfg: TrainConfig, model_path: str, precision: Precision, device, *, local_rank: int = 0):
-    """The transformers model, on `device` (4-bit layers are placed by bitsandbytes), use_cache off."""
+def cuda_index(device) -> int:
+    """The index of a CUDA device; accelerate's single-process device is plain "cuda" (the current one)."""
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def placement(cfg: TrainConfig, device, *, sharded: bool) -> dict:
+    """from_pretrained's `device_map` for training on `device` (the accelerator's device).
+
+    One GPU (DDP included: one per process): straight onto it, not through host RAM and `.to()`. Sharded
+    (FSDP / DeepSpeed): none, the weights stay on the CPU (rank > 0 on meta with FSDP's cpu_ram_efficient_loading)
+    until accelerate shards them, so no GPU ever holds the whole model. CPU: loaded where it runs."""
+    if sharded:
+        if cfg.quantized:
+            raise ConfigError(f"method={cfg.method} with a 4-bit base cannot be sharded by FSDP / DeepSpeed here: "
+                              "launch it with DDP (configs/accelerate/ddp.yaml) or one process, or use method=lora")
+        return {}
+    if device.type == "cuda":
+        return {"device_map": {"": cuda_index(device)}}
+    if cfg.quantized:
+        return {"device_map": {"": str(device)}}
+    return {}
+
+
+def load_base_model(cfg: TrainConfig, model_path: str, precision: Precision, device, *, sharded: bool = False):
+    """The transformers model, use_cache off: on `device`, or on the CPU for FSDP / DeepSpeed to shard."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from adgen.models import quantization_config
 
-    kwargs: dict = {"dtype": getattr(torch, precision.storage), "trust_remote_code": cfg.trust_remote_code}
+    kwargs: dict = {"dtype": getattr(torch, precision.storage), "trust_remote_code": cfg.trust_remote_code,
+                    **placement(cfg, device, sharded=sharded)}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantized:
         check_4bit_support(device)
         kwargs["quantization_config"] = quantization_config("nf4", getattr(torch, precision.compute))
-        kwargs["device_map"] = {"": local_rank if device.type == "cuda" else str(device)}
         if precision.storage == "float32":
             kwargs["dtype"] = getattr(torch, precision.compute)  # non-quantized layers; upcast below by PEFT
     try:
@@ -179,7 +251,7 @@ def load_base_model(cfg: TrainConfig, model_path: str, precision: Precision, dev
                 "(--trust-remote-code)"
             ) from None
         raise
-    if not cfg.quantized:
+    if "device_map" not in kwargs and not sharded and device.type != "cpu":
         model.to(device)
     model.config.use_cache = False
     return model

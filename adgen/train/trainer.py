@@ -160,12 +160,45 @@ def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
     return fn
 
 
+def _launched() -> bool:
+    """Started by accelerate launch / torchrun: each process's device comes from LOCAL_RANK."""
+    return "LOCAL_RANK" in os.environ
+
+
 def _reset_accelerate_state() -> None:
-    """Forget a previous Accelerator's settings (the process group, if any, is kept)."""
+    """Forget a previous Accelerator's settings (the process group, if any, is kept). A single process also
+    forgets its device, so a second train() in one process runs where its own config says."""
+    import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
+    single = not _launched() and not (dist.is_available() and dist.is_initialized())
+    AcceleratorState._reset_state(reset_partial_state=single)
     GradientState._reset_state()
+
+
+def _make_accelerator(cfg: TrainConfig, device: str, precision, out: Path):
+    """The Accelerator for `device` ("cpu", "cuda", "cuda:N"). A single process on cuda:N gets cuda:N as
+    `accelerator.device` (accelerate's own default there is plain "cuda"), so that the model is loaded on the
+    GPU the steps run on, and accelerate's 4-bit placement check agrees."""
+    import torch
+    from accelerate import Accelerator
+
+    pinned = device.startswith("cuda:") and not _launched()
+    if pinned:
+        torch.cuda.set_device(torch.device(device))
+    before = os.environ.get("ACCELERATE_TORCH_DEVICE")
+    if pinned:
+        os.environ["ACCELERATE_TORCH_DEVICE"] = device  # read once, when the process state is created
+    try:
+        return Accelerator(
+            cpu=device == "cpu", mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+            **tracking.accelerator_kwargs(cfg, out),
+        )
+    finally:
+        if pinned and before is None:
+            os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
+        elif pinned:
+            os.environ["ACCELERATE_TORCH_DEVICE"] = before
 
 
 def _eval_mode(module, *, keep_4bit_training: bool) -> None:
@@ -189,25 +222,31 @@ def _eval_mode(module, *, keep_4bit_training: bool) -> None:
 
 
 def _shards_weights(accelerator) -> bool:
-    """FSDP / DeepSpeed: each process holds a part of the weights."""
-    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    from adgen.train.fsdp_cpu import shards_weights
+
+    return shards_weights(accelerator)
 
 
-def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
-    """DeepSpeed reads batch size / accumulation / clipping from its JSON: fill the "auto" ones from cfg."""
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig, model) -> None:
+    """DeepSpeed reads batch size / accumulation / clipping from its JSON, and accelerate fills the bucket sizes from
+    `model.config`, which the prepared loss module lacks: every "auto" is filled here, before `prepare`."""
+    from adgen.train.fsdp_cpu import fill_deepspeed_config, hidden_size_of
+
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
-    ds = plugin.deepspeed_config
-    fill = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.max_grad_norm,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
-    }
-    for key, value in fill.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
+    fill_deepspeed_config(plugin.deepspeed_config, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                          max_grad_norm=cfg.max_grad_norm, num_processes=accelerator.num_processes,
+                          hidden_size=hidden_size_of(model))
+
+
+def _cpu_speedups(cfg: TrainConfig, device, *, sharded: bool) -> dict[str, bool]:
+    """Which of the CPU-only speedups this run sets up. Each was written and measured for CPUs (BENCHMARKS.md 8);
+    a CUDA model keeps transformers' kernels (sdpa / flash-attention with per-sample position_ids for packed
+    rows) and CUDA's own dropout. (The heap trim is gated in `_heap_trimmer` by the same device test.)"""
+    cpu = device.type == "cpu"
+    return {"packed_attention": cpu, "lean_layers": cpu and cfg.lean_layers and not sharded,
+            "fast_dropout": cpu and cfg.fast_dropout}
 
 
 def _read(path: str, cfg: TrainConfig, limit: int | None, what: str):
@@ -371,22 +410,14 @@ def train(cfg: TrainConfig, *, resume: str | bool | None = None, overwrite: bool
 # ---- setup -----------------------------------------------------------------------------------------
 def setup_run(cfg: TrainConfig, *, resume, overwrite: bool) -> TrainRun:
     """Processes, device and precision (accelerate), the run directory, the checkpoint to resume."""
-    import torch
-    from accelerate import Accelerator
-
     from adgen.train.fsdp_cpu import enable_fsdp_on_cpu
-    from adgen.train.peft_setup import resolve_precision
+    from adgen.train.peft_setup import resolve_device, resolve_precision
 
     out = Path(cfg.output_dir)
-    want_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    if not want_cpu and cfg.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
-        torch.cuda.set_device(torch.device(cfg.device))
-    precision = resolve_precision(cfg, "cpu" if want_cpu else "cuda")
-    _reset_accelerate_state()  # a second train() in one process may use another precision
-    accelerator = Accelerator(
-        cpu=want_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-        **tracking.accelerator_kwargs(cfg, out),
-    )
+    device = resolve_device(cfg.device, launched=_launched())  # an explicit device that is not there: ConfigError
+    precision = resolve_precision(cfg, device)
+    _reset_accelerate_state()  # a second train() in one process may use another precision / device
+    accelerator = _make_accelerator(cfg, device, precision, out)
     enable_fsdp_on_cpu(accelerator)  # accelerate would run an FSDP launch on CPUs as plain DDP
     run = TrainRun(cfg=cfg, out=out, accelerator=accelerator, say=_Printer(accelerator.is_main_process),
                    precision=precision, dpo=cfg.objective == "dpo")
@@ -450,8 +481,8 @@ def setup_model(run: TrainRun) -> None:
 
     cfg = run.cfg
     set_seed(cfg.seed)
-    base = load_base_model(cfg, str(run.resolved_model.path), run.precision, run.device,
-                           local_rank=run.accelerator.local_process_index)
+    sharded = _shards_weights(run.accelerator)  # FSDP / DeepSpeed: their own placement, hooks and dtype handling
+    base = load_base_model(cfg, str(run.resolved_model.path), run.precision, run.device, sharded=sharded)
     run.model = apply_method(base, cfg, run.precision)
     if rewrites_base(cfg) and run.main and not (run.out / LORA_INIT).is_dir():
         save_initial_adapter(run.model, run.out / LORA_INIT)  # PiSSA / OLoRA: to convert the result on save
@@ -462,15 +493,15 @@ def setup_model(run: TrainRun) -> None:
     trainable, total = count_parameters(run.model)
     if trainable == 0:
         raise AdgenError("nothing to train: no parameter requires gradients (check the method / target modules)")
-    attention = _choose_batching(run, base)
-    sharded = _shards_weights(run.accelerator)  # FSDP / DeepSpeed: their own hooks and dtype handling; leave them be
+    speedups = _cpu_speedups(cfg, run.device, sharded=sharded)
+    attention = _choose_batching(run, base, per_example_attention=speedups["packed_attention"])
     run.lora_inputs_uncast = cfg.method == "lora" and run.precision.mixed_precision == "bf16" and not sharded
-    if cfg.lean_layers and not sharded:
+    if speedups["lean_layers"]:
         from adgen.train.lean_layers import make_layers_lean
 
         if make_layers_lean(base):
             attention += ", lean norm / MLP blocks"
-    if cfg.fast_dropout and run.device.type == "cpu":
+    if speedups["fast_dropout"]:
         from adgen.train.fast_dropout import use_fast_dropout
 
         if use_fast_dropout(run.model):
@@ -486,10 +517,12 @@ def setup_model(run: TrainRun) -> None:
     )
 
 
-def _choose_batching(run: TrainRun, base) -> str:
-    """Decide packed vs padded rows and the attention kernel once; returns the attention's name."""
-    from adgen.train.packed_attention import enable_packed_attention
+def _choose_batching(run: TrainRun, base, *, per_example_attention: bool = True) -> str:
+    """Decide packed vs padded rows and the attention kernel once; returns the attention's name.
 
+    Packed rows on a CPU go to adgen's per-example attention (`per_example_attention`); elsewhere (GPUs) to the
+    model's own attention (sdpa, or flash_attention_2 when set), which transformers keeps within each example
+    from the per-sample position_ids (no attention mask is passed for packed rows)."""
     cfg = run.cfg
     run.batching = cfg.batching
     if run.batching == "packed" and cfg.method == "prefix":
@@ -504,7 +537,13 @@ def _choose_batching(run: TrainRun, base) -> str:
                          "using length-grouped padded batches")
     attention = getattr(base.config, "_attn_implementation", None) or "default"
     run.share_prefix = False  # the common prompt start once per packed row: needs our per-example attention
-    if run.batching == "packed" and not cfg.attn_implementation and enable_packed_attention(base):
+    if run.batching != "packed":
+        return attention
+    if not per_example_attention or cfg.attn_implementation:
+        return f"{attention}, packed rows kept apart by per-sample position_ids"
+    from adgen.train.packed_attention import enable_packed_attention
+
+    if enable_packed_attention(base):
         run.share_prefix = cfg.share_prompt_prefix and cfg.loss_on == "response"
         attention = "per-example" + (", shared prompt prefix" if run.share_prefix else "")
     return attention
@@ -532,17 +571,21 @@ def setup_optimization(run: TrainRun) -> None:
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.lr_scheduler, run.warmup, run.total_steps, cfg.min_lr_ratio)
     )
-    _fill_deepspeed_config(run.accelerator, cfg)
-    fused = cfg.fused_head_loss and not _shards_weights(run.accelerator)  # the head's weight must be whole
+    _fill_deepspeed_config(run.accelerator, cfg, model)
+    sharded = _shards_weights(run.accelerator)
+    fused = cfg.fused_head_loss and not sharded  # the head's weight must be whole
     if run.dpo:
         run.loss_module = DPOLoss(model, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight,
                                   select_logits=cfg.target_logits_only, fused_head=fused)
     else:
         run.loss_module = CausalLMLoss(model, select_logits=cfg.target_logits_only, fused_head=fused)
-    lm = run.loss_module.lm if run.dpo else run.loss_module
-    probe = make_batch(run, run.order.step_indices(0, run.rank)[0][:1])
-    logits = lm.decide_logits_selection(probe.to(run.device))
-    run.resolved["logits"] = logits
+    if sharded and run.device.type != "cpu":
+        # the weights wait on the CPU (FSDP rank > 0: on meta) for prepare to shard them onto the GPUs: the first
+        # training forward decides (CausalLMLoss probes there), and `fit` records what it decided
+        run.resolved["logits"] = LOGITS_AT_FIRST_STEP
+    else:
+        probe = make_batch(run, run.order.step_indices(0, run.rank)[0][:1])
+        run.resolved["logits"] = _logits_lm(run).decide_logits_selection(probe.to(run.device))
     run.wrapped, run.optimizer = run.accelerator.prepare(run.loss_module, optimizer)
     run.params = [p for p in run.wrapped.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
     # SFT eval loss (of the references) also for DPO runs: through the plain LM loss inside the DPO module
@@ -551,6 +594,21 @@ def setup_optimization(run: TrainRun) -> None:
         run.reference = _dpo_reference(cfg, run.out, run.accelerator, run.loss_module, run.train_examples,
                                        run.batching, run.pad_id, run.share_prefix,
                                        resuming=run.ckpt_info is not None, say=run.say)
+
+
+LOGITS_AT_FIRST_STEP = "decided at the first step"
+
+
+def _logits_lm(run: TrainRun):
+    """The CausalLMLoss that decides the logits selection (DPO: the one inside DPOLoss)."""
+    return run.loss_module.lm if run.dpo else run.loss_module
+
+
+def _record_logits_decision(run: TrainRun) -> None:
+    """After the first step of a sharded GPU run: what its first forward decided, for `resolved`."""
+    lm = _logits_lm(run)
+    if lm._checked or not lm.select_logits:  # decided: no batch needed to say what
+        run.resolved["logits"] = lm.decide_logits_selection(None)
 
 
 def restore_checkpoint(run: TrainRun) -> None:
@@ -846,6 +904,8 @@ def fit(run: TrainRun) -> None:
         while run.step < run.total_steps:
             run.step += 1
             figures = train_step(run, run.step)
+            if run.resolved.get("logits") == LOGITS_AT_FIRST_STEP:
+                _record_logits_decision(run)
             trim_heap()
             budget.after_step(run, bar)
             log_step(run, figures, bar)
@@ -922,11 +982,14 @@ def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokeniz
     """adapter/ (PEFT) or model/ (full), or `name`/ (best/): complete directories, moved into place at once."""
     final = out / (name or ("adapter" if cfg.is_peft else "model"))
     state_dict = None
-    if _shards_weights(accelerator):  # every process takes part in gathering the full weights
-        from adgen.train.fsdp_cpu import full_state_dict  # FSDP2 on CPUs: DTensors otherwise
+    if _shards_weights(accelerator):  # every process takes part in gathering the weights
+        from adgen.train.fsdp_cpu import full_state_dict, gather_trainable
 
-        state_dict = full_state_dict(accelerator, wrapped)
-        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+        if cfg.is_peft:  # the adapter's weights only, not the whole model's
+            state_dict = gather_trainable(accelerator, model) or None
+        else:
+            state_dict = full_state_dict(accelerator, wrapped)  # FSDP2 on CPUs: DTensors otherwise
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
     if accelerator.is_main_process:
         tmp = temp_dir_for(final)
         kw = {"state_dict": state_dict} if state_dict is not None else {}
