@@ -16,7 +16,7 @@ import sys
 from adgen import __version__
 from adgen.errors import AdgenError
 
-COMMAND_MODULES = ["data", "train", "pairs", "recipes", "export", "eval", "score", "compare", "generate", "serve", "demo"]
+COMMAND_MODULES = ["data", "train", "plan", "pairs", "recipes", "export", "eval", "score", "compare", "generate", "serve", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
