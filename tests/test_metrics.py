@@ -359,3 +359,14 @@ def test_parallel_scoring_gives_identical_numbers(dev_records, monkeypatch):
     serial = score_all(rows)
     monkeypatch.setattr(scoring, "_PARALLEL_MIN_ROWS", 1)
     assert score_all(rows, workers=2) == serial
+
+
+def test_every_example_is_checked_for_forbidden_terms_in_workers_too(monkeypatch):
+    rows = [{"predict": "顶级面料" if i % 3 == 0 else "耐克同款" if i % 3 == 1 else "白色连衣裙", "label": "白色连衣裙"}
+            for i in range(6)]
+    serial = score_all(rows, forbidden_terms=["耐克"])
+    assert [s["compliance_terms"] for s in serial[:3]] == [["顶级"], ["耐克"], []]
+    monkeypatch.setattr(scoring, "_PARALLEL_MIN_ROWS", 1)
+    assert score_all(rows, workers=2, forbidden_terms=["耐克"]) == serial  # the merchant's list reaches the workers
+    summary = aggregate(serial)
+    assert summary["compliance_violation_rate"] == pytest.approx(4 / 6)

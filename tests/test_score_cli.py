@@ -129,3 +129,13 @@ def test_installed_command(prediction_file):
     summary = json.loads(proc.stdout)
     assert {k: round(summary[k], 4) for k in PROTOCOL} == field_means(pairs)
     assert "Building prefix dict" not in proc.stderr  # jieba's startup chatter is silenced
+
+
+def test_table_shows_the_compliance_rate_and_terms(capsys, tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"predict": "顶级面料，最佳选择", "label": "白色连衣裙"}, {"predict": "白色连衣裙", "label": "白色连衣裙"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert main(["score", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "compliance_violation_rate" in out and "0.5000" in out
+    assert "最佳 ×1" in out and "顶级 ×1" in out and "adgen-ad-law-absolute-terms" in out

@@ -8,7 +8,8 @@ Writes into --output-dir (default runs/eval-<model>-<time>): generated_predictio
 per record with its scores), metrics.json (every figure, decoding, model, data sha256, timings) and
 report.md. An interrupted eval resumes when run again with the same --output-dir and settings.
 Scores: the field's protocol (jieba ROUGE-1/2/L F x100, character BLEU-4 x100, mean over
-examples) and attribute faithfulness; see docs/METRICS.md. The logic lives in adgen.evaluation.
+examples), attribute faithfulness and compliance_violation_rate (the Advertising Law's absolute
+terms: 最佳, 国家级, 顶级 ...); see docs/METRICS.md. The logic lives in adgen.evaluation.
 """
 
 from __future__ import annotations

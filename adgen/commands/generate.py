@@ -68,8 +68,9 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--end-bias-per-char", type=float, default=d.end_bias_per_char, metavar="X",
                    help=f"logit bonus for ending, per character past --end-after-chars (default {d.end_bias_per_char})")
     g.add_argument("--ban", action="append", default=None, metavar="TEXT",
-                   help=f"never write this text, in any tokenization (repeatable; default: "
-                        f"{' '.join(d.banned_strings)}, the placeholder of AdGen's references; --ban '' for none)")
+                   help="never write this text too, in any tokenization (repeatable: a merchant's brand rules, "
+                        "competitor names); always banned: <UNK> (AdGen's placeholder) and the Advertising Law's "
+                        "absolute terms (adgen/resources/compliance/ad_law_terms.json); --ban '' drops those defaults")
     g.add_argument("--no-loop-detection", dest="loop_detection", action="store_false",
                    help="keep generating when the text loops (default: stop, trim the repeats, finish_reason 'loop')")
     g.add_argument("--plain", action="store_true",
@@ -109,7 +110,9 @@ def decoding_config(args: argparse.Namespace):
 def _banned(values: list[str] | None) -> tuple[str, ...]:
     from adgen.generation import DecodingConfig
 
-    return DecodingConfig().banned_strings if values is None else tuple(v for v in values if v)
+    # a merchant's list adds to the defaults (the law's terms stay banned); an empty value drops the defaults
+    base = () if values is not None and "" in values else DecodingConfig().banned_strings
+    return base + tuple(dict.fromkeys(v for v in values or () if v and v not in base))
 
 
 def register(subparsers) -> None:

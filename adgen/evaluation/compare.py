@@ -13,8 +13,8 @@ the same data (sha256), the same number of records, or the same decoding.
 
 Chart (PNG, ASCII labels: matplotlib's default font has no CJK glyphs): grouped bars of ROUGE-1,
 ROUGE-2, ROUGE-L, BLEU-4 (x100) in one panel, and of the 0-1 figures (attribute coverage,
-contradiction rate, Chinese share, repetition, distinct-2, share of outputs that hit max_new_tokens)
-in a second.
+contradiction rate, Advertising-Law violation rate, Chinese share, repetition, distinct-2, share of
+outputs that hit max_new_tokens) in a second.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ CHART_PROTOCOL = (("rouge-1", "ROUGE-1"), ("rouge-2", "ROUGE-2"), ("rouge-l", "R
 CHART_SHARES = (
     ("attr_coverage", "coverage\n(higher better)"),
     ("attr_contradiction_rate", "contradiction\nrate\n(lower better)"),
+    ("compliance_violation_rate", "Ad Law\nviolations\n(lower better)"),
     ("chinese_share", "Chinese share\n(higher better)"),
     ("repetition_rate", "repetition\n(lower better)"),
     ("distinct-2", "distinct-2\n(higher better)"),

@@ -19,6 +19,7 @@ METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("attr_contradiction_rate", "contradiction rate", "low"),
     ("contradictions_per_example", "contradictions / example", "low"),
     ("hallucinated_per_example", "hallucinated / example", "low"),
+    ("compliance_violation_rate", "Ad Law violation rate", "low"),
     ("chinese_share", "Chinese share", "high"),
     ("repetition_rate", "repetition (4-gram)", "low"),
     ("distinct-1", "distinct-1", "high"),
@@ -58,8 +59,18 @@ METRIC_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("n_with_attributes", "attr_coverage", "attr_contradiction_rate",
          "contradictions_per_example", "hallucinated_per_example"),
     ),
+    ("compliance (Ad Law absolute terms)", ("compliance_violation_rate",)),
     ("text", ("chinese_share", "repetition_rate", "distinct-1", "distinct-2", "length_chars")),
 )
+
+
+def top_terms(found: Mapping[str, int] | None, k: int = 8) -> str:
+    """`最佳 ×3, NO.1 ×1` -- the forbidden terms found most often (`compliance_terms_found`), or ""."""
+    if not found:
+        return ""
+    items = sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{term} ×{count}" for term, count in items[:k])
+    return text + (f" (+{len(items) - k} more)" if len(items) > k else "")
 
 
 def metrics_table(values: Mapping[str, Any], title: str, *, value_header: str = "value",
@@ -95,6 +106,8 @@ def _example(rank: int, row: Mapping[str, Any]) -> str:
     cov = row.get("attr_coverage")
     if cov is not None:
         head += f", coverage {cov:.0%}"
+    if row.get("compliance_terms"):
+        head += ", forbidden: " + " ".join(row["compliance_terms"])
     if row.get("finish_reason") == "length":
         head += " (hit max_new_tokens)"
     elif row.get("finish_reason") == "loop":
@@ -140,6 +153,11 @@ def notes(metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
     rate = m.get("attr_contradiction_rate")
     if rate:
         out.append(f"{rate:.0%} of outputs contradict a given attribute (e.g. another colour than the input's).")
+    banned = m.get("compliance_violation_rate")
+    if banned:
+        out.append(f"{banned:.1%} of outputs use a forbidden term ({m.get('compliance_list')}; "
+                   f"see docs/METRICS.md, Compliance): {top_terms(m.get('compliance_terms_found'))}. "
+                   "For scale: AdGen's dev references themselves are at 1.0%.")
     return out
 
 
@@ -158,6 +176,7 @@ def render_report(metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         f"- decoding: {metrics.get('decoding', {}).get('description')}",
         f"- engine: {engine.get('backend')} on {engine.get('device')}, {engine.get('dtype')}, batch size {engine.get('batch_size')}",
         f"- attribute vocabulary: {metrics.get('vocab', {}).get('source')}",
+        *([f"- compliance term list: {m['compliance_list']}"] if m.get("compliance_list") else []),
         f"- protocol: {metrics.get('protocol')}",
         f"- adgen {metrics.get('adgen_version')}, {metrics.get('date')}",
         "",

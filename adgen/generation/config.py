@@ -14,6 +14,28 @@ FinishReason = Literal["stop", "length", "loop", "cancelled"]
 ROOM_CHARS = 192
 
 
+# Text no merchant can publish: "<UNK>", the placeholder in 31% of AdGen's train references.
+DEFAULT_BANNED_STRINGS: tuple[str, ...] = ("<UNK>",)
+
+
+def ad_law_banned_strings() -> tuple[str, ...]:
+    """The Advertising Law's absolute terms that can be banned as strings (国家级, 最佳, 顶级, 销量第一 ...):
+    the plain terms of the rules marked "ban" in adgen/resources/compliance/ad_law_terms.json, the list the
+    scorer checks (`adgen.metrics.compliance`). Patterns (NO.1, 最好 + not advice) cannot be banned as strings.
+
+    In the default (`default_banned_strings()`): `RepeatState.penalties` bans such words where they would be
+    completed, not where they start, so 最新, 国家标准 and 中长款 stay writable.
+    """
+    from adgen.metrics.compliance import ad_law_terms
+
+    return ad_law_terms().banned_strings
+
+
+def default_banned_strings() -> tuple[str, ...]:
+    """What decoding never writes unless told otherwise: "<UNK>" and the Advertising Law's absolute terms."""
+    return DEFAULT_BANNED_STRINGS + ad_law_banned_strings()
+
+
 # The adgen-specific shaping switched off (the fields `DecodingConfig.plain` sets).
 PLAIN_FIELDS = {"dry_multiplier": 0.0, "no_repeat_char_ngram": 0, "loop_detection": False, "end_after_chars": 0,
                 "banned_strings": ()}
@@ -45,6 +67,8 @@ class DecodingConfig:
       listing phrases to the token limit; it never cuts a sentence or a character.
     - `banned_strings`: text never written, in any tokenization (default "<UNK>": 31% of AdGen's train
       references hold that placeholder, so a tuned model learns to write it; no merchant can publish it).
+      A merchant's own list (brand rules, competitor names) goes here too; `ad_law_banned_strings()` are
+      the Advertising Law's absolute terms (describe() names them as one item).
     - `max_new_tokens=None` sizes the limit from the tokenizer (`max_new_tokens_for`): room for
       ROOM_CHARS characters, so a model that would end can.
     The model's own end-of-turn ids always stop generation; they are not configured here.
@@ -67,7 +91,7 @@ class DecodingConfig:
     loop_detection: bool = True
     end_after_chars: int = 120  # AdGen references: mean 111 characters
     end_bias_per_char: float = 0.2
-    banned_strings: tuple[str, ...] = ("<UNK>",)
+    banned_strings: tuple[str, ...] = field(default_factory=lambda: default_banned_strings())
 
     def __post_init__(self) -> None:
         # Accept a list (or a single string) for `stop`, keep a hashable tuple.
@@ -173,10 +197,26 @@ class DecodingConfig:
         if self.ends_copy:
             s += f", ending after {self.end_after_chars} chars (+{self.end_bias_per_char}/char)"
         if self.banned_strings:
-            s += f", never writes {'/'.join(self.banned_strings)}"
+            s += f", never writes {_banned_summary(self.banned_strings)}"
         if self.loop_detection:
             s += ", loop detection"
         return s
+
+
+def _banned_summary(banned: tuple[str, ...], show: int = 8) -> str:
+    """`<UNK>`, or `<UNK> + the Advertising Law's absolute terms (74)` -- never 80 terms in a report line."""
+    parts: list[str] = []
+    rest = banned
+    if len(banned) > 1:
+        law = ad_law_banned_strings()
+        law_set = set(law)
+        if law_set <= set(banned):
+            rest = tuple(b for b in banned if b not in law_set)
+            parts.append(f"the Advertising Law's absolute terms ({len(law)})")
+    if rest:
+        shown = "/".join(rest[:show]) + (f" and {len(rest) - show} more" if len(rest) > show else "")
+        parts.insert(0, shown)
+    return " + ".join(parts)
 
 
 @dataclass

@@ -36,6 +36,7 @@ Pure Python here; the transformers adapters are in `adgen.generation.hf_processo
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from typing import Sequence
@@ -256,6 +257,24 @@ class TokenTable:
                                         if data and (rest.startswith(data) or data.startswith(rest))]
         return ids
 
+    def completing(self, word: str, k: int) -> list[int]:
+        """Tokens that, after `word[:k]`, would complete `word`: they write all of the rest, or write into its
+        last character (after a lead byte nothing can stop the character). A proper prefix made of whole
+        characters is not among them: the next character boundary decides again."""
+        cache = self.__dict__.setdefault("_completing", {})
+        ids = cache.get((word, k))
+        if ids is None:
+            rest = word[k:].encode("utf-8")
+            before_last = len(rest) - len(word[-1].encode("utf-8"))
+            first = word[k]
+            candidates = list(self.by_first_char.get(first, ()))
+            lead = first.encode("utf-8")
+            for n in range(1, len(lead)):
+                candidates.extend(self.by_lead_bytes.get(lead[:n], ()))
+            ids = cache[(word, k)] = [i for i in candidates if (data := self.bytes[i]).startswith(rest)
+                                      or (rest.startswith(data) and len(data) > before_last)]
+        return ids
+
     def heading_for(self, char: str) -> list[int]:
         """Tokens that, at a character boundary, write `char` first or start writing it."""
         ids = list(self.by_first_char.get(char, ()))
@@ -340,10 +359,16 @@ class RepeatState:
         if self.finished or self.pending or not self.config.shapes_logits:
             return {}
         out: dict[int, float] = {}
-        for banned in self.config.banned_strings:  # never start, nor go on with, a banned string
+        markup, words = _banned_index(self.config.banned_strings)
+        for banned in markup:  # markup ("<UNK>"): never start, nor go on with, it
             for k in range(len(banned)):
                 if k == 0 or self.text.endswith(banned[:k]):
                     out.update(dict.fromkeys(self.table.writing(banned, k), float("inf")))
+        # words (最佳, 国家级, a brand): may be started (最新, 国家标准), never completed
+        out.update(words.start_ban(self.table))
+        for j in range(1, min(words.longest, len(self.text)) + 1):
+            for word, k in words.by_prefix.get(self.text[-j:], ()):
+                out.update(dict.fromkeys(self.table.completing(word, k), float("inf")))
         if not self.text:
             return out
         for char, penalty in dangerous_chars(self.text, self.config, self._matches()).items():
@@ -351,6 +376,32 @@ class RepeatState:
                 if penalty > out.get(tok, 0.0):
                     out[tok] = penalty
         return out
+
+
+class _Words:
+    def __init__(self, words: tuple[str, ...]) -> None:
+        self.starters = words
+        self.by_prefix: dict[str, list[tuple[str, int]]] = {}  # a proper prefix -> [(word, its length)]
+        for w in words:
+            for k in range(1, len(w)):
+                self.by_prefix.setdefault(w[:k], []).append((w, k))
+        self.longest = max((len(w) - 1 for w in words), default=0)
+        self._start: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def start_ban(self, table: TokenTable) -> dict[int, float]:
+        """{token: inf} for the tokens that would write a whole word at once (the same at every boundary)."""
+        ban = self._start.get(table)
+        if ban is None:
+            ban = self._start[table] = {i: float("inf") for w in self.starters for i in table.completing(w, 0)}
+        return ban
+
+
+@functools.lru_cache(maxsize=64)
+def _banned_index(banned: tuple[str, ...]) -> tuple[tuple[str, ...], _Words]:
+    """(markup: banned strings whose first character is not a letter, ideograph or digit -- never started;
+    words: the rest -- banned only where they would be completed), with the words indexed by prefix."""
+    markup = tuple(b for b in banned if not b[0].isalnum())
+    return markup, _Words(tuple(b for b in banned if b[0].isalnum()))
 
 
 def _complete_chars(data: bytes) -> tuple[str, bytes]:
