@@ -8,8 +8,10 @@ where `targets != -100` (the LM head runs on those alone, see `adgen.train.loss`
 Packed rows: the `batch_size` examples of a micro-batch are concatenated into one row, with
 `position_ids` restarting at 0 for each example and *no* attention mask. transformers (>= 5) reads the
 restarts as packed-sequence boundaries: sdpa / eager / flex attention get a block-diagonal causal mask,
-flash-attention its varlen kernel, so no token attends across examples (`test_packing_matches_padding`
-checks the losses equal those of padded batches). Packing changes the layout only, never which
+flash-attention its varlen kernel, so no token attends across examples (tests/test_gpu_paths_kernels.py
+checks the per-token losses equal those of padded batches). For flash-attention the row also carries the
+examples' boundaries (`cu_seq_lens`, `Batch.loss_kwargs`), which transformers would otherwise infer from the
+positions in every layer with a host sync each. Packing changes the layout only, never which
 examples form a step, so `batching` does not change what is optimised.
 
 Data order: an endless stream of per-epoch permutations (seeded by `seed` + epoch); optimizer step s
@@ -19,6 +21,7 @@ the data is therefore a function of the step alone, which makes resume exact.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -38,6 +41,8 @@ class Batch:
     num_tokens: int  # real (non-pad) tokens of the examples
     num_padded: int  # slots in the tensor (rows * T); for packed rows num_tokens + the fill up to ROW_MULTIPLE
     num_shared: int = 0  # prompt-prefix tokens computed once for several examples (not in the tensor)
+    cu_seq_lens: torch.Tensor | None = None  # packed row without a shared prefix: [0, end of each example] (int32)
+    max_seq_len: int = 0  # the longest of those examples (with the row's fill)
 
     @property
     def num_targets(self) -> int:
@@ -49,15 +54,25 @@ class Batch:
 
         return Batch(
             mv(self.input_ids), mv(self.targets), mv(self.position_ids), mv(self.attention_mask),
-            self.num_examples, self.num_tokens, self.num_padded, self.num_shared,
+            self.num_examples, self.num_tokens, self.num_padded, self.num_shared, mv(self.cu_seq_lens),
+            self.max_seq_len,
         )
 
     def loss_kwargs(self) -> dict:
-        """Extra arguments of the loss module for this batch (none for SFT; see adgen.train.dpo)."""
-        return {}
+        """Extra arguments of the loss module for this batch: for SFT, a packed row's `varlen_kwargs` (the loss
+        module hands them to the model); for DPO see adgen.train.dpo."""
+        return self.varlen_kwargs()
+
+    def varlen_kwargs(self) -> dict:
+        """transformers' flash-attention kwargs for a packed row (`FlashAttentionKwargs`): the examples' boundaries,
+        so its varlen kernel needs no host sync to find them; other attentions ignore them. {} if not packed."""
+        if self.cu_seq_lens is None:
+            return {}
+        return {"cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_seq_len, "max_length_k": self.max_seq_len}
 
     def model_inputs(self) -> dict:
-        out = {"input_ids": self.input_ids}
+        out = {"input_ids": self.input_ids, **self.varlen_kwargs()}
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
         if self.attention_mask is not None:
@@ -126,6 +141,8 @@ def pack(examples: Sequence[Example], share_prefix: bool = False, pad_id: int = 
     tgt.extend([IGNORE_INDEX] * fill)
     pos.extend(range(pos[-1] + 1, pos[-1] + 1 + fill))
     n = sum(len(ex.input_ids) for ex in examples)  # the examples' tokens, as if each had its own prefix
+    ends = list(itertools.accumulate(len(ex.input_ids) for ex in examples))
+    ends[-1] += fill  # the fill continues the last example's positions: part of it, as transformers sees it
     return Batch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         targets=torch.tensor([tgt], dtype=torch.long),
@@ -135,6 +152,9 @@ def pack(examples: Sequence[Example], share_prefix: bool = False, pad_id: int = 
         num_tokens=n,
         num_padded=n + fill,
         num_shared=shared * (len(examples) - 1),
+        # a shared prefix is continued by later examples: no varlen boundaries (only packed_attention handles it)
+        cu_seq_lens=None if shared else torch.tensor([0, *ends], dtype=torch.int32),
+        max_seq_len=0 if shared else max(b - a for a, b in zip([0, *ends], ends)),
     )
 
 

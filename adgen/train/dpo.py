@@ -103,7 +103,8 @@ def collate_pairs(pairs: Sequence[PairExample], batching: str, pad_id: int, shar
 
 def sequence_logps(lm: CausalLMLoss, batch: Batch, counts: Sequence[int], chunk: int = 2048) -> torch.Tensor:
     """Summed log-probability of each example's targets: [n_examples] (fp32)."""
-    logits, tgt = lm.target_logits(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)
+    logits, tgt = lm.target_logits(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask,
+                                   **batch.varlen_kwargs())  # flash-attention's boundaries: no host sync
     parts = [-F.cross_entropy(logits[s : s + chunk].float(), tgt[s : s + chunk], reduction="none")
              for s in range(0, logits.shape[0], chunk)]
     token_logps = torch.cat(parts)

@@ -35,17 +35,18 @@ class _RMSNorm(torch.autograd.Function):
 
     Keeps 1/rms and its own output, which the projections reading it keep anyway (the same storage): backward
     recovers x / rms as output / weight, to the output's precision (bf16 under autocast, like the matmuls'
-    own saved inputs). A weight with a zero in it cannot be divided by: then the input is kept instead."""
+    own saved inputs). A weight with a zero in it cannot be divided by: then the input is kept instead
+    (`from_output` False; decided once when the forward is swapped in, see `make_layers_lean`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, cast_to):
+    def forward(ctx, x, weight, eps, cast_to, from_output=True):
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         y = weight * (xf * rstd).to(x.dtype)
         ctx.y_dtype, ctx.x_dtype = y.dtype, x.dtype
         if cast_to is not None and y.dtype != cast_to and y.is_floating_point():
             y = y.to(cast_to)
-        ctx.from_output = not bool((weight == 0).any())
+        ctx.from_output = from_output
         ctx.save_for_backward(y if ctx.from_output else x, rstd, weight)
         return y
 
@@ -63,7 +64,7 @@ class _RMSNorm(torch.autograd.Function):
             gx = (g * weight).to(ctx.x_dtype).float()  # the gradient reaching the normalised input, as autograd has it
             mean_dot = torch.linalg.vecdot(gx, xhat_f).unsqueeze(-1).div_(gx.shape[-1])
             grad_x = gx.addcmul_(xhat_f, mean_dot, value=-1).mul_(rstd).to(ctx.x_dtype)
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None, None, None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,9 @@ class _SwiGLU(torch.autograd.Function):
 
 def lean_rms_norm_forward(self, hidden_states):
     cast_to = _autocast_dtype(hidden_states.device.type) if getattr(self, "_adgen_feeds_projections", False) else None
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, cast_to)
+    # No per-call look at the weight's values: on a GPU `bool(tensor)` waits for the device, once per norm per step
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, cast_to,
+                          not getattr(self, "_adgen_weight_has_zero", True))
 
 
 def lean_swiglu_forward(self, x):
@@ -149,6 +152,12 @@ def _same_outputs(module, lean_forward, width: int) -> bool:
     return expected.shape == got.shape and bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5))
 
 
+def _has_zero(weight: torch.Tensor) -> bool:
+    """Checked once at swap time (one host sync), not per forward. The weights are then the loaded checkpoint's; a
+    trained norm weight reaching exactly 0.0 later would need an update landing on it exactly (not re-checked)."""
+    return bool((weight.detach() == 0).any())
+
+
 # Families whose decoder layers only feed these norms' outputs to linear projections (pre-norm), which autocast
 # casts them for anyway: there the norm hands out the cast copy. (In e.g. OLMo-2 post_attention_layernorm
 # normalises the attention's output into the residual stream, which stays fp32: no cast there.)
@@ -178,5 +187,6 @@ def make_layers_lean(model: nn.Module) -> int:
             module.forward = types.MethodType(lean, module)
             if kind == "norm":
                 module._adgen_feeds_projections = pre_norm and name.rsplit(".", 1)[-1] in _PRE_NORMS
+                module._adgen_weight_has_zero = _has_zero(module.weight)
             swapped += 1
     return swapped

@@ -11,7 +11,8 @@ Peak memory for the head drops to one chunk; no logits are recomputed.
 
 Hand-written because the libraries that do this (Liger-Kernel's fused linear cross-entropy, Apple's
 cut-cross-entropy) are Triton kernels for GPUs; this is plain PyTorch and runs wherever the model does.
-Its equality with logits -> `F.cross_entropy` (loss and gradients) is tested in tests/test_train.py.
+Its equality with logits -> `F.cross_entropy` (loss and gradients) is tested in tests/test_train.py, its fp32
+loss math under bf16 (on the CPU and the CUDA branch) in tests/test_gpu_paths_kernels.py.
 """
 
 from __future__ import annotations
@@ -48,8 +49,55 @@ def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
 
 
 def release_buffers() -> None:
-    """Drop the reused logits buffer (the run is over)."""
+    """Drop the reused logits / fp32 softmax buffers (the run is over)."""
     _logits_buffers.clear()
+
+
+# The loss and its gradient (softmax - one-hot) are computed in fp32 on every device, as F.cross_entropy does under
+# autocast (and Liger-Kernel's kernel): in bf16, p(target) near 1 kept ~3 significant digits, so -log p and p - 1
+# (the largest entry of the gradient) were off by up to 2^-9 absolute -- all of the signal of a well-predicted
+# token. Only then is the gradient rounded to the compute dtype for its matmuls. Measured on CPU for one SmolLM2
+# chunk (912 x 49152 bf16 logits, forward + hidden gradient, Xeon shared with other jobs, 9 interleaved runs; a
+# one-off script): +40 to +95 ms over the bf16 in-place softmax, 1-2% of a ~5 s bench step: one path, fp32.
+MATH_DTYPE = torch.float32
+MATH_ROWS = 16  # CPU: rows per fp32 block (3 MB for a 49k vocabulary, cache-sized) instead of a chunk-sized fp32 copy
+
+
+def _math_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """fp32, or the compute dtype where that is wider (fp64)."""
+    return torch.promote_types(compute_dtype, MATH_DTYPE)
+
+
+def _uses_cpu_buffers(device: torch.device) -> bool:
+    """CPU: logits in a buffer reused across steps, softmax in place (a fresh large tensor is a fresh mmap the kernel
+    zeroes). Elsewhere (CUDA) the caching allocator does that, and plain out-of-place ops are the safe choice."""
+    return device.type == "cpu"
+
+
+def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, cpu_buffers: bool,
+                           want_grad: bool) -> torch.Tensor:
+    """The summed -log p(target) of a chunk's rows, in fp32 math; with `want_grad`, `logits` is overwritten by
+    softmax - one-hot (rounded once to the logits' dtype). On CPU in blocks of `MATH_ROWS` rows (the fp32 copy stays
+    in cache); elsewhere the chunk at once (one kernel per op)."""
+    math = _math_dtype(logits.dtype)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for lo, hi in _equal_blocks(logits.shape[0], MATH_ROWS if cpu_buffers else logits.shape[0]):
+        block, t = logits[lo:hi], targets[lo:hi]
+        if block.dtype == math and cpu_buffers:  # in place (CPU's kernel reads a row before it writes it)
+            probs = torch.ops.aten._softmax.out(block, -1, False, out=block)
+        elif cpu_buffers:  # CPU has no bf16 -> fp32 softmax kernel: copy into a reused fp32 block, softmax in place
+            probs = _logits_buffer(hi - lo, block.shape[1], math, block.device).copy_(block)
+            probs = torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+        else:
+            probs = torch.softmax(block, -1, dtype=math)
+        rows = torch.arange(t.shape[0], device=t.device)
+        picked = probs[rows, t]
+        total -= picked.float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+        if want_grad:
+            probs[rows, t] = picked - 1  # d(loss) / d(logits) = softmax - one-hot
+            if probs.data_ptr() != block.data_ptr():
+                block.copy_(probs)
+    return total
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -59,30 +107,20 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
-        n = hidden.shape[0]
-        on_cpu = hidden.device.type == "cpu"
-        for start, stop in _equal_blocks(n, _chunk_rows(weight.shape[0], compute_dtype)):
+        want_grad = grad_hidden is not None or grad_weight is not None
+        cpu_buffers = _uses_cpu_buffers(hidden.device)
+        for start, stop in _equal_blocks(hidden.shape[0], _chunk_rows(weight.shape[0], compute_dtype)):
             h = hidden[start:stop].to(compute_dtype)
-            t = targets[start:stop]
-            if on_cpu:  # softmax in place in the reused buffer (CPU's kernel reads a row before it writes it)
+            if cpu_buffers:
                 logits = torch.mm(h, w.T, out=_logits_buffer(h.shape[0], w.shape[0], compute_dtype, h.device))
-                probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
             else:
-                probs = torch.softmax(h @ w.T, dim=-1)
-            # softmax in the compute dtype (fp32 inside the kernel): one pass where fp32 log-sum-exp took seven,
-            # two of them dtype copies; the loss is -log p(target), its bf16 rounding 2^-9 relative to p
-            rows_t = torch.arange(t.shape[0], device=t.device)
-            picked = probs[rows_t, t]
-            # out of place: `picked` itself is needed for the gradient below (in fp32, .float() returns it as is)
-            total -= picked.float().clamp_min(torch.finfo(torch.float32).tiny).log_().sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            probs[rows_t, t] = picked - 1  # d(loss) / d(logits) = softmax - one-hot
+                logits = h @ w.T
+            total += _softmax_minus_one_hot(logits, targets[start:stop], cpu_buffers, want_grad)
             if grad_hidden is not None:
-                for lo, hi in _equal_blocks(probs.shape[0], GRAD_ROWS):
-                    grad_hidden[start + lo : start + hi] = (probs[lo:hi] @ w).to(hidden.dtype)
+                for lo, hi in _equal_blocks(logits.shape[0], GRAD_ROWS):
+                    grad_hidden[start + lo : start + hi] = (logits[lo:hi] @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (probs.T @ h).float()
+                grad_weight += (logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -98,8 +136,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum over N positions of cross_entropy(hidden @ weight.T, targets): hidden [N, H], weight [V, H], targets [N].
 
-    Computes in the autocast dtype when autocast is on for hidden's device (as the head's matmul would),
-    else in hidden's dtype (the softmax too, fp32 inside its kernel); the loss summed in fp32."""
+    The matmuls run in the autocast dtype when autocast is on for hidden's device (as the head's would), else in
+    hidden's dtype; the softmax, the loss and softmax - one-hot in fp32 (see MATH_DTYPE); the loss summed in fp32."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

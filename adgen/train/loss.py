@@ -84,7 +84,10 @@ def _head_returns_hidden(head: nn.Module):
 
 
 class CausalLMLoss(nn.Module):
-    """forward(input_ids, targets, position_ids=None, attention_mask=None) -> (loss_sum, n_targets)."""
+    """forward(input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs) -> (loss_sum, n_targets).
+
+    `model_kwargs` go to the model's forward as they are: a packed row's flash-attention boundaries
+    (`collate.Batch.loss_kwargs`)."""
 
     def __init__(self, model: nn.Module, *, ce_chunk: int = 2048, select_logits: bool = True,
                  fused_head: bool = True) -> None:
@@ -101,17 +104,17 @@ class CausalLMLoss(nn.Module):
     def fused_head(self) -> nn.Linear | None:
         return self._fused[0] if self._fused else None
 
-    def forward(self, input_ids, targets, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs):
         if self.fused_head is not None:
-            hidden, tgt = self.target_hidden(input_ids, targets, position_ids, attention_mask)
+            hidden, tgt = self.target_hidden(input_ids, targets, position_ids, attention_mask, **model_kwargs)
             return linear_cross_entropy_sum(hidden, self.fused_head.weight, tgt), tgt.numel()
-        logits, tgt = self.target_logits(input_ids, targets, position_ids, attention_mask)
+        logits, tgt = self.target_logits(input_ids, targets, position_ids, attention_mask, **model_kwargs)
         return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk), tgt.numel()
 
-    def target_hidden(self, input_ids, targets, position_ids=None, attention_mask=None):
+    def target_hidden(self, input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs):
         """(last hidden states [N, H], targets [N]) at the N target positions; needs the fused head."""
         with _head_returns_hidden(self.fused_head):
-            return self.target_logits(input_ids, targets, position_ids, attention_mask)
+            return self.target_logits(input_ids, targets, position_ids, attention_mask, **model_kwargs)
 
     def decide_logits_selection(self, batch) -> str:
         """Decide once, at setup, whether the model computes logits only at the target positions (it must
@@ -125,7 +128,8 @@ class CausalLMLoss(nn.Module):
             devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
             with torch.random.fork_rng(devices=devices):
                 logits = self._probe(batch.targets != IGNORE_INDEX,
-                                     **self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask))
+                                     **self._forward_kwargs(batch.input_ids, batch.position_ids, batch.attention_mask,
+                                                            **batch.varlen_kwargs()))
             if logits is not None and self.want_fused:
                 with torch.random.fork_rng(devices=devices):  # from the same state: the probe's dropout masks
                     self._fused = self._check_fused_head(batch, logits.detach())
@@ -139,15 +143,16 @@ class CausalLMLoss(nn.Module):
         if head is None:
             return ()
         with _head_returns_hidden(head):
-            hidden, _ = self.target_logits(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)
+            hidden, _ = self.target_logits(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask,
+                                           **batch.varlen_kwargs())
         if hidden.shape[-1] != head.in_features:
             return ()
         mine = hidden.detach().to(head.weight.dtype) @ head.weight.detach().T
         return (head,) if torch.allclose(mine.float(), logits.float(), rtol=2e-2, atol=2e-2) else ()
 
     @staticmethod
-    def _forward_kwargs(input_ids, position_ids, attention_mask) -> dict:
-        kwargs = {"input_ids": input_ids, "use_cache": False}
+    def _forward_kwargs(input_ids, position_ids, attention_mask, **model_kwargs) -> dict:
+        kwargs = {"input_ids": input_ids, "use_cache": False, **model_kwargs}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if attention_mask is not None:
@@ -166,10 +171,10 @@ class CausalLMLoss(nn.Module):
         self._checked = True
         return logits
 
-    def target_logits(self, input_ids, targets, position_ids=None, attention_mask=None):
+    def target_logits(self, input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs):
         """(logits [N, V], targets [N]) at the N positions with a target, in row-major order."""
         keep = targets != IGNORE_INDEX  # [B, T] bool
-        kwargs = self._forward_kwargs(input_ids, position_ids, attention_mask)
+        kwargs = self._forward_kwargs(input_ids, position_ids, attention_mask, **model_kwargs)
         logits = None
         if self.select_logits and self._checked:
             logits = self.model(**kwargs, logits_to_keep=keep).logits

@@ -14,6 +14,13 @@ Registered under `PACKED_ATTENTION` with transformers' `AttentionInterface` (and
 asks for no 4D mask when there is no padding). Anything that is not a whole packed row — a padding
 mask, a KV cache during generation — goes to transformers' own `sdpa` path unchanged, so a model set
 to this implementation still evaluates and generates correctly.
+
+CPU only: on a GPU the per-row cut costs host syncs (`nonzero`, `.tolist()`) in every layer, one kernel launch
+per example and repeated K/V heads, where transformers' own attention already isolates packed examples from
+`position_ids` restarting at 0 with no attention mask (transformers >= 5: `masking_utils.find_packed_sequence_indices`
+gives sdpa / eager a block-diagonal causal mask; flash_attention_2 runs its varlen kernel, on the `cu_seq_lens_*` /
+`max_length_*` that `collate.pack` puts in `Batch.loss_kwargs`, else on ones it infers from the positions per
+layer). `enable_packed_attention` leaves a model on any other device as it is.
 """
 
 from __future__ import annotations
@@ -276,12 +283,27 @@ def _rows_are_isolated(model) -> bool:
     return bool(torch.allclose(tail, alone[cut:], atol=tol, rtol=0) and torch.allclose(again, alone, atol=tol, rtol=0))
 
 
-def enable_packed_attention(model) -> bool:
-    """Switch a transformers model to per-example attention for packed rows, if it is provably correct.
+def packed_attention_applies(device: torch.device) -> bool:
+    """This attention pays off on CPU only (its kernels are PyTorch's CPU flash ones; see the module docstring)."""
+    return torch.device(device).type == "cpu"
 
-    Models whose attention does not receive `position_ids` (some remote-code ones) would let packed
-    examples see each other; a two-copy probe catches that, and the model keeps its own attention.
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)  # transformers models: their first parameter's device
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def enable_packed_attention(model) -> bool:
+    """Switch a transformers model on CPU to per-example attention for packed rows, if it is provably correct.
+
+    A model on a GPU keeps its own attention (False): transformers' sdpa / flash_attention_2 isolate packed
+    examples themselves. Models whose attention does not receive `position_ids` (some remote-code ones) would let
+    packed examples see each other; a two-copy probe catches that, and the model keeps its own attention.
     """
+    if not packed_attention_applies(_model_device(model)):
+        return False
     previous = getattr(model.config, "_attn_implementation", None)
     if previous not in (None, "sdpa", "eager"):
         return False  # flash-attention & co. already handle packed rows

@@ -814,7 +814,8 @@ def evaluate(run: TrainRun) -> float | None:
         for b in eval_batches(run.eval_examples, cfg.batch_size, run.batching, run.pad_id, run.rank, run.world,
                               run.share_prefix):
             b = b.to(run.device)
-            s, n = run.eval_loss_module(b.input_ids, b.targets, b.position_ids, b.attention_mask)
+            s, n = run.eval_loss_module(b.input_ids, b.targets, b.position_ids, b.attention_mask,
+                                        **b.varlen_kwargs())
             loss_sum += float(s)
             count += n
     run.wrapped.train()
