@@ -133,7 +133,8 @@ def layer_bytes_per_token(shape: ModelShape, cfg: TrainConfig, dtypes: Dtypes, l
 
 def head_bytes(shape: ModelShape, cfg: TrainConfig, dtypes: Dtypes, tokens: int) -> dict:
     """The final norm and the LM head + loss. Fused (the default on one GPU): the hidden states at the target
-    positions, the gradient kept for them, two chunks of logits (logits, softmax) and, where the head's weight
+    positions, the gradient kept for them, a chunk of logits in the compute dtype with its fp32 softmax (the
+    loss math runs in fp32: adgen.train.linear_cross_entropy's CUDA branch, out of place) and, where the head's weight
     is not in the compute dtype (fp32 after prepare_model_for_kbit_training), a compute-dtype copy of it.
     Not fused: the logits at the target positions plus their fp32 log-softmax (every position without
     target_logits_only, as HF Trainer computes them)."""
@@ -141,7 +142,7 @@ def head_bytes(shape: ModelShape, cfg: TrainConfig, dtypes: Dtypes, tokens: int)
     norm = tokens * (4 + dtypes.residual) * h
     if cfg.fused_head_loss and cfg.target_logits_only:
         chunk_rows = max(1, CHUNK_BYTES // (v * c))
-        logits = 2 * min(tokens, chunk_rows) * v * c
+        logits = min(tokens, chunk_rows) * v * (c + 4)
         kept = tokens * h * (dtypes.residual + dtypes.residual)  # gathered hidden + its gradient
         cast = v * h * c if dtypes.head != c else 0
         return {"final_norm": norm, "head_loss": logits + kept, "head_weight_copy": cast}
