@@ -740,7 +740,8 @@ def test_generation_metrics_during_training_and_the_best_checkpoint(tiny_llama3_
     assert [r["step"] for r in rows] == [2, 4]
     for r in rows:
         g = r["gen_eval"]
-        assert g["n"] == 2 and {"rouge-1", "bleu-4", "attr_coverage", "ended_share", "never_stopped_share"} <= set(g)
+        assert g["n"] == 2 and {"rouge-1", "bleu-4", "attr_coverage", "ended_share", "never_stopped_share",
+                                  "compliance_violation_rate"} <= set(g)
         assert g["ended_share"] + g["never_stopped_share"] + g["loop_share"] == pytest.approx(1.0)
     s = result.summary
     assert s["best_metric"] == "rouge-1" and s["best_step"] in (2, 4) and s["final_gen_eval"]["n"] == 2

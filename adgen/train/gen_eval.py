@@ -18,6 +18,7 @@ from typing import Any, Sequence
 GEN_METRICS = {
     "rouge-1": "high", "rouge-2": "high", "rouge-l": "high", "bleu-4": "high",
     "attr_coverage": "high", "ended_share": "high", "repetition_rate": "low", "never_stopped_share": "low",
+    "compliance_violation_rate": "low",
 }
 BEST_METRICS = {"eval_loss": "low", **GEN_METRICS}
 
@@ -69,7 +70,7 @@ def generation_metrics(model, tokenizer, formatter, records: Sequence, vocab, *,
     n = max(1, len(outs))
     finish = [g.finish_reason for g in outs]
     keep = ("rouge-1", "rouge-2", "rouge-l", "bleu-4", "attr_coverage", "attr_contradiction_rate",
-            "repetition_rate", "chinese_share", "length_chars")
+            "repetition_rate", "chinese_share", "length_chars", "compliance_violation_rate")
     out = {k: summary.get(k) for k in keep}
     out.update(
         n=len(outs),
