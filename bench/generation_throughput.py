@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     base_s = time.perf_counter() - t0
 
     # the same decoding as the baseline (plain greedy): the bench measures the engine, not adgen's
-    # repetition control / ending (on by default in `adgen eval`; their cost: BENCHMARKS.md section 3)
+    # repetition control / ending (on by default in `adgen eval`; their cost: docs/BENCHMARK_NOTES.md section 3)
     gen.generate(contents[:2], plain_decoding(DecodingConfig, 4))  # warm-up
     t0 = time.perf_counter()
     outs = gen.generate(contents, plain_decoding(DecodingConfig, args.max_new_tokens))

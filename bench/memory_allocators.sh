@@ -1,5 +1,5 @@
 #!/bin/bash
-# variants of the allocator setup for a training step, one process each (BENCHMARKS.md section 8)
+# variants of the allocator setup for a training step, one process each (docs/BENCHMARK_NOTES.md section 8)
 # usage: [OMP_NUM_THREADS=1] [STEPS=12] bash bench/memory_allocators.sh   (jemalloc rows: apt-get install libjemalloc2)
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -19,9 +19,9 @@ of both adapters on the first dev records with the same fp32 code (token-weighte
 tokens), so the comparison does not depend on either engine's own eval.
 
 The sides run one after the other, so a slow spell of a shared host can land on one side only (on the 2-core
-Xeon of BENCHMARKS.md the ratio moved 1.98-3.00 over five runs of one tree). `--pairs N` runs the two sides
-alternately N times and reports each side's median samples/s (and its highest peak RSS); the first pair's
-adapters are evaluated.
+Xeon of docs/BENCHMARK_NOTES.md section 1 the ratio moved 1.98-3.00 over five runs of one tree). `--pairs N`
+runs the two sides alternately N times and reports each side's median samples/s (and its highest peak RSS); the
+first pair's adapters are evaluated.
 """
 
 from __future__ import annotations

@@ -104,3 +104,39 @@ def test_export_command(tiny_llama3_dir, tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
     assert main(args[:-2] + ["--quantize", "nf4", "-o", str(tmp_path / "q")]) == 2
     assert "16-bit" in capsys.readouterr().err
+
+
+def test_the_export_package_keeps_the_old_modules_names():
+    """adgen.export was one module and adgen.gguf_export another: their public names stay importable, the
+    merge's from adgen.export, the GGUF ones from adgen.export.gguf (and adgen.export)."""
+    import importlib
+
+    import adgen.export as export
+    import adgen.export.gguf as gguf
+
+    merge_names = ["FOUR_BIT_PROCEDURE", "merge_adapter", "read_adapter_config"]
+    gguf_names = ["ChatFormat", "GGUFExport", "QUANTS", "Quant", "SUPPORTED_ARCHITECTURES", "check_architecture",
+                  "check_gguf_path", "check_quant", "detect_chat_format", "detect_pre_tokenizer", "export_gguf",
+                  "load_for_gguf", "modelfile_path", "modelfile_text", "preflight", "write_modelfile"]
+    assert [n for n in merge_names + gguf_names if not hasattr(export, n)] == []
+    assert [n for n in gguf_names if not hasattr(gguf, n)] == []
+    with pytest.raises(ImportError):
+        importlib.import_module("adgen.gguf_export")  # no shim left behind
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    """The GGUF file is written through adgen.io.atomic_output: a failed write leaves the old file and no temp."""
+    import os
+
+    from adgen.io import atomic_output, default_file_mode
+
+    out = tmp_path / "sub" / "model.gguf"
+    with atomic_output(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        tmp.write_bytes(b"first")
+    assert out.read_bytes() == b"first" and out.stat().st_mode & 0o777 == default_file_mode()
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert out.read_bytes() == b"first"
+    assert sorted(os.listdir(out.parent)) == ["model.gguf"]

@@ -198,7 +198,7 @@ def test_q8_0_cli_merges_in_a_temp_dir(tiny_llama3_dir, tiny_llama3_lora_dir, tm
     from transformers import AutoModelForCausalLM
 
     from adgen.cli import main
-    from adgen.gguf_export import _rope_permute
+    from adgen.export.gguf_tensors import rope_permute
 
     gguf = tmp_path / "out" / "tiny-q8.gguf"
     rc = main(["export", "--model", str(tiny_llama3_dir), "--adapter", str(tiny_llama3_lora_dir),
@@ -223,7 +223,7 @@ def test_q8_0_cli_merges_in_a_temp_dir(tiny_llama3_dir, tiny_llama3_lora_dir, tm
                                  ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight", None),
                                  ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", None)):
         want = merged[hf_name].numpy()
-        want = _rope_permute(want, heads) if heads else want
+        want = rope_permute(want, heads) if heads else want
         np.testing.assert_allclose(tensor(name), want, atol=np.abs(want).max() / 254 + 1e-6, rtol=0)
     np.testing.assert_array_equal(tensor("blk.0.ffn_norm.weight"),
                                   merged["model.layers.0.post_attention_layernorm.weight"].numpy())
@@ -245,7 +245,7 @@ def test_smollm2_f16_and_q8_0(smollm2_dir, smollm2_tokenizer, adgen_dev_path, tm
     """Real weights, tied embeddings, ChatML: f16 logits stay close; q8_0 keeps >= 95% of the top-1 tokens."""
     from transformers import AutoModelForCausalLM
 
-    from adgen.gguf_export import export_gguf
+    from adgen.export.gguf import export_gguf
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
     record = json.loads(adgen_dev_path.read_text(encoding="utf-8").splitlines()[0])
@@ -286,7 +286,7 @@ def test_smollm2_f16_and_q8_0(smollm2_dir, smollm2_tokenizer, adgen_dev_path, tm
 
 def test_modelfile_llama3(tmp_path, llama3_tokenizer):
     from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
-    from adgen.gguf_export import write_modelfile
+    from adgen.export.gguf import write_modelfile
 
     path = write_modelfile(tmp_path / "ad.gguf", llama3_tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
     assert path == tmp_path / "ad.Modelfile"
@@ -304,7 +304,7 @@ def test_modelfile_chatml(tmp_path, tiny_chatml_dir):
     from transformers import AutoTokenizer
 
     from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
-    from adgen.gguf_export import detect_chat_format, write_modelfile
+    from adgen.export.gguf import detect_chat_format, write_modelfile
 
     tok = AutoTokenizer.from_pretrained(str(tiny_chatml_dir))
     assert detect_chat_format(tok) == "chatml"
@@ -323,10 +323,10 @@ def test_modelfile_chatml(tmp_path, tiny_chatml_dir):
 def test_rope_permutation_is_what_transformers_undoes():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from adgen.gguf_export import _rope_permute
+    from adgen.export.gguf_tensors import rope_permute
 
     w = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)  # 3 heads of 4 rows
-    permuted = _rope_permute(w, 3)
+    permuted = rope_permute(w, 3)
     assert not np.array_equal(permuted, w)
     assert permuted[:4, 0].tolist() == [0, 10, 5, 15]  # per head: rows (0, 2), (1, 3) become neighbours
     back = LlamaTensorProcessor(config={"num_attention_heads": 3, "num_key_value_heads": 3}).process(
@@ -337,14 +337,14 @@ def test_rope_permutation_is_what_transformers_undoes():
 def test_llama3_rope_scaling_writes_rope_freqs():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adgen.gguf_export import _plan_tensors
+    from adgen.export.gguf_tensors import plan_tensors
 
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 8192})
-    plans = {p.name: p for p in _plan_tensors(LlamaForCausalLM(config), "f16")}
+    plans = {p.name: p for p in plan_tensors(LlamaForCausalLM(config), "f16")}
     factors = plans["rope_freqs.weight"].load()
     assert factors.shape == (16,) and factors[0] == 1.0 and factors[-1] == 8.0  # high freqs kept, low ones / 8
     assert np.all(np.diff(factors) >= 0)
@@ -354,7 +354,7 @@ def test_bad_input_gives_clear_errors(tiny_llama3_dir, tmp_path, capsys, llama3_
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from adgen.cli import main
-    from adgen.gguf_export import export_gguf
+    from adgen.export.gguf import export_gguf
 
     model = ["export", "--model", str(tiny_llama3_dir)]
     assert main(model + ["--gguf", str(tmp_path / "x.gguf"), "--quant", "q4_k"]) == 2

@@ -1,5 +1,5 @@
-"""`adgen export`: merge a LoRA/DoRA adapter into its base model (logic in adgen.export), and/or write a
-GGUF file + Ollama Modelfile for llama.cpp / Ollama (logic in adgen.gguf_export)."""
+"""`adgen export`: merge a LoRA/DoRA adapter into its base model (logic in adgen.export.merge), and/or write a
+GGUF file + Ollama Modelfile for llama.cpp / Ollama (logic in adgen.export.gguf)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def run(args) -> int:
         raise AdgenError("-o writes an adapter merged into its base: pass --adapter DIR (to convert a model "
                          "without an adapter to GGUF, use --gguf FILE.gguf alone)")
     if gguf:
-        from adgen.export import read_adapter_config
-        from adgen.gguf_export import preflight
+        from adgen.export.checkpoint import read_adapter_config
+        from adgen.export.gguf import preflight
 
         if args.quantize:
             raise AdgenError(f"--quantize {args.quantize} does not apply to GGUF export: use --quant q8_0 "
@@ -60,7 +60,7 @@ def run(args) -> int:
 
     out = None
     if args.output:
-        from adgen.export import merge_adapter
+        from adgen.export.merge import merge_adapter
 
         out = merge_adapter(
             args.adapter, args.output, model=args.model, dtype=args.dtype, quantization=args.quantize,
@@ -71,7 +71,7 @@ def run(args) -> int:
     if gguf:
         from pathlib import Path
 
-        from adgen.gguf_export import export_gguf, load_for_gguf
+        from adgen.export.gguf import export_gguf, load_for_gguf
 
         model, tokenizer = load_for_gguf(
             args.model, args.adapter, work_dir=Path(gguf).parent, merged_dir=out,

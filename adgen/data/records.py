@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adgen.data.attributes import parse_attributes
+from adgen.data.errors import BadRecord
+from adgen.data.sources import iter_rows, resolve_source
 from adgen.errors import AdgenError, DataError
 
 OnError = Literal["fail", "skip"]
@@ -90,14 +92,6 @@ class DataFile:
             lines = ", ".join(str(e.line) for e in errs[:max_lines]) + (", ..." if len(errs) > max_lines else "")
             parts.append(f"{kind}: {len(errs)} records (lines {lines}), e.g. {errs[0].reason}")
         return f"skipped {len(self.errors)} record(s): " + "; ".join(parts)
-
-
-class _BadRecord(Exception):
-    """One record's problem: a short kind, the reason, and how to fix it."""
-
-    def __init__(self, kind: str, reason: str, fix: str = "") -> None:
-        super().__init__(reason)
-        self.kind, self.reason, self.fix = kind, reason, fix
 
 
 def parse_columns(spec: str | Mapping[str, str] | None) -> dict[str, str]:
@@ -178,7 +172,7 @@ def _lines(text: str) -> Iterator[str]:
 
 
 def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
-    """(physical line, parsed object or _BadRecord) per non-blank line."""
+    """(physical line, parsed object or BadRecord) per non-blank line."""
     # Split on "\n" only: str.splitlines() would also break on U+2028 etc., which JSON strings may hold.
     # A CRLF's "\r" needs no stripping: it is JSON whitespace.
     # Line by line with find(), not split(): a list of every line would be a second copy of the file.
@@ -188,7 +182,7 @@ def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            yield lineno, _BadRecord(
+            yield lineno, BadRecord(
                 "bad JSON", f"bad JSON: {e.msg} (column {e.colno})", "Each line must be one complete JSON object"
             )
 
@@ -246,23 +240,23 @@ def _get_text(obj: dict, ours: str, theirs: str, required: bool) -> str | None:
     if not required and (value is None or (isinstance(value, str) and not value.strip())):
         return None  # e.g. a catalog record that has no copy yet
     if value is None:
-        raise _BadRecord(
+        raise BadRecord(
             "missing field",
             f"field {name} {'is null' if theirs in obj else 'is missing'}",
             f"Add it, or map your file's field with --columns {ours}=NAME",
         )
     if not isinstance(value, str):
-        raise _BadRecord("not a string", f"field {name} is {_json_type(value)}, not a string", "Make it a JSON string")
+        raise BadRecord("not a string", f"field {name} is {_json_type(value)}, not a string", "Make it a JSON string")
     if not value.strip():
-        raise _BadRecord("empty field", f"field {name} is empty", "Fill it in")
+        raise BadRecord("empty field", f"field {name} is empty", "Fill it in")
     return value
 
 
 def _to_record(obj: Any, line: int, columns: Mapping[str, str], require_summary: bool) -> Record:
-    if isinstance(obj, _BadRecord):
+    if isinstance(obj, BadRecord):
         raise obj
     if not isinstance(obj, dict):
-        raise _BadRecord("not an object", f"expected a JSON object, got {_json_type(obj)}", "Each record must be a JSON object")
+        raise BadRecord("not an object", f"expected a JSON object, got {_json_type(obj)}", "Each record must be a JSON object")
     content_col = columns["content"]
     alpaca_input = obj.get("input") if content_col == "instruction" else None
     if isinstance(alpaca_input, str) and alpaca_input.strip():
@@ -273,7 +267,7 @@ def _to_record(obj: Any, line: int, columns: Mapping[str, str], require_summary:
     try:
         parse_attributes(content)
     except ValueError as e:
-        raise _BadRecord(
+        raise BadRecord(
             "bad attributes",
             f"content is not an attribute string: {e}",
             "Content must be key#value pairs joined by '*', e.g. 类型#裙*颜色#黑色",
@@ -299,8 +293,6 @@ def read_records(
     if on_error not in ("fail", "skip"):
         raise AdgenError(f"--on-error must be fail or skip, not {on_error!r}")
     cols = parse_columns(columns)
-    from adgen.data.sources import resolve_source
-
     source = resolve_source(path, split)
     if source.kind != "json":
         return _read_table(source, encoding, on_error, cols, require_summary)
@@ -334,7 +326,7 @@ def _collect(items, where, cols, require_summary: bool, on_error: OnError, is_ar
     for index, (line, obj) in enumerate(items, start=1):
         try:
             records.append(_to_record(obj, line, cols, require_summary))
-        except _BadRecord as bad:
+        except BadRecord as bad:
             reason = f"array item {index}: {bad.reason}" if is_array else bad.reason
             if on_error == "fail":
                 fix = (fixes or {}).get(bad.kind, bad.fix)
@@ -348,8 +340,6 @@ _TABLE_FIXES = {"not a string": "Make it a string column", "not an object": "Giv
 
 
 def _read_table(source, encoding, on_error: OnError, cols, require_summary: bool) -> DataFile:
-    from adgen.data.sources import iter_rows
-
     rows, enc = iter_rows(source, encoding)
     records, errors = _collect(rows, source.where, cols, require_summary, on_error, fixes=_TABLE_FIXES)
     result = DataFile(Path(source.location), enc, records, errors, "lf" if source.kind == "csv" else "none")

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adgen.errors import DataError
+from adgen.data.errors import BadRecord
+from adgen.errors import AdgenError, DataError
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
 FILE_SUFFIXES = {*TABLE_SUFFIXES, ".json", ".jsonl", ".ndjson", ".txt", ".gz", ".zst", ".arrow"}
@@ -118,8 +119,6 @@ def _csv_encodings(path: str, encoding: str | None) -> list[str]:
         try:
             return [codecs.lookup(encoding).name]
         except LookupError:
-            from adgen.errors import AdgenError
-
             raise AdgenError(f"--encoding: unknown encoding {encoding!r}; use e.g. utf-8, utf-8-sig or gbk") from None
     with open(path, "rb") as f:
         head = f.read(4)
@@ -147,8 +146,6 @@ def _csv_rows(path: str, encoding: str | None) -> tuple[Iterator[tuple[int, Any]
 
 
 def _csv_read(path: str, encoding: str) -> Iterator[tuple[int, Any]]:
-    from adgen.data.records import _BadRecord
-
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
     with open(path, encoding=encoding, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
@@ -164,7 +161,7 @@ def _csv_read(path: str, encoding: str) -> Iterator[tuple[int, Any]]:
                 if not fields or not any(x.strip() for x in fields):
                     continue
                 if len(fields) > len(header):
-                    yield start, _BadRecord("bad CSV", f"the row has {len(fields)} fields, the header {len(header)}",
+                    yield start, BadRecord("bad CSV", f"the row has {len(fields)} fields, the header {len(header)}",
                                             "Quote fields that hold the delimiter")
                     continue
                 yield start, dict(zip(header, fields))

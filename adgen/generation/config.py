@@ -83,7 +83,7 @@ class DecodingConfig:
     no_repeat_ngram_size: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    dry_multiplier: float = 1.5  # 0.8 in llama.cpp; 1.5 chosen on dev records 17-80 (BENCHMARKS.md section 3)
+    dry_multiplier: float = 1.5  # 0.8 in llama.cpp; 1.5 chosen on dev records 17-80 (docs/BENCHMARK_NOTES.md section 3)
     dry_base: float = 1.75
     dry_allowed_length: int = 3
     dry_sequence_breakers: tuple[str, ...] = ("\n",)

@@ -6,7 +6,7 @@ cores: 17% of the forward, more than every attention kernel of the step's forwar
 the same generator gives four independent uniform 16-bit integers, one per element, and an element is dropped when
 its integer falls in the lowest round(p * 65536) of the 65536 values (p = 0.05 -> P(drop) = 0.050003). Kept
 elements are scaled by 1 / (1 - p), as `nn.Dropout` does: the same distribution of outputs; forward + backward of
-one such tensor 12.2 -> 5.2 ms (best of 25; BENCHMARKS.md 8). Hand-written because no library offers a faster CPU
+one such tensor 12.2 -> 5.2 ms (best of 25; docs/BENCHMARK_NOTES.md section 8). Hand-written because no library offers a faster CPU
 dropout; seeded by torch's generator, so a run is reproducible from its seed as before (not bit-identical to
 `nn.Dropout`'s masks).
 

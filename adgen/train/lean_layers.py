@@ -1,7 +1,7 @@
 """RMSNorm and SwiGLU MLP blocks that keep less for the backward pass, for Llama-shaped decoder layers.
 
 Under bf16 autocast a Llama decoder layer, as transformers writes it, keeps ~38 KB per token for the
-backward pass (SmolLM2-135M; probe and figures in BENCHMARKS.md section 8): each RMSNorm keeps its fp32
+backward pass (SmolLM2-135M; probe and figures in docs/BENCHMARK_NOTES.md section 8): each RMSNorm keeps its fp32
 input *and* its fp32 output; autocast casts that output to bf16 once per projection that reads it (q, k, v:
 three copies; gate, up: two); the MLP keeps gate, silu(gate), up and their product. Everything but one
 bf16 copy of each norm's output, 1/rms, gate and up can be recomputed from those with elementwise work:
@@ -11,7 +11,7 @@ bf16 copy of each norm's output, 1/rms, gate and up can be recomputed from those
 - `_SwiGLU`: keeps its input, gate and up; recomputes silu(gate) * up in backward (bit-identical to the
   forward's) instead of keeping two more intermediate-size tensors.
 
-No matmul is recomputed, so a step costs what it cost (measured in BENCHMARKS.md). Hand-written because
+No matmul is recomputed, so a step costs what it cost (measured in docs/BENCHMARK_NOTES.md section 8). Hand-written because
 the libraries with such blocks (Liger-Kernel, Unsloth) are Triton kernels for GPUs; this is plain PyTorch.
 `make_layers_lean` swaps the forward of each norm / MLP only after checking that the swapped module gives
 its original outputs on a probe (a model whose norm or MLP differs, e.g. Gemma's 1 + weight, keeps its own).

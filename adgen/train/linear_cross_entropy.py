@@ -22,7 +22,7 @@ import torch
 CHUNK_BYTES = 96 * 1024 * 1024  # logits per chunk: SmolLM2's ~900 target rows in one chunk in bf16, in two in fp32
 GRAD_ROWS = 256  # rows per matmul of the gradient (softmax - one-hot) @ weight, a product over the whole vocabulary
 
-# Measured on SmolLM2's head (49k x 576, bf16, 2 cores; BENCHMARKS.md 8): the logits' matmul of ~900 rows took
+# Measured on SmolLM2's head (49k x 576, bf16, 2 cores; docs/BENCHMARK_NOTES.md section 8): the logits' matmul of ~900 rows took
 # 88 ms in one call and 194 ms in chunks of 114 rows (oneDNN repacks the 56 MB weight per call); the gradient's
 # matmul, whose reduction runs over the vocabulary, was fastest in blocks of 228-304 rows (133 ms; 206 ms in one
 # call). The logits go into one reused buffer: a fresh 90 MB tensor a step is a fresh mmap the kernel zeroes.

@@ -33,7 +33,7 @@ PACKED_ATTENTION = "adgen_packed_sdpa"
 # Each example's attention runs on a length rounded up to this multiple. PyTorch's CPU flash-attention builds and
 # keeps kernels for every new sequence length (bf16 backward: ~5 MB and ~9 ms each, per thread; torch 2.13), so with
 # the exact lengths of a dataset's examples a run's memory grew ~45 MB a step and every new length ran at half
-# speed. Rounded, a few dozen lengths cover every example (BENCHMARKS.md section 8).
+# speed. Rounded, a few dozen lengths cover every example (docs/BENCHMARK_NOTES.md section 8).
 SEGMENT_MULTIPLE = 32
 
 
@@ -136,7 +136,7 @@ class _PackedRowAttention(torch.autograd.Function):
     """Every segment of one packed row through PyTorch's CPU flash-attention kernels, forward and backward, in one
     autograd node. Through autograd per segment, each slice's backward wrote a zero-filled row-sized gradient
     and each K/V repeat and prefix copy was kept for backward; here the gradients go straight into one row-sized
-    buffer each, and only q, the un-repeated k and v, the outputs and log-sum-exps are kept (BENCHMARKS.md 8).
+    buffer each, and only q, the un-repeated k and v, the outputs and log-sum-exps are kept (docs/BENCHMARK_NOTES.md section 8).
     K/V heads are never repeated: the query heads sharing one sit in the batch dimension (`_groups_in_batch`), so
     a K/V gradient is a sum over that leading dimension instead of over repeated heads."""
 
@@ -161,7 +161,7 @@ class _PackedRowAttention(torch.autograd.Function):
         q, k, v, *kept = ctx.saved_tensors
         groups = ctx.groups
         # The backward kernel runs in fp32 even after a bf16 forward: PyTorch's CPU flash backward is ~20% faster
-        # in fp32 than in bf16 on these shapes (the inputs are small to cast; BENCHMARKS.md 8), and exacter.
+        # in fp32 than in bf16 on these shapes (the inputs are small to cast; docs/BENCHMARK_NOTES.md section 8), and exacter.
         work = torch.float32
         dtype, (q, k, v) = q.dtype, (x.to(work) for x in (q, k, v))  # cast once per row, not per segment
         # The segments tile the row in order and a continuation's prefix lies in the first segment, so every

@@ -78,7 +78,7 @@ def _malloc_trim():
 def release_memory() -> None:
     """Free what a finished run left (model, optimizer state, the heap glibc keeps mapped after its last step):
     whatever the process does next — the demo loads the tuned model and generates — starts from what it needs,
-    not from the run's working set (the demo's peak RSS was in its evaluation after training: BENCHMARKS.md 8)."""
+    not from the run's working set (the demo's peak RSS was in its evaluation after training: docs/BENCHMARK_NOTES.md section 8)."""
     import gc
 
     from adgen.train.linear_cross_entropy import release_buffers
@@ -100,7 +100,7 @@ def _heap_trimmer(device):
     whole step's working set), and the heap is trimmed only when the RSS between steps exceeds it by
     TRIM_GROWTH. (The faster creep seen before 2026-12-03 was PyTorch's per-shape kernel caches, now
     bounded by rounding row and segment lengths: collate.ROW_MULTIPLE, packed_attention.SEGMENT_MULTIPLE.)
-    BENCHMARKS.md section 8.
+    docs/BENCHMARK_NOTES.md section 8.
     """
     trim = _malloc_trim()
     if device.type != "cpu" or trim is None or not os.path.exists("/proc/self/statm"):
@@ -241,7 +241,7 @@ def _fill_deepspeed_config(accelerator, cfg: TrainConfig, model) -> None:
 
 
 def _cpu_speedups(cfg: TrainConfig, device, *, sharded: bool) -> dict[str, bool]:
-    """Which of the CPU-only speedups this run sets up. Each was written and measured for CPUs (BENCHMARKS.md 8);
+    """Which of the CPU-only speedups this run sets up. Each was written and measured for CPUs (docs/BENCHMARK_NOTES.md section 8);
     a CUDA model keeps transformers' kernels (sdpa / flash-attention with per-sample position_ids for packed
     rows) and CUDA's own dropout. (The heap trim is gated in `_heap_trimmer` by the same device test.)"""
     cpu = device.type == "cpu"

@@ -13,7 +13,8 @@ import json
 import logging
 from pathlib import Path
 
-from adgen.errors import AdgenError, ModelError
+from adgen.errors import AdgenError
+from adgen.export.checkpoint import quantization_method, read_adapter_config, stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -22,33 +23,6 @@ FOUR_BIT_PROCEDURE = (
     "--dtype bf16 -o DIR); then, if you want a 4-bit model, quantize the merged one (e.g. load DIR with "
     "BitsAndBytesConfig(load_in_4bit=True), or convert it to GGUF / AWQ)"
 )
-
-
-def read_adapter_config(adapter: str | Path) -> dict:
-    path = Path(adapter) / "adapter_config.json"
-    if not path.is_file():
-        raise ModelError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _is_quantized_checkpoint(model_path: str | Path) -> str | None:
-    cfg = Path(model_path) / "config.json"
-    if not cfg.is_file():
-        return None
-    qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
-    if not qc:
-        return None
-    if qc.get("load_in_4bit") or qc.get("load_in_8bit") or qc.get("quant_method") in ("bitsandbytes", "gptq", "awq"):
-        return str(qc.get("quant_method") or "bitsandbytes")
-    return None
-
-
-def _stored_dtype(model_path: str | Path) -> str | None:
-    cfg = Path(model_path) / "config.json"
-    if not cfg.is_file():
-        return None
-    data = json.loads(cfg.read_text(encoding="utf-8"))
-    return data.get("dtype") or data.get("torch_dtype")
 
 
 def merge_adapter(
@@ -87,7 +61,7 @@ def merge_adapter(
     if not spec:
         raise AdgenError(f"{adapter}/adapter_config.json names no base model: pass --model")
     resolved = resolve_model(spec)
-    quant = _is_quantized_checkpoint(resolved.path) if resolved.kind != "hub" else None
+    quant = quantization_method(resolved.path) if resolved.kind != "hub" else None
     if quant:
         raise AdgenError(
             f"{spec} is a {quant}-quantized checkpoint: refusing to merge into quantized weights. "
@@ -102,7 +76,7 @@ def merge_adapter(
             raise AdgenError(f"--overwrite: {out} does not look like a model directory; refusing to replace it")
 
     if dtype == "auto":
-        dtype = "float32" if _stored_dtype(resolved.path) in ("float32", None) else "bfloat16"
+        dtype = "float32" if stored_dtype(resolved.path) in ("float32", None) else "bfloat16"
     from adgen.models import dtype_name
 
     name = dtype_name(dtype)

@@ -1,0 +1,41 @@
+"""Exporting a trained model, in two forms (`adgen export`):
+
+* a LoRA / DoRA adapter merged into its base: a standalone transformers directory (`merge_adapter`,
+  merge.py), loaded by transformers and vLLM without PEFT;
+* a GGUF file for llama.cpp / Ollama with an Ollama Modelfile beside it (`export_gguf`, gguf.py; its tensor
+  layout in gguf_tensors.py, its tokenizer keys in gguf_tokenizer.py, the Modelfile in modelfile.py).
+
+What both read from a model or adapter directory (the adapter's config, the stored dtype, quantized
+weights) is in checkpoint.py. Every name below is importable from `adgen.export`; the GGUF ones also from
+`adgen.export.gguf`.
+"""
+
+from __future__ import annotations
+
+from adgen.export.checkpoint import quantization_method, read_adapter_config, stored_dtype
+from adgen.export.gguf import (
+    QUANTS,
+    SUPPORTED_ARCHITECTURES,
+    ChatFormat,
+    GGUFExport,
+    Quant,
+    check_architecture,
+    check_gguf_path,
+    check_quant,
+    detect_chat_format,
+    detect_pre_tokenizer,
+    export_gguf,
+    load_for_gguf,
+    modelfile_path,
+    modelfile_text,
+    preflight,
+    write_modelfile,
+)
+from adgen.export.merge import FOUR_BIT_PROCEDURE, merge_adapter
+
+__all__ = [
+    "FOUR_BIT_PROCEDURE", "QUANTS", "SUPPORTED_ARCHITECTURES", "ChatFormat", "GGUFExport", "Quant",
+    "check_architecture", "check_gguf_path", "check_quant", "detect_chat_format", "detect_pre_tokenizer",
+    "export_gguf", "load_for_gguf", "merge_adapter", "modelfile_path", "modelfile_text", "preflight",
+    "quantization_method", "read_adapter_config", "stored_dtype", "write_modelfile",
+]
