@@ -46,6 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
                    help="run one job at a time (streams one by one; equal waiting non-streaming requests batched): "
                         "the baseline bench/serve_load.py compares with")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                   help="on a GPU, the share of its total memory the server may use (weights, KV cache, working "
+                        "memory; default 0.9, as vLLM): the KV cache is sized from it at start -- as many of the "
+                        "--batch-size slots as fit requests of --max-prompt-tokens + --max-tokens-limit; more "
+                        "requests wait in the queue. /health and the startup line report the size")
     p.add_argument("--no-ui", action="store_true", help="API only, no web UI at /ui")
     p.add_argument("--vocab", default=None, help="attribute vocabulary JSON for the faithfulness figures (default: built-in)")
     p.add_argument("--examples", default=None, help="AdGen file whose first contents are the UI's example products")
@@ -77,6 +82,8 @@ def settings_from_args(args: argparse.Namespace):
         max_queue=args.max_queue,
     )
     limits.validate()
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ConfigError(f"--gpu-memory-utilization must be a fraction in (0, 1], not {args.gpu_memory_utilization}")
     from pathlib import Path
 
     adapters = [_named_adapter(spec) for spec in args.adapter]
@@ -99,6 +106,7 @@ def settings_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         batch_size=args.batch_size,
         continuous_batching=args.continuous_batching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         ui=not args.no_ui,
         vocab=args.vocab,
         examples=args.examples,

@@ -19,6 +19,19 @@ prefix of the slots and the cache a view, never a gather); request b's tokens si
 <= len_b. Nothing is copied per step except the new column -- `model.generate`'s dynamic cache
 concatenates the whole cache every step.
 
+Host <-> device traffic per decode step (what a GPU waits on): the input ids, positions and mask come
+from tensors that stay on the device (`SlotCache.tokens` / `lengths`, updated in place); the repetition
+control's penalties of all rows go over in one copy; one argmax over the batch, and one `.tolist()` of the
+chosen ids is the step's only device -> host read, whatever the batch size. Per row only what is that
+row's own: transformers' processors (repetition_penalty, top-k/p; `no_repeat_ngram_size` reads its ids
+on the host), a seeded sample (the request's generator, on the logits' device). The decode mask is
+[B, 1, 1, W]: transformers' SDPA packs the query heads onto the KV heads for it (no per-head K/V copy).
+
+Errors: what belongs to one request (its prefill, settings, processors, sampling, stop check, callback)
+fails that request alone (`Request.error`), the others go on; an error of the shared decode forward
+fails the rows of that step. A budgeted engine (`capacity`, adgen.generation.kv_budget) allocates its
+cache once and never grows it.
+
 Prefix cache (`PrefixCache`): the prompts of a task share their start (chat header + system prompt:
 ~140 of SmolLM2's ~255 prompt tokens). Its KV is computed once and copied into each request's slot;
 only the rest of the prompt is prefilled. Found by comparing each prompt with the previous one (any
@@ -26,7 +39,7 @@ shared start of >= `min_prefix` tokens), so it also serves chats with a shared h
 
 Greedy outputs equal one-request-at-a-time decoding up to float rounding: a row's logits come from
 matmuls over a batch whose size changes as requests come and go, and greedy decoding can amplify a
-last-bit difference into a different token (measured share in BENCHMARKS.md).
+last-bit difference into a different token (measured share in docs/BENCHMARK_NOTES.md section 6).
 
 Supported: decoder-only models with full attention in every layer and an attention implementation
 that takes a 4D mask (sdpa, eager, adgen's packed attention). Others keep `model.generate`
@@ -42,7 +55,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from adgen.errors import AdgenError
 from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.kv_budget import kv_shape
 from adgen.generation.repetition import RepeatState, token_table
 from adgen.generation.text import decode, find_stop, finished_generation, stop_window
 from adgen.train.packed_attention import PACKED_ATTENTION  # the training's attention takes 4D masks too
@@ -71,34 +86,39 @@ def supports_engine(model) -> bool:
 
 def _kv_shape(model) -> tuple[int, int, int] | None:
     """(layers, kv_heads, head_dim) from the model config."""
-    c = model.config
-    c = getattr(c, "text_config", None) or c
-    layers = getattr(c, "num_hidden_layers", None)
-    heads = getattr(c, "num_attention_heads", None)
-    hidden = getattr(c, "hidden_size", None)
-    if not (layers and heads and hidden):
-        return None
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
-    return int(layers), int(kv), int(head_dim)
+    return kv_shape(model.config)
 
 
 # ---- the KV cache ---------------------------------------------------------------------------------
 class SlotCache:
     """Preallocated K/V for `slots` requests of up to `capacity` tokens (see the module docstring).
 
-    The model calls `update(k, v, layer_idx)` during a decode step with one new token per running
-    row; `positions` (set by the engine before the forward) says where each row's token goes.
+    Beside K/V it keeps, on the same device, each slot's token ids (`tokens`: the prompt, then every
+    token chosen, the next one to feed at column `lengths[slot]`) and its length (`lengths`: tokens in
+    the KV cache). A decode step reads its input ids and positions from them and appends the chosen
+    ids in place: nothing about the running rows goes host -> device per step.
+    The model calls `update(k, v, layer_idx)` during a decode step with one new token per running row.
     """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         shape = (slots, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.tokens = torch.zeros((slots, capacity), dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.columns = torch.arange(capacity, device=device)  # for the masks, made once
+        self.rows = torch.arange(slots, device=device)
         self.capacity = capacity
-        self.positions: torch.Tensor | None = None  # [B] long: the column of each running row's new token
-        self.width = 0  # columns the step's attention looks at (max position + 1)
+        self.width = 0  # columns the step's attention looks at (max length + 1)
         self.is_compileable = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.tokens))
 
     def put(self, slot: int, layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0) -> None:
         """Write a prefilled sequence ([1, kv_heads, n, head_dim] per layer) at columns start..start+n-1."""
@@ -107,6 +127,12 @@ class SlotCache:
             self.keys[layer][slot, :, start : start + n] = k[0]
             self.values[layer][slot, :, start : start + n] = v[0]
 
+    def set_prompt(self, slot: int, prompt: torch.Tensor) -> None:
+        """A new request's prompt ids ([n], on this device) into `slot`, its length n."""
+        n = prompt.shape[0]
+        self.tokens[slot, :n] = prompt
+        self.lengths[slot] = n
+
     def grown(self, capacity: int) -> "SlotCache":
         """A larger cache holding this one's contents (a request longer than any before joined)."""
         k0 = self.keys[0]
@@ -114,19 +140,24 @@ class SlotCache:
         for layer in range(len(self.keys)):
             bigger.keys[layer][:, :, : self.capacity] = self.keys[layer]
             bigger.values[layer][:, :, : self.capacity] = self.values[layer]
+        bigger.tokens[:, : self.capacity] = self.tokens
+        bigger.lengths.copy_(self.lengths)
         return bigger
 
     def move(self, src: int, dst: int, length: int) -> None:
+        """Slot `src`'s request into slot `dst`: its `length` cached tokens and the token it feeds next."""
         for layer in range(len(self.keys)):
             self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
             self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
+        self.tokens[dst, : length + 1] = self.tokens[src, : length + 1]
+        self.lengths[dst] = self.lengths[src]
 
     # what the model calls
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         rows = key_states.shape[0]
-        index = torch.arange(rows, device=key_states.device)
-        self.keys[layer_idx][index, :, self.positions] = key_states[:, :, 0]
-        self.values[layer_idx][index, :, self.positions] = value_states[:, :, 0]
+        index, positions = self.rows[:rows], self.lengths[:rows]
+        self.keys[layer_idx][index, :, positions] = key_states[:, :, 0]
+        self.values[layer_idx][index, :, positions] = value_states[:, :, 0]
         return self.keys[layer_idx][:rows, :, : self.width], self.values[layer_idx][:rows, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -181,6 +212,8 @@ class Request:
     `adapter`: for a PEFT model with LoRA adapters, the adapter this request runs with ("__base__" = none);
     None = the model's active adapter. Requests for different adapters decode in one batch (PEFT's
     mixed-adapter forward). `cancel`: set it from any thread; the request leaves before the next step.
+    `error`: set when the request failed on its own (its prefill, its logits processing or sampling, its
+    stop check, its `on_tokens`): it left the batch with `result` None and the other requests went on.
     """
 
     prompt_ids: list[int]
@@ -189,13 +222,21 @@ class Request:
     on_tokens: Callable[[list[int]], None] | None = None
     adapter: str | None = None
     result: Generation | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class CacheTooSmall(AdgenError):
+    """A request needs more KV cache per slot than a fixed-size (budgeted) cache holds."""
 
 
 @dataclass(eq=False)
 class _Running:
     request: Request
-    length: int  # tokens in the cache
-    next_token: int  # the token the next step feeds (already part of `generated`)
+    length: int  # tokens in the cache (= the column of the token the next step feeds)
     generated: list[int]
     repeat: RepeatState | None
     processors: object  # transformers LogitsProcessorList for this request's settings (or None)
@@ -208,10 +249,12 @@ class DecodeEngine:
 
     Two ways to drive it: `run` / `run_each(requests)` for a known list (eval, bulk generation), or
     `submit(request)` + `step()` in a loop for requests that keep arriving (the server's scheduler).
+    `capacity`: a fixed KV cache of `slots x capacity` tokens, allocated now and never grown (a GPU
+    server's budget, adgen.generation.kv_budget); None: the cache grows with the longest request.
     """
 
     def __init__(self, model, tokenizer, stop_ids: Sequence[int], *, slots: int = 16,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, capacity: int | None = None) -> None:
         shape = _kv_shape(model)
         if shape is None or not supports_engine(model):
             raise ValueError("this model needs model.generate (see adgen.generation.engine.supports_engine)")
@@ -230,6 +273,9 @@ class DecodeEngine:
         self.prefill_tokens = 0  # prompt tokens computed (the prefix cache's share is not)
         self.prompt_tokens = 0  # prompt tokens of the requests run
         self.max_running = 0  # the largest batch a step ran
+        self.fixed_capacity = int(capacity) if capacity is not None else None
+        if self.fixed_capacity is not None:
+            self.reserve(self.fixed_capacity)  # claimed now: a server's memory is known from the start
 
     @property
     def prefix_cache(self) -> PrefixCache:
@@ -244,12 +290,19 @@ class DecodeEngine:
         return [r.result for r in requests]  # type: ignore[misc]
 
     def run_each(self, requests: Sequence[Request]) -> Iterator[Request]:
-        """Complete every request, yielding each as it finishes (admitted in the order given)."""
-        self.reserve(max((self._needed(r) for r in requests), default=0))
+        """Complete every request, yielding each as it finishes (admitted in the order given).
+
+        A request that fails raises its error here (the run stops: the caller asked for all of them)."""
+        if self.fixed_capacity is None:
+            self.reserve(max((self._needed(r) for r in requests), default=0))
         for request in requests:
             self.submit(request)
         while self.busy:
-            yield from self.step()
+            for request in self.step():
+                if request.error is not None:
+                    self.abort()
+                    raise request.error
+                yield request
 
     # ---- requests that keep arriving --------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -269,39 +322,35 @@ class DecodeEngine:
         return len(self._waiting)
 
     def step(self) -> list[Request]:
-        """Admit waiting requests into free slots, run one decode step, return the requests that ended.
+        """Admit waiting requests into free slots, run one decode step, return the requests that ended
+        (with a `result`, or with an `error` that was theirs alone).
 
-        Cancelled requests leave first (a cancelled request costs no further forward)."""
+        Cancelled requests leave first (a cancelled request costs no further forward). An error of the
+        decode step's shared forward fails every row of that step (each gets it as its `error`)."""
         finished: list[Request] = []
         # inference mode per call, never across calls (thread-local state the caller would inherit)
         with torch.inference_mode():
             for slot in range(len(self._running) - 1, -1, -1):
                 seq = self._running[slot]
-                if seq.request.cancel.is_set() and seq.request.result is None:
+                if seq.request.cancel.is_set() and not seq.request.done:
                     seq.request.result = self._result(seq)
-                    self._release(slot)
-                    finished.append(seq.request)
-            while self._waiting and len(self._running) < self.slots:
-                request = self._waiting.popleft()
-                seq = self._admit(request, len(self._running))
-                if seq is None:  # cancelled before it started, or ended on its first token
-                    finished.append(request)
-                else:
-                    self._running.append(seq)
+            self._leave(finished)
+            self._admit_waiting(finished)
             if self._running:
-                self._step(self._running)
-                for slot in range(len(self._running) - 1, -1, -1):
-                    if self._running[slot].request.result is not None:
-                        request = self._running[slot].request
-                        self._release(slot)
-                        finished.append(request)
+                try:
+                    self._step(self._running)
+                except Exception as e:  # the shared forward (or a batched op): every row of the step fails
+                    for seq in self._running:
+                        if not seq.request.done:
+                            seq.request.error = e
+                self._leave(finished)
         return finished
 
     def abort(self) -> list[Request]:
-        """Drop every request (after an error in a step): each is returned, its result unset."""
-        dropped = [seq.request for seq in self._running] + list(self._waiting)
+        """Drop every running request (after an error the engine did not handle): each is returned, its
+        result unset. Waiting requests stay queued: they run at the next step."""
+        dropped = [seq.request for seq in self._running]
         self._running.clear()
-        self._waiting.clear()
         return dropped
 
     def stats(self) -> dict:
@@ -309,6 +358,18 @@ class DecodeEngine:
         return {"decode_steps": self.steps, "prompt_tokens": self.prompt_tokens,
                 "prefill_tokens": self.prefill_tokens, "prefix_tokens_saved": self.prompt_tokens - self.prefill_tokens,
                 "max_batch": self.max_running}
+
+    def cache_info(self) -> dict:
+        """The KV cache now: slots, tokens per slot, bytes on the device, and whether its size is fixed."""
+        cache = self._cache
+        return {"slots": self.slots, "tokens_per_slot": cache.capacity if cache is not None else 0,
+                "bytes": cache.nbytes if cache is not None else 0, "fixed": self.fixed_capacity is not None}
+
+    def _leave(self, finished: list[Request]) -> None:
+        for slot in range(len(self._running) - 1, -1, -1):
+            if self._running[slot].request.done:
+                finished.append(self._running[slot].request)
+                self._release(slot)
 
     # ---- admission: prefill one request into a slot ------------------------------------------
     def _limit(self, request: Request) -> int:
@@ -318,14 +379,19 @@ class DecodeEngine:
         return len(request.prompt_ids) + self._limit(request) + 1
 
     def reserve(self, capacity: int) -> SlotCache:
-        """A cache of at least `capacity` tokens per slot (grown in place of the old one, contents kept)."""
+        """A cache of at least `capacity` tokens per slot (grown in place of the old one, contents kept).
+        A fixed-size cache never grows: a request that needs more raises `CacheTooSmall`."""
         with torch.inference_mode():
             if self._cache is None:
                 param = next(self.model.parameters())
-                dtype = param.dtype if param.is_floating_point() else torch.float32
                 self._cache = SlotCache(self._layers, self.slots, self._kv_heads, self._head_dim, max(capacity, 1),
-                                        dtype, param.device)
+                                        cache_dtype(self.model), param.device)
             elif self._cache.capacity < capacity:
+                if self.fixed_capacity is not None:
+                    raise CacheTooSmall(
+                        f"this request needs {capacity} tokens of KV cache (prompt + max_tokens + 1) but each slot "
+                        f"holds {self._cache.capacity}: ask for fewer max_tokens or a shorter prompt (the server's "
+                        f"--max-prompt-tokens and --max-tokens-limit size the slots)")
                 # grow by whole blocks so a stream of slightly longer requests does not copy every time
                 self._cache = self._cache.grown(-(-capacity // 256) * 256)
         return self._cache
@@ -336,33 +402,34 @@ class DecodeEngine:
             cache = self._prefix_caches[adapter] = PrefixCache(self.prefix_cache.min_prefix, self.prefix_cache.max_entries)
         return cache
 
-    def _prefill(self, ids: Sequence[int], adapter: str | None):
-        """(last-position logits [V], per-layer KV [(k, v)] of the whole prompt)."""
+    def _prefill(self, ids: Sequence[int], ids_t: torch.Tensor, adapter: str | None):
+        """(last-position logits [V], per-layer KV [(k, v)] of the whole prompt); `ids_t`: `ids` on the device."""
         prefixes = self._prefix_cache_for(adapter)
         n, kv = prefixes.lookup(ids)
         key = prefixes.candidate(ids)
         if key is not None and len(key) >= n + prefixes.min_prefix:
             # a start shared with the previous prompt: computed once (after what is cached), kept for the next
-            _, kv = self._forward(key[n:], n, kv, adapter)
+            _, kv = self._forward(ids_t[n : len(key)], n, kv, adapter)
             prefixes.add(key, kv)
             n = len(key)
-        return self._forward(ids[n:], n, kv, adapter)
+        return self._forward(ids_t[n:], n, kv, adapter)
 
-    def _forward(self, ids: Sequence[int], start: int, prefix_kv, adapter: str | None):
-        """Run `ids` (positions start..) after `prefix_kv` (None: from scratch): (last logits, KV of all)."""
+    def _forward(self, ids: torch.Tensor, start: int, prefix_kv, adapter: str | None):
+        """Run `ids` ([n] on the device, positions start..) after `prefix_kv` (None: from scratch):
+        (last logits, KV of all)."""
         from transformers import DynamicCache
 
-        device = next(self.model.parameters()).device
+        device = ids.device
         cache = DynamicCache()
         for layer, (k, v) in enumerate(prefix_kv or ()):
             cache.update(k, v, layer)  # concatenates into new tensors: the cached prefix stays as it was
-        n = len(ids)
+        n = ids.shape[0]
         kwargs = self._adapter_kwargs([adapter])
         if start:  # an explicit mask: the new tokens see the whole prefix, then causally each other
             # (left to itself, an attention could treat q_len != kv_len as top-left-aligned causal)
             visible = torch.arange(start + n, device=device).unsqueeze(0) <= torch.arange(start, start + n, device=device).unsqueeze(1)
             kwargs["attention_mask"] = visible[None, None]
-        out = self.model(input_ids=torch.tensor([list(ids)], device=device),
+        out = self.model(input_ids=ids.unsqueeze(0),
                          position_ids=torch.arange(start, start + n, device=device).unsqueeze(0),
                          use_cache=True, logits_to_keep=1, **kwargs, **{self._cache_kw: cache})
         self.prefill_tokens += n
@@ -375,62 +442,117 @@ class DecodeEngine:
         active = getattr(self.model, "active_adapter", None)
         return {"adapter_names": [a if a is not None else active for a in adapters]}
 
+    def _admit_waiting(self, finished: list[Request]) -> None:
+        """Waiting requests into free slots; one whose own prefill or settings fail ends alone."""
+        while self._waiting and len(self._running) < self.slots:
+            request = self._waiting.popleft()
+            try:
+                seq = self._admit(request, len(self._running))
+            except Exception as e:
+                request.error = e
+                seq = None
+            if seq is None:  # cancelled before it started, ended on its first token, or failed
+                finished.append(request)
+            else:
+                self._running.append(seq)
+
     def _admit(self, request: Request, slot: int) -> _Running | None:
         if request.cancel.is_set():
             request.result = Generation("", len(request.prompt_ids), 0, "cancelled", [])
             return None
         cache = self.reserve(self._needed(request))
         self.prompt_tokens += len(request.prompt_ids)
-        logits, layer_kv = self._prefill(request.prompt_ids, request.adapter)
+        prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=cache.device)  # the request's one copy
+        logits, layer_kv = self._prefill(request.prompt_ids, prompt, request.adapter)
         cache.put(slot, layer_kv)
+        cache.set_prompt(slot, prompt)
         config = request.config
         seq = _Running(
-            request=request, length=len(request.prompt_ids), next_token=-1, generated=[],
+            request=request, length=len(request.prompt_ids), generated=[],
             repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
-            processors=_hf_processors(config), rng=_rng(config),
+            processors=_hf_processors(config), rng=_rng(config, logits.device),
         )
-        self._choose(seq, logits.unsqueeze(0))
-        return None if request.result is not None else seq
+        self._choose([seq], logits.unsqueeze(0), slot)
+        return None if request.done else seq
 
     # ---- one decode step -----------------------------------------------------------------------
     def _step(self, running: list[_Running]) -> None:
         cache = self._cache
         assert cache is not None
-        device = cache.keys[0].device
-        lengths = torch.tensor([s.length for s in running], device=device)
-        cache.positions = lengths
-        cache.width = int(lengths.max()) + 1
+        rows = len(running)
+        cache.width = max(s.length for s in running) + 1  # from the host's own counts: no device read
+        positions = cache.lengths[:rows]
         # row b sees columns 0..len_b (its cached tokens and the one it is adding)
-        mask = torch.arange(cache.width, device=device).unsqueeze(0) <= lengths.unsqueeze(1)
-        tokens = torch.tensor([[max(s.next_token, 0)] for s in running], device=device)
-        out = self.model(input_ids=tokens, position_ids=lengths.unsqueeze(1), attention_mask=mask[:, None, None, :],
-                         use_cache=True, **self._adapter_kwargs([s.request.adapter for s in running]),
-                         **{self._cache_kw: cache})
+        mask = cache.columns[: cache.width].unsqueeze(0) <= positions.unsqueeze(1)
+        tokens = cache.tokens[:rows].gather(1, positions.unsqueeze(1))  # each row's pending token
+        out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(1),
+                         attention_mask=mask[:, None, None, :], use_cache=True,
+                         **self._adapter_kwargs([s.request.adapter for s in running]), **{self._cache_kw: cache})
         self.steps += 1
-        self.max_running = max(self.max_running, len(running))
+        self.max_running = max(self.max_running, rows)
         logits = out.logits[:, -1].float()
-        for row, seq in enumerate(running):
+        positions += 1  # in place: every row's new token is in the cache now
+        for seq in running:
             seq.length += 1
-            if seq.request.result is None:
-                self._choose(seq, logits[row : row + 1])
+        self._choose(running, logits, 0)
 
-    def _choose(self, seq: _Running, scores: torch.Tensor) -> None:
-        """Pick the next token from one row's logits [1, V], record it, finish the request if it ends."""
+    def _choose(self, seqs: list[_Running], scores: torch.Tensor, first_slot: int) -> None:
+        """Pick the next token of every row (scores [n, V]; row i is `seqs[i]`, in cache slot first_slot + i),
+        write them into the cache's token rows, and finish the requests that end.
+
+        Batched: the repetition penalties in a few tensor ops, one argmax over the batch, and one
+        device -> host copy of the chosen ids per call. Per row only what is the row's own: transformers'
+        processors (its settings), a seeded sample (its generator), the host-side bookkeeping. An error in
+        those fails that row's request alone."""
+        failed: dict[int, BaseException] = {}
+        self._shape_scores(seqs, scores, first_slot, failed)
+        chosen = scores.argmax(dim=-1)
+        for i, seq in enumerate(seqs):
+            if i not in failed and not seq.request.config.greedy:
+                try:
+                    probs = torch.softmax(scores[i : i + 1], dim=-1)
+                    chosen[i : i + 1] = torch.multinomial(probs, 1, generator=seq.rng)[0]
+                except Exception as e:
+                    failed[i] = e
+        cache = self._cache
+        end = first_slot + len(seqs)
+        cache.tokens[first_slot:end].scatter_(1, cache.lengths[first_slot:end].unsqueeze(1), chosen.unsqueeze(1))
+        ids = chosen.tolist()  # the one device -> host copy
+        for i, seq in enumerate(seqs):
+            if i not in failed:
+                try:
+                    self._record(seq, ids[i])
+                    continue
+                except Exception as e:
+                    failed[i] = e
+            seq.request.error = failed[i]
+
+    def _shape_scores(self, seqs: list[_Running], scores: torch.Tensor, first_slot: int,
+                      failed: dict[int, BaseException]) -> None:
+        """The character-level repetition control (all rows at once), then each row's own processors."""
+        from adgen.generation.hf_processors import apply_shaping, row_shaping
+
+        shaping = []
+        for i, seq in enumerate(seqs):
+            if seq.repeat is not None and seq.request.config.shapes_logits:
+                try:
+                    shaping.append(row_shaping(i, seq.repeat, scores.shape[-1]))
+                except Exception as e:
+                    failed[i] = e
+        apply_shaping(scores, shaping)
+        tokens = self._cache.tokens
+        for i, seq in enumerate(seqs):
+            if seq.processors is not None and i not in failed:
+                try:
+                    history = tokens[first_slot + i : first_slot + i + 1, : seq.length]  # prompt + generated
+                    scores[i : i + 1] = seq.processors(history, scores[i : i + 1])
+                except Exception as e:
+                    failed[i] = e
+
+    def _record(self, seq: _Running, token: int) -> None:
+        """The host's part of a chosen token: the request's text state, its callback, whether it ends."""
         request, config = seq.request, seq.request.config
-        if seq.repeat is not None and config.shapes_logits:
-            from adgen.generation.hf_processors import apply_penalties
-
-            apply_penalties(scores, [(0, seq.repeat)])
-        if seq.processors is not None:
-            ids = torch.tensor([list(request.prompt_ids) + seq.generated], device=scores.device)
-            scores = seq.processors(ids, scores)
-        if config.greedy:
-            token = int(scores.argmax(dim=-1))
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.rng))
         seq.generated.append(token)
-        seq.next_token = token
         if request.on_tokens is not None:
             request.on_tokens([token])
         if seq.repeat is not None:
@@ -460,6 +582,12 @@ class DecodeEngine:
         running.pop()
 
 
+def cache_dtype(model) -> torch.dtype:
+    """The KV cache's dtype: the model's floating-point parameters' (fp32 for an all-integer model)."""
+    param = next(model.parameters())
+    return param.dtype if param.is_floating_point() else torch.float32
+
+
 def _cache_kwarg(model) -> str:
     """transformers >= 5.x names the forward's cache argument `cache` (`past_key_values` before)."""
     import inspect
@@ -484,35 +612,18 @@ def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v in cache]  # older tuple-style caches
 
 
-def _rng(config: DecodingConfig) -> torch.Generator | None:
+def _rng(config: DecodingConfig, device) -> torch.Generator | None:
+    """A seeded request's own generator, on the device its logits are on (torch.multinomial refuses a CPU
+    generator for CUDA probabilities). On the CPU the same seed gives the same draws as before."""
     if config.greedy or config.seed is None:
         return None
-    g = torch.Generator()
+    g = torch.Generator(device=device)
     g.manual_seed(int(config.seed))
     return g
 
 
 def _hf_processors(config: DecodingConfig):
     """transformers' processors for the settings that need the token ids or shape sampling."""
-    from transformers import (
-        LogitsProcessorList,
-        NoRepeatNGramLogitsProcessor,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from adgen.generation.hf_processors import sampling_processors
 
-    procs = []
-    if config.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-    if config.no_repeat_ngram_size:
-        procs.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    if not config.greedy:
-        if config.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k:
-            procs.append(TopKLogitsWarper(config.top_k))
-        if config.top_p < 1.0:
-            procs.append(TopPLogitsWarper(config.top_p))
-    return LogitsProcessorList(procs) if procs else None
+    return sampling_processors(config)

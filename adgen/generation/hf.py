@@ -160,11 +160,13 @@ class HFGenerator:
         config = self.resolve(config)
         yield from self._continuous([self.prompt_ids(p) for p in check_prompts(prompts)], config)
 
-    def decode_engine(self, slots: int | None = None):
-        """A continuous-batching engine over this generator's model (`uses_engine` must be true)."""
+    def decode_engine(self, slots: int | None = None, *, capacity: int | None = None):
+        """A continuous-batching engine over this generator's model (`uses_engine` must be true).
+        `capacity`: a KV cache of `slots x capacity` tokens fixed now (a GPU server's budget)."""
         from adgen.generation.engine import DecodeEngine
 
-        return DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=slots or self.batch_size)
+        return DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=slots or self.batch_size,
+                            capacity=capacity)
 
     def _continuous(self, encoded: list[list[int]], config: DecodingConfig) -> Iterator[tuple[int, Generation]]:
         from adgen.generation.engine import Request
@@ -198,8 +200,10 @@ class HFGenerator:
 
         width = max(len(ids) for ids in batch)
         pad = self.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], dtype=torch.long)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
+        device = self.device
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], dtype=torch.long, device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long,
+                                 device=device)
         stop_strings = _StopStringCriteria(self.tokenizer, config.stop, width) if config.stop else None
         criteria = [stop_strings] if stop_strings else []
         repeats = self.repeat_control(config, len(batch), width)
@@ -207,8 +211,8 @@ class HFGenerator:
             criteria += repeats.criteria()
         with self.lock, torch.inference_mode():
             out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
+                input_ids=input_ids,
+                attention_mask=attention,
                 generation_config=self._generation_config(config),
                 stopping_criteria=_criteria_list(criteria),
                 logits_processor=_processor_list(repeats.processors() if repeats is not None else []),
@@ -494,4 +498,4 @@ def prime_torch_threads() -> None:
     """
     import torch
 
-    torch.ones(256, 256) @ torch.ones(256, 256)
+    torch.ones(256, 256) @ torch.ones(256, 256)  # cpu-ok: the CPU's thread pool is what this primes

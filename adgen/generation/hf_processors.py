@@ -5,41 +5,109 @@ column `prompt_width` (left-padded batches: every row's completion starts there)
 `model.generate` a LogitsProcessor (the DRY penalty / n-gram ban, applied before temperature and
 top-p, so greedy and sampled decoding alike) and a StoppingCriteria (loop detection). A scheduler that
 runs rows started at different steps keeps a `RepeatState` per request instead and calls
-`apply_penalties` on its own logits.
+`apply_penalties` on its own logits (or, to keep one row's error its own, `row_shaping` per row in Python
+and `apply_shaping` once for the batch: a few tensor ops and one host -> device copy per step).
+`sampling_processors(config)`: transformers' processors / warpers for the settings that need them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from adgen.generation.repetition import RepeatState, token_table
+
+
+@dataclass
+class RowShaping:
+    """What one row's `RepeatState` does to its logits this step (collected in Python, applied in batch)."""
+
+    row: int
+    penalties: dict[int, float]
+    end_bonus: tuple[int, float] | None = None  # (end-of-turn id, bonus) right after a sentence end
+    swap: tuple[tuple[int, ...], int] | None = None  # (comma ids, "。" id): the commas' probability goes to "。"
+
+
+def row_shaping(row: int, state: RepeatState, vocab_size: int) -> RowShaping:
+    """One row's penalties and ending moves, from its state alone (pure Python: an error here is that row's)."""
+    shaping = RowShaping(row, state.penalties())
+    bias = state.ending_bias()
+    if bias <= 0:
+        return shaping
+    if state.at_sentence_end:
+        if state.end_id is not None and 0 <= state.end_id < vocab_size:
+            shaping.end_bonus = (state.end_id, bias)
+        return shaping
+    commas, period = state.table.ending_ids()
+    if commas and period is not None:
+        shaping.swap = (tuple(commas), period)
+    return shaping
+
+
+def apply_shaping(scores, rows: Sequence[RowShaping]) -> None:
+    """Apply rows' shaping to `scores` [B, V] in place: a few batched tensor ops and one host->device copy
+    per kind, whatever the number of rows (the same values as row by row: each element gets the same
+    additions in the same order)."""
+    import torch
+
+    device = scores.device
+    pen = [(r.row, tok, val) for r in rows for tok, val in r.penalties.items()]
+    if pen:
+        r_ids, t_ids, vals = zip(*pen)
+        index = torch.tensor([r_ids, t_ids], dtype=torch.long, device=device)
+        values = torch.tensor(vals, dtype=scores.dtype, device=device)
+        scores.index_put_((index[0], index[1]), -values, accumulate=True)  # inf -> -inf
+    bonus = [(r.row, *r.end_bonus) for r in rows if r.end_bonus is not None]
+    if bonus:
+        r_ids, t_ids, vals = zip(*bonus)
+        index = torch.tensor([r_ids, t_ids], dtype=torch.long, device=device)
+        scores.index_put_((index[0], index[1]), torch.tensor(vals, dtype=scores.dtype, device=device),
+                          accumulate=True)
+    swaps: dict[tuple, list[int]] = {}
+    for r in rows:
+        if r.swap is not None:
+            swaps.setdefault(r.swap, []).append(r.row)
+    for (commas, period), row_list in swaps.items():
+        # a clause end becomes a sentence end: "。" takes the commas' probability (never more)
+        index = torch.tensor([[r, *commas, period] for r in row_list], dtype=torch.long, device=device)
+        rows_t, ids = index[:, :1], index[:, 1:]
+        # contiguous: a reduction over a strided view may add in another order (a last-bit difference)
+        picked = scores[rows_t, ids].contiguous()  # [rows, commas + 1]
+        scores[rows_t[:, 0], period] = torch.logsumexp(picked, dim=1)
+        scores[rows_t, ids[:, :-1]] = float("-inf")
 
 
 def apply_penalties(scores, rows: Sequence[tuple[int, RepeatState]]) -> None:
     """Subtract each state's penalties from its row of `scores` (in place; inf -> -inf), then, past the
     ending length: after a sentence end the end-of-turn token gets the ending bonus; elsewhere "。" takes
     the probability of "，" (a clause end becomes a sentence end; nothing else moves)."""
-    import torch
+    apply_shaping(scores, [row_shaping(row, state, scores.shape[-1]) for row, state in rows])
 
-    for row, state in rows:
-        pen = state.penalties()
-        if pen:
-            ids = torch.tensor(list(pen.keys()), dtype=torch.long, device=scores.device)
-            vals = torch.tensor(list(pen.values()), dtype=scores.dtype, device=scores.device)
-            scores[row].index_put_((ids,), -vals, accumulate=True)
-        bias = state.ending_bias()
-        if bias <= 0:
-            continue
-        if state.at_sentence_end:
-            if state.end_id is not None and 0 <= state.end_id < scores.shape[-1]:
-                scores[row, state.end_id] += bias
-            continue
-        commas, period = state.table.ending_ids()
-        if commas and period is not None:
-            # a clause end becomes a sentence end: "。" takes the commas' probability (never more)
-            ids = torch.tensor(commas + [period], device=scores.device)
-            scores[row, period] = torch.logsumexp(scores[row, ids], dim=0)
-            scores[row, commas] = float("-inf")
+
+def sampling_processors(config):
+    """transformers' processors for the settings that need the token ids or shape sampling (None: none)."""
+    from transformers import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = []
+    if config.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if not config.greedy:
+        if config.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            procs.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(config.top_p))
+    return LogitsProcessorList(procs) if procs else None
 
 
 class BatchRepeatControl:

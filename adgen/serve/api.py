@@ -281,6 +281,18 @@ async def _complete(state: ServeState, prompts, config, use_adapter: bool | str,
         raise _busy(e) from None
     except Abandoned:
         raise _ClientGone() from None  # answered with 499, which nobody reads
+    except ApiError:
+        raise
+    except Exception as e:  # this request's generation failed (the others went on): a 5xx naming the error
+        raise _generation_failed(e) from e
+
+
+def _generation_failed(e: Exception) -> ApiError:
+    from adgen.errors import AdgenError
+
+    if isinstance(e, AdgenError):  # something the client can change (e.g. a request too long for the cache)
+        return ApiError(400, str(e), code="generation_refused")
+    return ApiError(500, f"generation failed: {type(e).__name__}", type="server_error", code="generation_failed")
 
 
 def _open_stream(state: ServeState, prompts, config, use_adapter: bool | str):

@@ -13,6 +13,13 @@ One worker thread owns the model; nothing else runs it. Two ways it works:
   `generator.generate` call, streams run one by one; the adapter is switched off for exactly one job.
   A running batch whose clients all left is stopped from a forward hook.
 
+Errors: a request that fails on its own in the engine (its logits processing, sampling, stop check, a
+callback: `Request.error`) fails its job alone -- a 5xx in OpenAI's shape, or an error event ending its
+stream -- while the other rows of the batch go on; an error of a step's shared forward fails the jobs
+running then, and the worker goes on with the next ones. On a GPU the engine's KV cache is sized at start
+from the free memory (`--gpu-memory-utilization`, adgen.generation.kv_budget) and never grows: requests
+beyond its slots wait in the queue.
+
 Every job carries a `threading.Event`: the API sets it when a client disconnects (or a waiting client
 gives up). `stats()` reports queue length, active jobs and `model_forward_calls`: a forward hook counts
 every model call really computed, which is how the tests tell that a cancelled request stopped burning
@@ -135,16 +142,20 @@ class _EngineJob:
     job: Job
     completions: list
     remaining: int
+    error: BaseException | None = None  # set when one of its requests failed: the job fails when all have left
 
 
 class Scheduler:
     def __init__(self, generator, *, max_queue: int = 256, max_batch: int | None = None,
-                 continuous: bool = True, metrics=None) -> None:
+                 continuous: bool = True, metrics=None, limits=None, gpu_memory_utilization: float = 0.9) -> None:
         self.generator = generator
         self.metrics = metrics  # adgen.serve.metrics.ServeMetrics, or None
         self.max_queue = max_queue
         self.max_batch = max_batch or generator.batch_size
-        self.engine = generator.decode_engine(self.max_batch) if continuous and generator.uses_engine else None
+        self.kv_plan = None  # adgen.generation.kv_budget.KVPlan on a GPU: the cache's size, fixed at start
+        self.engine = None
+        if continuous and generator.uses_engine:
+            self.engine, self.kv_plan = _make_engine(generator, self.max_batch, limits, gpu_memory_utilization)
         self._owners: dict = {}  # engine request -> (its _EngineJob, choice indices, StreamPieces | None)
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -257,25 +268,31 @@ class Scheduler:
                 self._pending.clear()
                 closing = self._closing
             for job in new:
-                self._start_on_engine(job)
+                try:
+                    self._start_on_engine(job)
+                except Exception as e:  # this job's own failure (its prompts, its settings): it alone fails
+                    log.exception("request failed")
+                    self._fail_engine_job(job, e)
             if closing:  # shutting down: running requests end as cancelled at the next step
                 for job_run, _indices, _pieces in list(self._owners.values()):
                     job_run.job.cancel.set()
                 if not engine.busy:
                     return
             try:
-                finished = engine.step()
-            except Exception as e:  # never let one failure kill the worker: fail what was running
+                finished = engine.step()  # a request's own error comes back on it (request.error), alone
+            except Exception as e:  # an error the engine did not handle: fail what was running, keep serving
                 log.exception("generation failed")
-                failed = {id(self._owners[r][0]): self._owners.pop(r)[0] for r in engine.abort() if r in self._owners}
-                for job_run in failed.values():
-                    self._active -= 1
-                    self._fail(job_run.job, e)
+                for request in engine.abort():
+                    self._request_failed(request, e)
                 continue
             with self._stats_lock:
                 self._counts["max_batch_seen"] = max(self._counts["max_batch_seen"], engine.max_running)
             for request in finished:
-                self._engine_request_done(request)
+                try:
+                    self._engine_request_done(request)
+                except Exception as e:  # e.g. a stream's text pieces: that job fails, the others go on
+                    log.exception("request failed")
+                    self._request_failed(request, e)
 
     def _start_on_engine(self, job: Job) -> None:
         from adgen.generation.engine import Request
@@ -288,22 +305,22 @@ class Scheduler:
             groups = [(job.prompts[0], list(range(len(job.prompts))))]  # equal greedy choices: computed once
         else:
             groups = [(p, [i]) for i, p in enumerate(job.prompts)]
-        try:
-            encoded = [self.generator.prompt_ids(p) for p, _ in groups]
-        except Exception as e:
-            self._fail(job, e)
-            return
+        encoded = [self.generator.prompt_ids(p) for p, _ in groups]
         run = _EngineJob(job, [None] * len(job.prompts), len(groups))
         adapter = (job.use_adapter if isinstance(job.use_adapter, str)
                    else None if job.use_adapter or self.generator.adapter is None else "__base__")
-        self._active += 1
+        owned = []
         for k, (ids, (_prompt, indices)) in enumerate(zip(encoded, groups)):
             # choices of one seeded request differ: choice k samples with seed + k
             cfg = replace(config, seed=config.seed + k) if k and not config.greedy and config.seed is not None else config
             pieces = StreamPieces(self.generator.tokenizer, cfg, self.generator.stop_token_ids) if job.stream else None
             request = Request(ids, cfg, cancel=job.cancel, adapter=adapter,
                               on_tokens=self._token_sink(job, pieces, indices))
-            self._owners[request] = (run, indices, pieces)
+            owned.append((request, (run, indices, pieces)))
+        # all built before any is submitted: an error above leaves nothing of this job on the engine
+        self._active += 1
+        for request, owner in owned:
+            self._owners[request] = owner
             self.engine.submit(request)
 
     def _token_sink(self, job: Job, pieces: StreamPieces | None, indices: list[int]):
@@ -325,29 +342,55 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.first_token(job.kind, job.created)
 
+    def _fail_engine_job(self, job: Job, error: BaseException) -> None:
+        """A job that failed before it reached the engine (`_start_on_engine` submits all or nothing)."""
+        job.cancel.set()
+        self._fail(job, error)
+
+    def _request_failed(self, request, error: BaseException) -> None:
+        """One engine request failed on its own (`request.error`, or its completion's handling)."""
+        owner = self._owners.pop(request, None)
+        if owner is None:
+            return
+        run = owner[0]
+        if run.error is None:
+            run.error = error
+            run.job.cancel.set()  # the job's other choices leave at the next step: the job has failed
+        run.remaining -= 1
+        if not run.remaining:
+            self._fail(run.job, run.error)
+            self._active -= 1
+
     def _engine_request_done(self, request) -> None:
-        run, indices, pieces = self._owners.pop(request)
+        if request.error is not None:
+            log.error("request failed", exc_info=request.error)
+            self._request_failed(request, request.error)
+            return
+        run, indices, pieces = self._owners[request]
+        if run.error is not None:  # a sibling choice failed: this one only counts down
+            self._request_failed(request, run.error)
+            return
         job, g = run.job, request.result
+        # decided before the last events go out: a client that leaves once it has them still completed
+        cancelled = job.cancel.is_set()
         job.prompt_tokens += g.prompt_tokens
         job.generated_tokens += g.completion_tokens
         for i in indices:
             run.completions[i] = Completion(i, g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
-        if pieces is not None and not job.cancel.is_set():
+        if pieces is not None and not cancelled:
             rest = pieces.finish(g.text)
             for i in indices:
                 if rest:
                     job._emit(("piece", i, rest))
                 job._emit(("done", i, run.completions[i]))
+        del self._owners[request]  # (an error above: the worker fails the job through `_request_failed`)
         run.remaining -= 1
         if run.remaining:
             return
+        self._finish(job, cancelled=cancelled)  # counted before the client hears of the end
         self._active -= 1
-        if job.cancel.is_set():
-            self._finish(job, cancelled=True)
-            return
-        if job.future is not None:
+        if not cancelled and job.future is not None:
             job._resolve(run.completions)
-        self._finish(job)
 
     # ---- the worker thread: one job at a time ------------------------------------------------
     def _next_jobs(self) -> list[Job] | None:
@@ -504,6 +547,7 @@ class Scheduler:
             counts = dict(self._counts)
         engine = self.engine
         return {
+            "kv_cache": self.kv_cache_info(),
             "queued": queued,
             "active_generations": self._active,
             "model_forward_calls": self._forward_calls,
@@ -514,6 +558,17 @@ class Scheduler:
             **counts,
         }
 
+    def kv_cache_info(self) -> dict[str, Any] | None:
+        """The engine's KV cache: slots x tokens per slot, bytes, and on a GPU the budget it was sized by."""
+        if self.engine is None:
+            return None
+        info = self.engine.cache_info()
+        info["tokens"] = info["slots"] * info["tokens_per_slot"]
+        plan = self.kv_plan
+        if plan is not None:
+            info.update(budget_bytes=plan.budget_bytes, gpu_memory_utilization=plan.utilization)
+        return info
+
     def close(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._closing = True
@@ -523,6 +578,37 @@ class Scheduler:
         self._thread.join(timeout)
         if self._hook is not None:
             self._hook.remove()
+
+
+def _make_engine(generator, max_batch: int, limits, utilization: float):
+    """(the continuous-batching engine, its KV plan). On a GPU the cache is sized once from the memory left
+    (adgen.generation.kv_budget): as many slots as fit of the longest request the limits allow, never more
+    than `max_batch`; requests beyond them wait in the queue. Elsewhere: `max_batch` slots, grown on demand."""
+    import torch
+
+    device = torch.device(generator.device)
+    if device.type != "cuda":
+        return generator.decode_engine(max_batch), None
+    from adgen.errors import ConfigError
+    from adgen.generation.engine import cache_dtype
+    from adgen.generation.kv_budget import GIB, plan_for_gpu
+    from adgen.serve.settings import Limits
+
+    limits = limits or Limits()
+    max_len = limits.max_prompt_tokens + limits.max_tokens + 1  # the engine's need: prompt + limit + 1
+    model = generator.model
+    free, total = torch.cuda.mem_get_info(device)
+    plan = plan_for_gpu(model.config, cache_dtype(model), free_bytes=free, total_bytes=total,
+                        utilization=utilization, max_prompt_tokens=limits.max_prompt_tokens, max_len=max_len,
+                        max_slots=max_batch)
+    if plan.slots == 0:
+        raise ConfigError(
+            f"the KV cache of one request of {max_len} tokens needs {max_len * plan.bytes_per_token / GIB:.2f} GiB, "
+            f"but only {plan.budget_bytes / GIB:.2f} GiB are left for it under --gpu-memory-utilization "
+            f"{utilization:g} ({free / GIB:.1f} of {total / GIB:.1f} GiB free after loading the model): raise "
+            f"--gpu-memory-utilization, or lower --max-prompt-tokens / --max-tokens-limit")
+    log.info("%s", plan.describe())
+    return generator.decode_engine(plan.slots, capacity=plan.capacity), plan
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 
@@ -56,10 +57,21 @@ def serve_forever(settings: ServeSettings, *, log_level: str = "info") -> None:
     import uvicorn
 
     state, app = build(settings)
+    print(f"adgen serve: {kv_cache_line(state.scheduler)}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, settings.host, settings.port, log_level=log_level)).run()
     finally:
         state.close()
+
+
+def kv_cache_line(scheduler) -> str:
+    """What the startup line says of the KV cache: its budgeted size on a GPU, else how it is sized."""
+    if scheduler.kv_plan is not None:
+        return scheduler.kv_plan.describe()
+    info = scheduler.kv_cache_info()
+    if info is None:
+        return "no continuous batching: model.generate sizes its own cache per batch"
+    return f"KV cache {info['slots']} slots, grown on demand with the longest request (no GPU budget)"
 
 
 class ServerThread:

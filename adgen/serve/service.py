@@ -35,7 +35,7 @@ def display_name(spec: str | None) -> str | None:
 
 class ServeState:
     def __init__(self, generator, settings: ServeSettings, *, vocab=None, examples: list[str] | None = None) -> None:
-        settings.limits.validate()
+        settings.validate()
         self.generator = generator
         self.settings = settings
         self.limits: Limits = settings.limits
@@ -44,7 +44,8 @@ class ServeState:
 
         self.metrics = ServeMetrics()
         self.scheduler = Scheduler(generator, max_queue=settings.limits.max_queue, max_batch=settings.batch_size,
-                                   continuous=settings.continuous_batching, metrics=self.metrics)
+                                   continuous=settings.continuous_batching, metrics=self.metrics,
+                                   limits=settings.limits, gpu_memory_utilization=settings.gpu_memory_utilization)
         self.metrics.watch(self.scheduler)
         base = settings.served_model_name or display_name(settings.model) or "model"
         self.base_id = base

@@ -56,10 +56,19 @@ class ServeSettings:
     dtype: str | None = "auto"
     batch_size: int = 32  # requests decoding together (continuous batching's slots)
     continuous_batching: bool = True  # False: one job at a time (the baseline of bench/serve_load.py)
+    # on a GPU: the share of its total memory the server may use (weights + KV cache + working memory);
+    # the KV cache is sized from it at start (adgen.generation.kv_budget), as vLLM's setting of that name
+    gpu_memory_utilization: float = 0.9
     ui: bool = True
     vocab: str | None = None  # attribute vocabulary file for the faithfulness figures
     examples: str | None = None  # AdGen file whose contents become the UI's example products
     limits: Limits = field(default_factory=Limits)
+
+    def validate(self) -> None:
+        self.limits.validate()
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be a fraction in (0, 1], not {u!r} (e.g. 0.9)")
 
     def resolved_api_key(self) -> str | None:
         key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
