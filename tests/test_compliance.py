@@ -253,3 +253,17 @@ def test_a_merchants_ban_list_adds_to_the_law_terms_and_empty_drops_the_defaults
     mine = _banned(["耐克", "阿迪达斯"])
     assert law <= set(mine) and {"耐克", "阿迪达斯", "<UNK>"} <= set(mine)  # brand rules do not drop the law
     assert _banned([""]) == () and _banned(["", "耐克"]) == ("耐克",)
+
+
+def test_the_apis_banned_strings_add_to_the_law_terms_and_an_empty_list_drops_them():
+    from adgen.serve.schemas import AdcopyRequest, ChatCompletionRequest, parse_body
+
+    law = set(ad_law_banned_strings())
+    chat = parse_body(ChatCompletionRequest, json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "类型#裙"}], "banned_strings": ["耐克"]}).encode())
+    banned = chat.repetition_fields()["banned_strings"]
+    assert law <= set(banned) and {"耐克", "<UNK>"} <= set(banned)
+    ad = parse_body(AdcopyRequest, json.dumps({"attributes": "类型#裙", "banned_strings": []}).encode())
+    assert ad.repetition_fields()["banned_strings"] == []  # the defaults dropped on request
+    plain = parse_body(AdcopyRequest, json.dumps({"attributes": "类型#裙"}).encode())
+    assert "banned_strings" not in plain.repetition_fields()  # None: DecodingConfig's default (the law's terms)

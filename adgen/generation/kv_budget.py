@@ -55,8 +55,12 @@ def kv_bytes_per_token(config, dtype) -> int:
     shape = kv_shape(config)
     if shape is None:
         raise ValueError("the model config names no num_hidden_layers / num_attention_heads / hidden_size")
-    layers, kv_heads, head_dim = shape
-    return 2 * layers * kv_heads * head_dim * _element_size(dtype)
+    return kv_bytes(*shape, _element_size(dtype))
+
+
+def kv_bytes(layers: int, kv_heads: int, head_dim: int, element_bytes: int) -> int:
+    """The one formula (the engine's cache and `adgen plan` both use it): K and V x layers x kv heads x head dim."""
+    return 2 * int(layers) * int(kv_heads) * int(head_dim) * int(element_bytes)
 
 
 def plan_kv_cache(free_bytes: int, bytes_per_token: int, max_len: int, max_slots: int) -> tuple[int, int]:

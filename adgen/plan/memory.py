@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adgen.generation.kv_budget import kv_bytes, kv_shape
 from adgen.plan.arch import ModelShape
 from adgen.train.config import TrainConfig
 
@@ -221,13 +222,11 @@ def kv_bytes_per_token(config_or_shape, dtype_bytes: int = 2) -> int:
     slot and position: [slots, kv_heads, capacity, head_dim] per layer for K and for V.)"""
     c = config_or_shape
     if isinstance(c, ModelShape):
-        layers, kv_heads, head_dim = c.layers, c.kv_heads, c.head_dim
-    else:
-        text = c.get_text_config() if hasattr(c, "get_text_config") else c
-        heads = text.num_attention_heads
-        layers, kv_heads = text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * int(layers) * int(kv_heads) * int(head_dim) * int(dtype_bytes)
+        return kv_bytes(c.layers, c.kv_heads, c.head_dim, dtype_bytes)
+    shape = kv_shape(c)
+    if shape is None:
+        raise ValueError("the model config names no num_hidden_layers / num_attention_heads / hidden_size")
+    return kv_bytes(*shape, dtype_bytes)
 
 
 def serve_plan(shape: ModelShape, card_bytes: int, length: int, dtype_bytes: int = 2) -> dict:

@@ -77,7 +77,13 @@ class DecodingFields(BaseModel):
     def repetition_fields(self) -> dict[str, Any]:
         names = ("dry_multiplier", "dry_base", "dry_allowed_length", "no_repeat_char_ngram", "loop_detection",
                  "end_after_chars", "end_bias_per_char", "banned_strings")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        fields = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if self.banned_strings:  # a merchant's list adds to the defaults ("<UNK>", the Advertising Law's terms)
+            from adgen.generation.config import default_banned_strings
+
+            base = default_banned_strings()
+            fields["banned_strings"] = base + tuple(dict.fromkeys(b for b in self.banned_strings if b not in base))
+        return fields  # banned_strings: [] drops the defaults
 
     @field_validator("stop")
     @classmethod

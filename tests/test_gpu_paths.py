@@ -1,5 +1,9 @@
-"""The training setup's CUDA paths, on a CPU: devices, precision, placement under sharding, DeepSpeed's "auto"
-values, adapter-only gathering in checkpoints, and the CPU-only speedups left off on GPUs.
+"""The CUDA paths, guarded on a CPU (issue 31). This file: the training setup -- devices, precision, placement
+under sharding, DeepSpeed's "auto" values, adapter-only gathering in checkpoints, and the CPU-only speedups left off
+on GPUs. Its siblings: test_gpu_paths_kernels.py (the fused head's fp32 math, packed rows through transformers'
+attention, no host syncs in the lean norm), test_gpu_paths_models.py (inference dtype and loading, setup's GPU
+check, Ray's GPUs, vLLM's adapters), test_gpu_paths_serve.py (seeded sampling's generator, per-request errors, the
+KV-cache budget, no per-row syncs in a decode step, the AST check for device-less tensors).
 
 Nothing here needs a GPU: `torch.cuda` is monkeypatched (is_available, device_count, current_device,
 get_device_capability, is_bf16_supported), `from_pretrained` is a recording fake that loads on the CPU, and the
