@@ -80,3 +80,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_utf8_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file (a BOM tolerated), or a DataError naming the file and the fix. `what` says what the file
+    should be, for the message ("the predictions file (JSON lines with predict and label)")."""
+    from adgen.errors import DataError
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; give {what}.") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None

@@ -85,6 +85,9 @@ def test_a_built_wheel_holds_the_recipes(tmp_path):
     for name in TRAINING_RECIPES:
         assert f"adgen/recipes/{name}.yaml" in names, name
     assert "adgen/recipes/accelerate/fsdp.yaml" in names and "adgen/recipes/deepspeed/zero3.json" in names
+    # the other package data: `adgen plan`'s shipped architecture, the Advertising Law's term list
+    assert "adgen/resources/models/llama3-8b-instruct.json" in names and "adgen/plan/__init__.py" in names
+    assert "adgen/resources/compliance/ad_law_terms.json" in names
 
 
 def test_train_help_lists_every_config_key_with_the_recipe_s_values(capsys):

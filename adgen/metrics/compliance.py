@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from adgen.errors import DataError
+from adgen.io import read_utf8_text
 
 MERCHANT_RULE = "merchant"
 COMPLIANCE_KEY = "compliance_terms"  # per example: the forbidden strings found in the prediction
@@ -207,13 +208,7 @@ def compliance_scores(text: str, extra_terms: Sequence[str] = ()) -> dict[str, l
 
 def read_term_file(path: str | Path) -> tuple[str, ...]:
     """A merchant's list: UTF-8 text, one term a line; blank lines and lines starting with # are skipped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; give a UTF-8 text file with one forbidden term a line.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
+    text = read_utf8_text(path, "a UTF-8 text file with one forbidden term a line")
     terms = [line.strip() for line in text.splitlines()]
     terms = [t for t in terms if t and not t.startswith("#")]
     if not terms:

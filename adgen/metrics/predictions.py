@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adgen.errors import DataError
+from adgen.io import read_utf8_text
 
 # Keys and values in AdGen are word characters only (CJK, letters, digits); stopping there keeps
 # chat-template markup ("<|eot_id|>", "\n", "：") out of the first key and the last value.
@@ -100,12 +101,7 @@ def read_predictions(
 ) -> list[PredictionRow]:
     """Read a JSON-lines prediction file (UTF-8, BOM tolerated, LF or CRLF)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; give the predictions file (JSON lines with predict and label).") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8.") from None
+    text = read_utf8_text(path, "the predictions file (JSON lines with predict and label)")
     rows: list[PredictionRow] = []
     # split("\n"), not splitlines(): a U+2028 inside a JSON string is not a line break.
     for number, line in enumerate(text.split("\n"), start=1):
