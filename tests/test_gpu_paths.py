@@ -499,3 +499,22 @@ def test_sharded_lora_final_adapter_gathers_only_the_adapter(tiny_llama3_dir, tm
     out = save_final(FakeAccelerator("FSDP", "cpu"), TrainConfig(train_data="x"), tmp_path, model, model, tokenizer)
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
+
+
+def test_zero3_builds_the_weights_partitioned_and_counts_partitioned_parameters():
+    """DeepSpeed's engine moves a module built whole onto every GPU before partitioning it (`dont_change_device`
+    defaults to False): the shipped ZeRO-3 launch config must build the weights under deepspeed.zero.Init, and the
+    parameter count must read a partitioned parameter's `ds_numel` (its local tensor is empty)."""
+    import yaml
+
+    from adgen.train.peft_setup import count_parameters
+
+    launch = yaml.safe_load((REPO / "adgen/recipes/accelerate/deepspeed-zero3.yaml").read_text())
+    assert launch["deepspeed_config"]["zero3_init_flag"] is True
+
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():  # what ZeRO-3 leaves in each process: an empty tensor with the true size beside it
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    model.bias.requires_grad_(False)
+    assert count_parameters(model) == (12, 15)

@@ -310,7 +310,7 @@ def count_parameters(model) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partitioned parameter is empty here
         if p.__class__.__name__ == "Params4bit":
             n *= 2  # two 4-bit values per stored byte
         total += n
