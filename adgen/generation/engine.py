@@ -37,6 +37,15 @@ Prefix cache (`PrefixCache`): the prompts of a task share their start (chat head
 only the rest of the prompt is prefilled. Found by comparing each prompt with the previous one (any
 shared start of >= `min_prefix` tokens), so it also serves chats with a shared history.
 
+Batched prefill (`batch_prefill`, "auto" = on when the model is on CUDA): the requests admitted in one step
+are prefilled together, one forward per (cached prefix length, adapter) group -- typically one, as they share
+the system prompt. Suffixes right-padded to the longest, positions continuing after the prefix, a 4D mask
+(each row sees its own prefix copy and its own earlier tokens, never a pad), each row's logits at its own
+last real token, each row's real K/V written into its slot. An error of that forward prefills its requests
+one at a time (a request that cannot run fails alone). Off on the CPU: other GEMM shapes change last bits,
+and the CPU path keeps its exact equality with `model.generate` (tests/test_engine_batched_prefill.py bounds
+the difference when forced on).
+
 Greedy outputs equal one-request-at-a-time decoding up to float rounding: a row's logits come from
 matmuls over a batch whose size changes as requests come and go, and greedy decoding can amplify a
 last-bit difference into a different token (measured share in docs/BENCHMARK_NOTES.md section 6).
@@ -251,14 +260,23 @@ class DecodeEngine:
     `submit(request)` + `step()` in a loop for requests that keep arriving (the server's scheduler).
     `capacity`: a fixed KV cache of `slots x capacity` tokens, allocated now and never grown (a GPU
     server's budget, adgen.generation.kv_budget); None: the cache grows with the longest request.
+    `batch_prefill`: prefill the requests admitted in one step in one padded forward ("auto": when the
+    model is on CUDA; True / False force it; see the module docstring).
     """
 
     def __init__(self, model, tokenizer, stop_ids: Sequence[int], *, slots: int = 16,
-                 prefix_cache: PrefixCache | None = None, capacity: int | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, capacity: int | None = None,
+                 batch_prefill: bool | str = "auto") -> None:
         shape = _kv_shape(model)
         if shape is None or not supports_engine(model):
             raise ValueError("this model needs model.generate (see adgen.generation.engine.supports_engine)")
+        if batch_prefill not in ("auto", True, False):
+            raise ValueError(f"batch_prefill must be 'auto', True or False, not {batch_prefill!r}")
         self.model = model
+        # requests admitted together prefilled in one padded forward (per prefix length and adapter): on a
+        # GPU one forward instead of one per request. "auto": on CUDA only -- other GEMM shapes change last
+        # bits, and on the CPU the engine keeps its exact equality with one-request-at-a-time generation
+        self.batch_prefill = (next(model.parameters()).device.type == "cuda") if batch_prefill == "auto" else batch_prefill
         self.tokenizer = tokenizer
         self.stop_ids = [int(i) for i in stop_ids]
         self.slots = max(1, int(slots))
@@ -444,6 +462,12 @@ class DecodeEngine:
 
     def _admit_waiting(self, finished: list[Request]) -> None:
         """Waiting requests into free slots; one whose own prefill or settings fail ends alone."""
+        if self.batch_prefill:
+            while self._waiting and len(self._running) < self.slots:
+                # a request that ends on its first token frees its slot for the next waiting one: loop
+                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.slots - len(self._running)))]
+                self._admit_batch(batch, finished)
+            return
         while self._waiting and len(self._running) < self.slots:
             request = self._waiting.popleft()
             try:
@@ -474,6 +498,137 @@ class DecodeEngine:
         )
         self._choose([seq], logits.unsqueeze(0), slot)
         return None if request.done else seq
+
+    # ---- admission of several requests: one padded prefill forward ------------------------------
+    def _admit_batch(self, requests: list[Request], finished: list[Request]) -> None:
+        """Prefill `requests` (admitted together) with one forward per (prefix length, adapter) group and
+        put them into the slots after the running ones (in the order given). A request whose own part
+        fails (cache, settings, callback) ends alone; an error of a group's forward makes each of its
+        requests prefill on its own (so a request that cannot run fails alone, as one at a time)."""
+        plans = []  # [request, prompt on the device, prefix length, prefix kv]
+        for request in requests:
+            if request.cancel.is_set():
+                request.result = Generation("", len(request.prompt_ids), 0, "cancelled", [])
+                finished.append(request)
+                continue
+            try:
+                cache = self.reserve(self._needed(request))
+                self.prompt_tokens += len(request.prompt_ids)
+                prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=cache.device)
+                self._plan_prefix(request.prompt_ids, prompt, request.adapter)
+            except Exception as e:
+                request.error = e
+                finished.append(request)
+                continue
+            plans.append([request, prompt, 0, None])
+        # second pass: every prefix these prompts start is cached now (the first prompt of a run uses the
+        # one it shares with the second, so all of them land in one group)
+        groups: dict[tuple[int, str | None], list[int]] = {}
+        for i, plan in enumerate(plans):
+            request = plan[0]
+            plan[2], plan[3] = self._prefix_cache_for(request.adapter).lookup(request.prompt_ids)
+            groups.setdefault((plan[2], request.adapter), []).append(i)
+        results: dict[int, tuple[torch.Tensor, list]] = {}  # plan index -> (logits [V], per-layer kv)
+        for (n, adapter), members in groups.items():
+            try:
+                rows = self._forward_rows([plans[i][1][n:] for i in members], n, [plans[i][3] for i in members], adapter)
+                results.update(zip(members, rows))
+            except Exception:  # the group's forward: each of its requests on its own
+                for i in members:
+                    request, prompt, m, kv = plans[i]
+                    try:
+                        results[i] = self._forward(prompt[m:], m, kv, request.adapter)
+                    except Exception as e:
+                        request.error = e
+        seqs, scores = [], []
+        for i, (request, prompt, _, _) in enumerate(plans):
+            if i not in results:
+                finished.append(request)
+                continue
+            logits, layer_kv = results[i]
+            try:
+                config = request.config
+                seq = _Running(
+                    request=request, length=len(request.prompt_ids), generated=[],
+                    repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
+                    processors=_hf_processors(config), rng=_rng(config, logits.device),
+                )
+            except Exception as e:
+                request.error = e
+                finished.append(request)
+                continue
+            slot = len(self._running) + len(seqs)
+            self._cache.put(slot, layer_kv)
+            self._cache.set_prompt(slot, prompt)
+            seqs.append(seq)
+            scores.append(logits)
+        if not seqs:
+            return
+        first = len(self._running)
+        try:
+            self._choose(seqs, torch.stack(scores), first)
+        except Exception as e:  # a batched op of the first-token choice: these requests fail
+            for seq in seqs:
+                if not seq.request.done:
+                    seq.request.error = e
+        for seq in seqs:
+            if seq.request.done:
+                finished.append(seq.request)
+            else:
+                self._running.append(seq)
+        # the running rows stay slots 0..B-1: a row that ended on its first token gives its slot to the next
+        kept = len(self._running) - first
+        if kept != len(seqs):
+            slot = first
+            for i, seq in enumerate(seqs):
+                if not seq.request.done:
+                    if first + i != slot:
+                        self._cache.move(first + i, slot, seq.length)
+                    slot += 1
+
+    def _plan_prefix(self, ids: Sequence[int], ids_t: torch.Tensor, adapter: str | None) -> None:
+        """`_prefill`'s prefix-cache part: a start this prompt shares with the previous one, computed once."""
+        prefixes = self._prefix_cache_for(adapter)
+        n, kv = prefixes.lookup(ids)
+        key = prefixes.candidate(ids)
+        if key is not None and len(key) >= n + prefixes.min_prefix:
+            _, kv = self._forward(ids_t[n : len(key)], n, kv, adapter)
+            prefixes.add(key, kv)
+
+    def _forward_rows(self, suffixes: list[torch.Tensor], start: int, prefix_kvs: list, adapter: str | None):
+        """`_forward` for several prompts at once: row r runs `suffixes[r]` (positions start..) after its
+        own `prefix_kvs[r]` (all of length `start`; None when start is 0). The suffixes are right-padded to
+        the longest; the 4D mask lets each real token see its row's prefix and its own earlier tokens, never
+        a pad. [(last real position's logits [V], per-layer KV of the row's prefix + real tokens)]."""
+        from transformers import DynamicCache
+
+        device = suffixes[0].device
+        rows, lengths = len(suffixes), [s.shape[0] for s in suffixes]
+        width = max(lengths)
+        ids = torch.nn.utils.rnn.pad_sequence(suffixes, batch_first=True)  # right-padded with id 0, never seen
+        cache = DynamicCache()
+        if start:
+            for layer in range(len(prefix_kvs[0])):
+                cache.update(torch.cat([kv[layer][0] for kv in prefix_kvs]),
+                             torch.cat([kv[layer][1] for kv in prefix_kvs]), layer)
+        length_t = torch.tensor(lengths, dtype=torch.long, device=device)
+        query = torch.arange(width, device=device)
+        column = torch.arange(start + width, device=device) - start  # < 0: the prefix
+        # [rows, 1, width, start + width]: prefix columns, then own real tokens up to the query's position
+        visible = (column[None, None, :] <= query[None, :, None]) & (column[None, None, :] < length_t[:, None, None])
+        last = sorted(set(n - 1 for n in lengths))
+        out = self.model(input_ids=ids, position_ids=(start + query).unsqueeze(0).expand(rows, -1),
+                         attention_mask=visible[:, None], use_cache=True,
+                         logits_to_keep=torch.tensor(last, dtype=torch.long, device=device),
+                         **self._adapter_kwargs([adapter] * rows), **{self._cache_kw: cache})
+        self.prefill_tokens += sum(lengths)
+        layer_kv = _layer_kv(_out_cache(out))
+        logits = out.logits
+        # a forward that ignores `logits_to_keep` (remote code taking **kwargs) gives every position
+        column_of = (lambda n: last.index(n - 1)) if logits.shape[1] == len(last) else (lambda n: n - 1)
+        return [(logits[r, column_of(n)].float(), [(k[r : r + 1, :, : start + n], v[r : r + 1, :, : start + n])
+                                                        for k, v in layer_kv])
+                for r, n in enumerate(lengths)]
 
     # ---- one decode step -----------------------------------------------------------------------
     def _step(self, running: list[_Running]) -> None:

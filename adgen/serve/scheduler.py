@@ -358,8 +358,8 @@ class Scheduler:
             run.job.cancel.set()  # the job's other choices leave at the next step: the job has failed
         run.remaining -= 1
         if not run.remaining:
+            self._active -= 1  # counted before the client hears of the failure (a /health right after it is idle)
             self._fail(run.job, run.error)
-            self._active -= 1
 
     def _engine_request_done(self, request) -> None:
         if request.error is not None:
@@ -387,8 +387,8 @@ class Scheduler:
         run.remaining -= 1
         if run.remaining:
             return
-        self._finish(job, cancelled=cancelled)  # counted before the client hears of the end
-        self._active -= 1
+        self._active -= 1  # counted (and the job no longer active) before the client hears of the end
+        self._finish(job, cancelled=cancelled)
         if not cancelled and job.future is not None:
             job._resolve(run.completions)
 
