@@ -371,3 +371,18 @@ def test_repetition_fields_reach_the_decoding_config_and_loops_are_reported():
     # a loop is an OpenAI "stop", with vLLM's stop_reason field saying why
     assert _openai_finish("loop") == "stop" and _stop_reason("loop") == {"stop_reason": "loop"}
     assert _stop_reason("stop") == {}
+
+
+def test_a_subnormal_repetition_penalty_is_a_400_not_a_failed_generation():
+    """Found by the schema fuzzer: 5e-324 passed `> 0` and divided logits into inf (NaN probabilities, a 500)."""
+    import json as _json
+
+    from adgen.serve.schemas import ChatCompletionRequest, parse_body
+    from adgen.serve.security import ApiError
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "类型#裙"}], "repetition_penalty": 5e-324}
+    with pytest.raises(ApiError) as e:
+        parse_body(ChatCompletionRequest, _json.dumps(body).encode())
+    assert e.value.status == 400 and "repetition_penalty" in str(e.value)
+    with pytest.raises(ConfigError, match="repetition_penalty"):
+        DecodingConfig(repetition_penalty=5e-324).validate()

@@ -124,8 +124,9 @@ class DecodingConfig:
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0 (1.0 = off), not {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:  # 5e-324 divides a logit into inf: NaN probabilities
+            raise ConfigError(f"repetition_penalty must be in [0.01, 100] (1.0 = off; 1.1-1.3 usual), "
+                              f"not {self.repetition_penalty}")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             raise ConfigError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), not {self.no_repeat_ngram_size!r}")
         if any(not isinstance(s, str) for s in self.stop):

@@ -54,7 +54,7 @@ class DecodingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None  # a subnormal one makes NaN logits
     seed: int | None = None
     stop: str | list[str] | None = None
     # adgen's extensions (not OpenAI fields): character-level repetition control, on by default
