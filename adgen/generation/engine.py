@@ -422,14 +422,8 @@ class DecodeEngine:
 
     def _prefill(self, ids: Sequence[int], ids_t: torch.Tensor, adapter: str | None):
         """(last-position logits [V], per-layer KV [(k, v)] of the whole prompt); `ids_t`: `ids` on the device."""
-        prefixes = self._prefix_cache_for(adapter)
-        n, kv = prefixes.lookup(ids)
-        key = prefixes.candidate(ids)
-        if key is not None and len(key) >= n + prefixes.min_prefix:
-            # a start shared with the previous prompt: computed once (after what is cached), kept for the next
-            _, kv = self._forward(ids_t[n : len(key)], n, kv, adapter)
-            prefixes.add(key, kv)
-            n = len(key)
+        self._plan_prefix(ids, ids_t, adapter)
+        n, kv = self._prefix_cache_for(adapter).lookup(ids)
         return self._forward(ids_t[n:], n, kv, adapter)
 
     def _forward(self, ids: torch.Tensor, start: int, prefix_kv, adapter: str | None):
@@ -587,7 +581,8 @@ class DecodeEngine:
                     slot += 1
 
     def _plan_prefix(self, ids: Sequence[int], ids_t: torch.Tensor, adapter: str | None) -> None:
-        """`_prefill`'s prefix-cache part: a start this prompt shares with the previous one, computed once."""
+        """A start this prompt shares with the previous one: computed once (after what is cached), kept for the
+        next prompts (the prefix cache's part of a prefill)."""
         prefixes = self._prefix_cache_for(adapter)
         n, kv = prefixes.lookup(ids)
         key = prefixes.candidate(ids)
