@@ -164,7 +164,7 @@ def _raising_processors(monkeypatch, after_calls: int = 2):
     (mid-decode: the other rows of its batch are running)."""
     from adgen.generation import engine
 
-    original = engine._hf_processors
+    original = engine.sampling_processors
 
     def processors(config):
         if config.repetition_penalty != BOOM:
@@ -179,7 +179,7 @@ def _raising_processors(monkeypatch, after_calls: int = 2):
 
         return proc
 
-    monkeypatch.setattr(engine, "_hf_processors", processors)
+    monkeypatch.setattr(engine, "sampling_processors", processors)
 
 
 def test_one_request_failing_leaves_the_others_running(gen, monkeypatch):

@@ -66,6 +66,7 @@ import torch
 
 from adgen.errors import AdgenError
 from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.hf_processors import apply_shaping, row_shaping, sampling_processors
 from adgen.generation.kv_budget import kv_shape
 from adgen.generation.repetition import RepeatState, token_table
 from adgen.generation.text import decode, find_stop, finished_generation, stop_window
@@ -474,9 +475,24 @@ class DecodeEngine:
             else:
                 self._running.append(seq)
 
-    def _admit(self, request: Request, slot: int) -> _Running | None:
+    def _running_state(self, request: Request, device) -> _Running:
+        """A newly prefilled request's decoding state: repetition control, processors, seeded generator."""
+        config = request.config
+        return _Running(
+            request=request, length=len(request.prompt_ids), generated=[],
+            repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
+            processors=sampling_processors(config), rng=_rng(config, device),
+        )
+
+    @staticmethod
+    def _cancelled_before_start(request: Request) -> bool:
         if request.cancel.is_set():
             request.result = Generation("", len(request.prompt_ids), 0, "cancelled", [])
+            return True
+        return False
+
+    def _admit(self, request: Request, slot: int) -> _Running | None:
+        if self._cancelled_before_start(request):
             return None
         cache = self.reserve(self._needed(request))
         self.prompt_tokens += len(request.prompt_ids)
@@ -484,12 +500,7 @@ class DecodeEngine:
         logits, layer_kv = self._prefill(request.prompt_ids, prompt, request.adapter)
         cache.put(slot, layer_kv)
         cache.set_prompt(slot, prompt)
-        config = request.config
-        seq = _Running(
-            request=request, length=len(request.prompt_ids), generated=[],
-            repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
-            processors=_hf_processors(config), rng=_rng(config, logits.device),
-        )
+        seq = self._running_state(request, logits.device)
         self._choose([seq], logits.unsqueeze(0), slot)
         return None if request.done else seq
 
@@ -501,8 +512,7 @@ class DecodeEngine:
         requests prefill on its own (so a request that cannot run fails alone, as one at a time)."""
         plans = []  # [request, prompt on the device, prefix length, prefix kv]
         for request in requests:
-            if request.cancel.is_set():
-                request.result = Generation("", len(request.prompt_ids), 0, "cancelled", [])
+            if self._cancelled_before_start(request):
                 finished.append(request)
                 continue
             try:
@@ -541,12 +551,7 @@ class DecodeEngine:
                 continue
             logits, layer_kv = results[i]
             try:
-                config = request.config
-                seq = _Running(
-                    request=request, length=len(request.prompt_ids), generated=[],
-                    repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
-                    processors=_hf_processors(config), rng=_rng(config, logits.device),
-                )
+                seq = self._running_state(request, logits.device)
             except Exception as e:
                 request.error = e
                 finished.append(request)
@@ -680,8 +685,6 @@ class DecodeEngine:
     def _shape_scores(self, seqs: list[_Running], scores: torch.Tensor, first_slot: int,
                       failed: dict[int, BaseException]) -> None:
         """The character-level repetition control (all rows at once), then each row's own processors."""
-        from adgen.generation.hf_processors import apply_shaping, row_shaping
-
         shaping = []
         for i, seq in enumerate(seqs):
             if seq.repeat is not None and seq.request.config.shapes_logits:
@@ -770,10 +773,3 @@ def _rng(config: DecodingConfig, device) -> torch.Generator | None:
     g = torch.Generator(device=device)
     g.manual_seed(int(config.seed))
     return g
-
-
-def _hf_processors(config: DecodingConfig):
-    """transformers' processors for the settings that need the token ids or shape sampling."""
-    from adgen.generation.hf_processors import sampling_processors
-
-    return sampling_processors(config)
