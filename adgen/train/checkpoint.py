@@ -123,7 +123,6 @@ def _gather_sharded_trainable(accelerator, model, wrapped, *, is_peft: bool) -> 
     if is_peft:
         return gather_trainable(accelerator, model)
     state = full_state_dict(accelerator, wrapped)
-    state = {k.removeprefix("model."): v for k, v in state.items()} if state else {}
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.contiguous().cpu() for k, v in state.items() if k in names}
 

@@ -53,15 +53,16 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
 
 
 def full_state_dict(accelerator, wrapped) -> dict:
-    """`accelerator.get_state_dict(wrapped)` with every tensor whole, on every process.
+    """`accelerator.get_state_dict(wrapped)` with every tensor whole, under the model's own names (the loss
+    module's "model." prefix removed); {} where accelerate returns nothing (DeepSpeed's other processes).
 
     On CPU meshes (torch 2.13, accelerate 1.15) FSDP2's gathered state dict still holds DTensors (which
     safetensors cannot write); `full_tensor()` gathers them. It is a collective: every process calls this,
     with the same keys in the same order."""
     from torch.distributed.tensor import DTensor
 
-    state = accelerator.get_state_dict(wrapped)
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()} if state else state
+    state = accelerator.get_state_dict(wrapped) or {}
+    return {k.removeprefix("model."): v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
 def shards_weights(accelerator) -> bool:

@@ -989,8 +989,7 @@ def save_final(accelerator, cfg: TrainConfig, out: Path, model, wrapped, tokeniz
         if cfg.is_peft:  # the adapter's weights only, not the whole model's
             state_dict = gather_trainable(accelerator, model) or None
         else:
-            state_dict = full_state_dict(accelerator, wrapped)  # FSDP2 on CPUs: DTensors otherwise
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict else None
+            state_dict = full_state_dict(accelerator, wrapped) or None  # FSDP2 on CPUs: DTensors otherwise
     if accelerator.is_main_process:
         tmp = temp_dir_for(final)
         kw = {"state_dict": state_dict} if state_dict is not None else {}
