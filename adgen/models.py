@@ -335,7 +335,7 @@ def load_model(
     if dev.type == "cuda":
         # Straight onto the GPU: loading on the CPU first and then .to(dev) sends every weight (16 GB for an 8B
         # model in bf16) through host RAM, and needs that much free RAM.
-        kwargs["device_map"] = {"": _cuda_index(dev)}
+        kwargs["device_map"] = {"": cuda_index(dev)}
     elif quantization is not None:
         kwargs["device_map"] = {"": "cpu"}
     try:
@@ -355,8 +355,9 @@ def load_model(
     return model
 
 
-def _cuda_index(dev) -> int:
-    """The GPU index of a CUDA device: its own (cuda:N), else the current one (plain "cuda")."""
+def cuda_index(dev) -> int:
+    """The GPU index of a CUDA device: its own (cuda:N), else the current one (plain "cuda", as accelerate's
+    single-process device is)."""
     import torch
 
     return dev.index if dev.index is not None else torch.cuda.current_device()

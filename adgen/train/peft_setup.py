@@ -199,13 +199,6 @@ def _prefix_config(cfg: TrainConfig):
     )
 
 
-def cuda_index(device) -> int:
-    """The index of a CUDA device; accelerate's single-process device is plain "cuda" (the current one)."""
-    import torch
-
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def placement(cfg: TrainConfig, device, *, sharded: bool) -> dict:
     """from_pretrained's `device_map` for training on `device` (the accelerator's device).
 
@@ -218,6 +211,8 @@ def placement(cfg: TrainConfig, device, *, sharded: bool) -> dict:
                               "launch it with DDP (configs/accelerate/ddp.yaml) or one process, or use method=lora")
         return {}
     if device.type == "cuda":
+        from adgen.models import cuda_index  # plain "cuda" (accelerate's single-process device): the current GPU
+
         return {"device_map": {"": cuda_index(device)}}
     if cfg.quantized:
         return {"device_map": {"": str(device)}}
