@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +81,30 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_dir_for(final: str | Path) -> Path:
+    """An empty directory beside `final` to write a whole output directory into (then `replace_dir`)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move a fully written directory into place, replacing an older one: `final` is always either the
+    old directory or the new one, never half of each (the old one is moved aside, then deleted)."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_utf8_text(path: str | Path, what: str) -> str:

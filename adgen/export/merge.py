@@ -41,7 +41,7 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from adgen.models import load_tokenizer, resolve_model
-    from adgen.train.run_dir import replace_dir, temp_dir_for
+    from adgen.io import replace_dir, temp_dir_for
 
     adapter = Path(adapter)
     acfg = read_adapter_config(adapter)

@@ -17,7 +17,6 @@ Contents:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adgen.errors import AdgenError
-from adgen.io import atomic_write_json
+from adgen.io import atomic_write_json, replace_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -165,9 +164,7 @@ def save_checkpoint(
             model.save_pretrained(str(tmp / "adapter"), **({"state_dict": weights} if sharded else {}))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
-        if final.exists():  # a previous attempt of the same step (e.g. resumed twice)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a previous attempt of the same step (e.g. resumed twice) is replaced
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     accelerator.wait_for_everyone()

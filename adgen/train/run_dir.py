@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -66,23 +65,3 @@ def prepare_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool)
             )
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place, replacing an older one."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_dir_for(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp

@@ -32,7 +32,8 @@ from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from adgen.train import checkpoint as ckpt_mod
 from adgen.train import tracking
 from adgen.train.config import RESUME_MUTABLE_KEYS, TrainConfig
-from adgen.train.run_dir import RUN_FILES, prepare_output_dir, replace_dir, temp_dir_for
+from adgen.io import replace_dir, temp_dir_for
+from adgen.train.run_dir import RUN_FILES, prepare_output_dir
 
 log = logging.getLogger(__name__)
 
