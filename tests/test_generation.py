@@ -605,3 +605,17 @@ def test_smollm2_batched_streamed_and_stopping(smollm2_dir):
     assert short.finish_reason == "stop" and short.token_ids[-1] == im_end and short.text.strip()
     s = g.stream(prompts[1], cfg)
     assert "".join(s) == short.text and s.completion_tokens == short.completion_tokens
+
+
+def test_candidates_need_sampling_everywhere_they_are_asked_for():
+    """-n K with greedy decoding would make K identical candidates: refused with the fix, by the one check
+    the CLI, bulk generation and the Ray catalog share."""
+    from adgen.errors import ConfigError
+    from adgen.generation.config import DecodingConfig
+
+    with pytest.raises(ConfigError, match="--do-sample"):
+        DecodingConfig().check_candidates(2)
+    with pytest.raises(ConfigError, match=">= 1"):
+        DecodingConfig(do_sample=True).check_candidates(0)
+    DecodingConfig(do_sample=True, temperature=0.9).check_candidates(4)  # sampling: allowed
+    DecodingConfig().check_candidates(1)

@@ -219,9 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     config = decoding_config(args)
-    if args.n > 1 and config.greedy:
-        raise AdgenError(f"-n {args.n} with greedy decoding gives {args.n} identical candidates: "
-                         "add --do-sample (e.g. --temperature 0.95 --top-p 0.7)")
+    config.check_candidates(args.n)
     content = content_from_args(args)
     if args.engine == "ray":
         from adgen.generation.ray_catalog import import_ray

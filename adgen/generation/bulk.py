@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from adgen.data.attributes import attributes_of
 from adgen.errors import AdgenError
-from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.config import GENERATION_BATCH_SIZE, DecodingConfig, Generation
 from adgen.generation.resumable import JsonlAppender, progress_bar, record_key, scan_output
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,7 @@ def generate_bulk(
     record (needs sampling) and keeps `best_of` ("first" or "coverage").
     """
     config = config or DecodingConfig()
-    if n < 1:
-        raise AdgenError(f"-n must be >= 1, not {n}")
-    if n > 1 and config.greedy:
-        raise AdgenError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample (and e.g. --temperature 0.95 --top-p 0.7)")
+    config.check_candidates(n)
     if best_of not in BEST_OF:
         raise AdgenError(f"unknown --best-of '{best_of}' (use {' or '.join(BEST_OF)})")
     output = Path(output)
@@ -177,7 +174,7 @@ def generations_as_done(generator, prompts: Sequence, config, chunk_size: int | 
     if chunk_size is None and generator.uses_engine:
         yield from generator.generate_each(prompts, config)
         return
-    chunk = chunk_size or max(1, int(generator.batch_size or 8))
+    chunk = chunk_size or max(1, int(generator.batch_size or GENERATION_BATCH_SIZE))
     for start in range(0, len(prompts), chunk):
         yield from enumerate(generator.generate(prompts[start : start + chunk], config), start)
 

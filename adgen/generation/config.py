@@ -10,6 +10,10 @@ from adgen.errors import ConfigError
 
 FinishReason = Literal["stop", "length", "loop", "cancelled"]
 
+# Requests decoding together (continuous batching's slots) unless told otherwise: `adgen generate` / `eval` /
+# `serve --batch-size` and the library's generators.
+GENERATION_BATCH_SIZE = 32
+
 # A text of this many characters fits every AdGen reference (dev p99 176, max 237 characters).
 ROOM_CHARS = 192
 
@@ -163,6 +167,14 @@ class DecodingConfig:
     @property
     def controls_repetition(self) -> bool:
         return self.shapes_logits or self.loop_detection
+
+    def check_candidates(self, n: int) -> None:
+        """`-n K` candidates per input need sampling: greedy decoding would make K identical ones."""
+        if n < 1:
+            raise ConfigError(f"-n must be >= 1, not {n}")
+        if n > 1 and self.greedy:
+            raise ConfigError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample "
+                              "(and e.g. --temperature 0.95 --top-p 0.7)")
 
     def replace(self, **changes) -> "DecodingConfig":
         return replace(self, **changes)

@@ -24,7 +24,7 @@ import threading
 from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
-from adgen.generation.config import DecodingConfig, FinishReason, Generation
+from adgen.generation.config import GENERATION_BATCH_SIZE, DecodingConfig, FinishReason, Generation
 from adgen.generation.protocol import check_prompts
 from adgen.generation.text import (
     decode,
@@ -52,7 +52,7 @@ class HFGenerator:
         model,
         tokenizer,
         formatter=None,
-        batch_size: int = 8,
+        batch_size: int = GENERATION_BATCH_SIZE,
         *,
         model_name: str | None = None,
         adapter: str | None = None,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
 from adgen.errors import AdgenError, ModelError
+from adgen.generation.config import GENERATION_BATCH_SIZE
 
 BACKENDS = ("hf", "vllm")
 
@@ -30,7 +31,7 @@ def load_generator(
     dtype: str | None = "auto",
     device: str | None = "auto",
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-    batch_size: int = 8,
+    batch_size: int = GENERATION_BATCH_SIZE,
     *,
     quantization: str | None = None,
     trust_remote_code: bool = False,

@@ -341,8 +341,7 @@ def run_catalog(
         raise AdgenError(f"--block-size must be >= 1, not {block_size}")
     if workers is not None and workers < 1:
         raise AdgenError(f"--workers must be >= 1, not {workers}")
-    if n > 1 and config.greedy:
-        raise AdgenError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample")
+    config.check_candidates(n)
     check_gpu_options(gpus_per_worker, generator_kwargs.get("device"))
     ray = import_ray()
     out_dir = Path(output_dir)

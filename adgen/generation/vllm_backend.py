@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from adgen.errors import AdgenError, ConfigError
-from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.config import GENERATION_BATCH_SIZE, DecodingConfig, Generation
 from adgen.generation.protocol import check_prompts
 from adgen.generation.repetition import trim_loop
 from adgen.generation.text import clean_text, cut_at_stop
@@ -129,7 +129,7 @@ class VLLMGenerator:
         adapter: str | None = None,
         model_name: str | None = None,
         dtype: str = "auto",
-        batch_size: int = 8,
+        batch_size: int = GENERATION_BATCH_SIZE,
         max_lora_rank: int | None = None,
         **llm_kwargs,
     ) -> None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from adgen.errors import ConfigError
+from adgen.generation.config import GENERATION_BATCH_SIZE
 
 API_KEY_ENV = "ADGEN_API_KEY"
 
@@ -54,7 +55,7 @@ class ServeSettings:
     served_model_name: str | None = None
     device: str | None = "auto"
     dtype: str | None = "auto"
-    batch_size: int = 32  # requests decoding together (continuous batching's slots)
+    batch_size: int = GENERATION_BATCH_SIZE  # requests decoding together (continuous batching's slots)
     continuous_batching: bool = True  # False: one job at a time (the baseline of bench/serve_load.py)
     # on a GPU: the share of its total memory the server may use (weights + KV cache + working memory);
     # the KV cache is sized from it at start (adgen.generation.kv_budget), as vLLM's setting of that name
