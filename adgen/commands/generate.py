@@ -38,81 +38,66 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_model: str | None
                    help="system prompt: 'default' (adgen's Chinese copywriter prompt), '' for none, or your text")
 
 
-def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
-    from adgen.generation.config import DecodingConfig
+# Older spellings of decoding flags, kept working.
+FLAG_ALIASES = {"banned_strings": ("--ban",)}
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
 
-    d = DecodingConfig()
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """`--<field-name>` for every DecodingConfig field (type, default and help from the field), and --plain.
+    Every flag defaults to None (not given: the field's default), so `decoding_config` knows what was asked."""
+    from adgen.generation.decoding_fields import decoding_fields
+
     g = p.add_argument_group("decoding (greedy unless sampling is asked for; character-level repetition control on)")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="most tokens to generate (default: sized from the tokenizer to hold ~190 characters, "
-                        "e.g. 448 for SmolLM2, 224 for Llama-3)")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do-sample; 0 = greedy)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies --do-sample)")
-    g.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (implies --do-sample)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (default)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
-                   help="never repeat an N-token sequence (prompt included), 0 = off (default); "
-                        "stays greedy, stops phrase loops")
-    g.add_argument("--dry-multiplier", type=float, default=d.dry_multiplier, metavar="X",
-                   help=f"character-level DRY: penalise text that would repeat a sequence already written "
-                        f"(default {d.dry_multiplier}; 0 = off)")
-    g.add_argument("--dry-base", type=float, default=d.dry_base, help=f"DRY growth per extra character (default {d.dry_base})")
-    g.add_argument("--dry-allowed-length", type=int, default=d.dry_allowed_length, metavar="CHARS",
-                   help=f"repeats up to this many characters are free (default {d.dry_allowed_length})")
-    g.add_argument("--no-repeat-char-ngram", type=int, default=d.no_repeat_char_ngram, metavar="N",
-                   help=f"never write the same N characters twice (default {d.no_repeat_char_ngram}; 0 = off)")
-    g.add_argument("--end-after-chars", type=int, default=d.end_after_chars, metavar="CHARS",
-                   help=f"past this many characters, close the sentence at the next clause end and favour ending "
-                        f"after it (default {d.end_after_chars}, about the length of AdGen copy; 0 = off)")
-    g.add_argument("--end-bias-per-char", type=float, default=d.end_bias_per_char, metavar="X",
-                   help=f"logit bonus for ending, per character past --end-after-chars (default {d.end_bias_per_char})")
-    g.add_argument("--ban", action="append", default=None, metavar="TEXT",
-                   help="never write this text too, in any tokenization (repeatable: a merchant's brand rules, "
-                        "competitor names); always banned: <UNK> (AdGen's placeholder) and the Advertising Law's "
-                        "absolute terms (adgen/resources/compliance/ad_law_terms.json); --ban '' drops those defaults")
-    g.add_argument("--no-loop-detection", dest="loop_detection", action="store_false",
-                   help="keep generating when the text loops (default: stop, trim the repeats, finish_reason 'loop')")
+    for f in decoding_fields():
+        more = (" (repeatable; '' drops the default)" if f.default else " (repeatable)") if f.is_list else ""
+        kwargs: dict = {"dest": f.name, "default": None,
+                        "help": f"{f.help}{more} (default: {f.default_text()})".replace("%", "%%")}
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.is_list:
+            kwargs.update(action="append", metavar=_METAVARS[f.type])
+        else:
+            kwargs.update(type=f.type, metavar=_METAVARS[f.type])
+        g.add_argument(f.flag, *FLAG_ALIASES.get(f.name, ()), **kwargs)
     g.add_argument("--plain", action="store_true",
                    help="plain decoding: no DRY, no character n-gram ban, no ending bonus, no banned text, no loop detection")
-    g.add_argument("--seed", type=int, default=None, help="random seed: reproducible sampling")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
 
 def decoding_config(args: argparse.Namespace):
-    """A DecodingConfig from the options of `add_decoding_arguments`."""
-    from adgen.generation import DecodingConfig
+    """A DecodingConfig from the options of `add_decoding_arguments`: the flags given, a sampling setting
+    (--temperature, --top-p, --top-k) implying --do-sample, --plain switching the adgen-specific shaping off."""
+    from adgen.generation.config import PLAIN_FIELDS, DecodingConfig
+    from adgen.generation.decoding_fields import decoding_fields
 
-    sampling_asked = any(getattr(args, k) is not None for k in ("temperature", "top_p", "top_k"))
-    do_sample = bool(args.do_sample or sampling_asked)
-    fields = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=do_sample,
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_p=1.0 if args.top_p is None else args.top_p,
-        top_k=0 if args.top_k is None else args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        seed=args.seed,
-        stop=tuple(args.stop or ()),
-        dry_base=args.dry_base,
-        dry_allowed_length=args.dry_allowed_length,
-        end_bias_per_char=args.end_bias_per_char,
-    )
+    values = {}
+    for f in decoding_fields():
+        value = getattr(args, f.name)
+        if value is not None:
+            values[f.name] = _list_flag(f, value) if f.is_list else value
+    if "do_sample" not in values:
+        values["do_sample"] = any(f.spec.sampling and f.name in values for f in decoding_fields())
     if args.plain:
-        return DecodingConfig.plain(**fields)
-    return DecodingConfig(
-        **fields, dry_multiplier=args.dry_multiplier, no_repeat_char_ngram=args.no_repeat_char_ngram,
-        loop_detection=args.loop_detection, end_after_chars=args.end_after_chars, banned_strings=_banned(args.ban),
-    )
+        values.update(PLAIN_FIELDS)  # --plain wins over the shaping flags
+    return DecodingConfig(**values)
+
+
+def _list_flag(f, values: list[str]) -> tuple[str, ...]:
+    """A repeatable flag's values: '' drops the default (--ban ''), otherwise a list replaces the default,
+    or adds to it for banned_strings (the law's terms stay banned)."""
+    from adgen.generation.decoding_fields import added_to_default
+
+    if "" in values:
+        return tuple(dict.fromkeys(v for v in values if v))
+    return added_to_default(f, values) if f.spec.adds_to_default else tuple(values)
 
 
 def _banned(values: list[str] | None) -> tuple[str, ...]:
-    from adgen.generation import DecodingConfig
+    """--banned-strings / --ban as banned_strings (None: not given, the default)."""
+    from adgen.generation.decoding_fields import field_named
 
-    # a merchant's list adds to the defaults (the law's terms stay banned); an empty value drops the defaults
-    base = () if values is not None and "" in values else DecodingConfig().banned_strings
-    return base + tuple(dict.fromkeys(v for v in values or () if v and v not in base))
+    f = field_named("banned_strings")
+    return f.default if values is None else _list_flag(f, values)
 
 
 def register(subparsers) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from adgen.errors import ConfigError
@@ -46,56 +46,93 @@ PLAIN_FIELDS = {"dry_multiplier": 0.0, "no_repeat_char_ngram": 0, "loop_detectio
 
 
 @dataclass(frozen=True)
+class FieldSpec:
+    """What a `DecodingConfig` field's metadata adds for the CLI, the API and the web UI
+    (`adgen.generation.decoding_fields` reads it; the field's comment is its help)."""
+
+    api_name: str | None = None  # the API request field's name where it differs (OpenAI's max_tokens)
+    # the API's range: validate()'s, or tighter where a server must cap what one request may ask for
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    max_items: int | None = None  # a list's most items in one request
+    item_chars: tuple[int, int] | None = None  # a list item's (fewest, most) characters in the API
+    one_or_list: bool = False  # a single string is a one-item list (OpenAI's `stop`)
+    adds_to_default: bool = False  # a given list adds to the default; an empty one ([], --ban '') drops it
+    sampling: bool = False  # a sampling setting: giving one implies do_sample, greedy decoding ignores it
+    suggested: float | None = None  # a usual sampling value (where the web UI's slider starts, the -n hint)
+
+
+def spec(**kwargs) -> dict[str, FieldSpec]:
+    """A field's metadata: `field(default=..., metadata=spec(le=2.0))`."""
+    return {"spec": FieldSpec(**kwargs)}
+
+
+class DecodingFieldError(ConfigError):
+    """A DecodingConfig value out of its range; `field` names it (the API answers a 400 naming that field)."""
+
+    def __init__(self, field_name: str, rule: str) -> None:
+        super().__init__(f"{field_name} {rule}")  # "top_p must be in (0, 1], not 0"
+        self.field = field_name
+
+
+@dataclass(frozen=True)
 class DecodingConfig:
     """How to decode. Greedy by default (deterministic, what evaluation reports).
 
-    - `do_sample=False` -> greedy; the sampling fields are then ignored. `temperature <= 0` also
-      means greedy (the OpenAI convention), whatever `do_sample` says.
-    - `top_k=0` and `top_p=1.0` disable those filters. `repetition_penalty=1.0` is off.
-    - `no_repeat_ngram_size=N` (> 0) forbids any N-token sequence from occurring twice, prompt
-      included (Hugging Face's n-gram blocking; 0 = off). It stays deterministic under greedy
-      decoding and stops small models' phrase loops; N counts *tokens*, so pick it per tokenizer
-      (SmolLM2 spends ~2.5 byte tokens on a Chinese character, Llama-3 about one).
-    - `seed` makes sampling reproducible (the same seed and prompts give the same text).
-    - `stop`: strings that end the text; the text is cut before the first one (finish_reason "stop").
-    - Character-level repetition control (adgen.generation.repetition; on by default, greedy and
-      sampled alike): `dry_multiplier` (0 = off), `dry_base`, `dry_allowed_length` (characters) and
-      `dry_sequence_breakers` -- DRY on characters: a candidate that would extend a sequence of L >=
-      allowed characters already written loses multiplier * base ** (L - allowed) from its logit;
-      `no_repeat_char_ngram=N` (0 = off) bans any character N-gram from occurring twice;
-      `loop_detection` stops a completion whose tail repeats, trims the repeats, finish_reason "loop".
-    - Room to end, then an ending (on by default): past `end_after_chars` characters a clause end
-      ("，") becomes a sentence end ("。" takes the comma's probability), and right after a sentence
-      end (。！？) the end-of-turn token gets a logit bonus of `end_bias_per_char` per character past
-      `end_after_chars`. The text ends at a sentence end near the length of real copy instead of
-      listing phrases to the token limit; it never cuts a sentence or a character.
-    - `banned_strings`: text never written, in any tokenization (default "<UNK>": 31% of AdGen's train
-      references hold that placeholder, so a tuned model learns to write it; no merchant can publish it).
-      A merchant's own list (brand rules, competitor names) goes here too; `ad_law_banned_strings()` are
-      the Advertising Law's absolute terms (describe() names them as one item).
-    - `max_new_tokens=None` sizes the limit from the tokenizer (`max_new_tokens_for`): room for
-      ROOM_CHARS characters, so a model that would end can.
-    The model's own end-of-turn ids always stop generation; they are not configured here.
+    Each field's comment is its help for `adgen generate` / `eval` (`--<field-name>`), the API (both
+    request bodies and /openapi.json) and the web UI: all are derived from these fields
+    (`adgen.generation.decoding_fields`). Character-level repetition control (adgen.generation.repetition;
+    greedy and sampled alike) and the length-aware ending are on by default: the text ends at a sentence end
+    near the length of real copy instead of listing phrases to the token limit, and never cuts a sentence or
+    a character. The model's own end-of-turn ids always stop generation; they are not configured here.
     """
 
-    max_new_tokens: int | None = None
+    # most tokens to generate; none: sized from the tokenizer to hold ~190 characters (448 for SmolLM2, 224 for
+    # Llama-3), so a model that would end can
+    max_new_tokens: int | None = field(default=None, metadata=spec(api_name="max_tokens", ge=1))
+    # sample instead of greedy decoding (a sampling setting -- temperature, top_p, top_k -- implies it)
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    # sampling temperature; 0 = greedy whatever do_sample says (the OpenAI convention)
+    temperature: float = field(default=1.0, metadata=spec(ge=0.0, le=2.0, sampling=True, suggested=0.95))
+    # nucleus sampling: sample from the most likely tokens that hold this probability (1.0 = off)
+    top_p: float = field(default=1.0, metadata=spec(gt=0.0, le=1.0, sampling=True, suggested=0.7))
+    # sample from the k most likely tokens only (0 = off)
+    top_k: int = field(default=0, metadata=spec(ge=0, sampling=True))
+    # Hugging Face's token repetition penalty (1.0 = off; 1.1-1.3 usual)
+    repetition_penalty: float = field(default=1.0, metadata=spec(ge=0.01, le=10.0))
+    # never repeat an N-token sequence, prompt included (0 = off; Hugging Face's n-gram blocking): stays
+    # greedy, stops phrase loops; N counts tokens (SmolLM2 spends ~2.5 on a Chinese character, Llama-3 about
+    # one); hf backend only
+    no_repeat_ngram_size: int = field(default=0, metadata=spec(ge=0, le=64))
+    # random seed: the same seed and prompts give the same sampled text
     seed: int | None = None
-    stop: tuple[str, ...] = ()
-    dry_multiplier: float = 1.5  # 0.8 in llama.cpp; 1.5 chosen on dev records 17-80 (docs/BENCHMARK_NOTES.md section 3)
-    dry_base: float = 1.75
-    dry_allowed_length: int = 3
-    dry_sequence_breakers: tuple[str, ...] = ("\n",)
-    no_repeat_char_ngram: int = 0
+    # strings that end the text: it is cut before the first one (finish_reason stop)
+    stop: tuple[str, ...] = field(default=(), metadata=spec(item_chars=(1, 64), one_or_list=True))
+    # character-level DRY: a candidate that would extend a sequence of L >= dry_allowed_length characters
+    # already written loses dry_multiplier * dry_base ** (L - allowed) from its logit (0 = off; 0.8 in
+    # llama.cpp, 1.5 chosen on dev records 17-80: docs/BENCHMARK_NOTES.md section 3)
+    dry_multiplier: float = field(default=1.5, metadata=spec(ge=0.0, le=10.0))
+    # DRY's growth per further repeated character
+    dry_base: float = field(default=1.75, metadata=spec(ge=1.0, le=4.0))
+    # repeats of up to this many characters cost no DRY penalty
+    dry_allowed_length: int = field(default=3, metadata=spec(ge=1, le=64))
+    # characters (one each) that a DRY sequence never extends across
+    dry_sequence_breakers: tuple[str, ...] = field(default=("\n",), metadata=spec(max_items=16, item_chars=(1, 1)))
+    # never write the same N characters twice (0 = off, else N >= 2)
+    no_repeat_char_ngram: int = field(default=0, metadata=spec(ge=0, le=64))
+    # stop a completion whose tail repeats and trim the repeats (finish_reason loop)
     loop_detection: bool = True
-    end_after_chars: int = 120  # AdGen references: mean 111 characters
-    end_bias_per_char: float = 0.2
-    banned_strings: tuple[str, ...] = field(default_factory=lambda: default_banned_strings())
+    # past this many characters a clause end (，) becomes a sentence end (。 takes the comma's probability)
+    # and ending right after it is favoured (0 = off; AdGen references: mean 111 characters)
+    end_after_chars: int = field(default=120, metadata=spec(ge=0, le=4096))
+    # logit bonus of the end-of-turn token right after a sentence end (。！？), per character past end_after_chars
+    end_bias_per_char: float = field(default=0.2, metadata=spec(ge=0.0, le=10.0))
+    # text never written, in any tokenization (a merchant's brand rules, competitor names); a list adds to the
+    # defaults: <UNK> (AdGen's placeholder, in 31% of its train references) and the Advertising Law's absolute
+    # terms (adgen/resources/compliance/ad_law_terms.json); an empty list drops them
+    banned_strings: tuple[str, ...] = field(default_factory=lambda: default_banned_strings(),
+                                            metadata=spec(max_items=16, item_chars=(1, 64), adds_to_default=True))
 
     def __post_init__(self) -> None:
         # Accept a list (or a single string) for `stop`, keep a hashable tuple.
@@ -120,39 +157,48 @@ class DecodingConfig:
         return not self.do_sample or self.temperature <= 0
 
     def validate(self) -> None:
+        """The one range check of every field (the CLI's, the API's -- a 400 naming the field -- and the library's)."""
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise ConfigError(f"max_new_tokens must be a positive integer (or None: sized from the tokenizer), not {self.max_new_tokens!r}")
+            raise DecodingFieldError("max_new_tokens",
+                                     f"must be a positive integer (or None: sized from the tokenizer), not {self.max_new_tokens!r}")
         if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, not {self.temperature}")
+            raise DecodingFieldError("temperature", f"must be >= 0, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
+            raise DecodingFieldError("top_p", f"must be in (0, 1], not {self.top_p}")
         if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
+            raise DecodingFieldError("top_k", f"must be >= 0 (0 = off), not {self.top_k}")
         if not 0.01 <= self.repetition_penalty <= 100:  # 5e-324 divides a logit into inf: NaN probabilities
-            raise ConfigError(f"repetition_penalty must be in [0.01, 100] (1.0 = off; 1.1-1.3 usual), "
-                              f"not {self.repetition_penalty}")
+            raise DecodingFieldError("repetition_penalty", f"must be in [0.01, 100] (1.0 = off; "
+                                     f"1.1-1.3 usual), not {self.repetition_penalty}")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
-            raise ConfigError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), not {self.no_repeat_ngram_size!r}")
+            raise DecodingFieldError("no_repeat_ngram_size",
+                                     f"must be an integer >= 0 (0 = off), not {self.no_repeat_ngram_size!r}")
         if any(not isinstance(s, str) for s in self.stop):
-            raise ConfigError("stop must be a list of strings")
+            raise DecodingFieldError("stop", "must be a list of strings")
         if not self.dry_multiplier >= 0:
-            raise ConfigError(f"dry_multiplier must be >= 0 (0 = off; 1.5 here, 0.8 in llama.cpp), not {self.dry_multiplier}")
+            raise DecodingFieldError("dry_multiplier",
+                                     f"must be >= 0 (0 = off; 1.5 here, 0.8 in llama.cpp), not {self.dry_multiplier}")
         if not self.dry_base >= 1.0:
-            raise ConfigError(f"dry_base must be >= 1 (1.75 is the usual value), not {self.dry_base}")
+            raise DecodingFieldError("dry_base", f"must be >= 1 (1.75 is the usual value), not {self.dry_base}")
         if not isinstance(self.dry_allowed_length, int) or self.dry_allowed_length < 1:
-            raise ConfigError(f"dry_allowed_length must be an integer >= 1 (characters), not {self.dry_allowed_length!r}")
+            raise DecodingFieldError("dry_allowed_length",
+                                     f"must be an integer >= 1 (characters), not {self.dry_allowed_length!r}")
         if any(not isinstance(b, str) or len(b) != 1 for b in self.dry_sequence_breakers):
-            raise ConfigError(f"dry_sequence_breakers must be single characters, not {list(self.dry_sequence_breakers)!r}")
+            raise DecodingFieldError("dry_sequence_breakers",
+                                     f"must be single characters, not {list(self.dry_sequence_breakers)!r}")
         if not isinstance(self.no_repeat_char_ngram, int) or self.no_repeat_char_ngram < 0 or self.no_repeat_char_ngram == 1:
-            raise ConfigError(f"no_repeat_char_ngram must be 0 (off) or an integer >= 2 (characters), not {self.no_repeat_char_ngram!r}")
+            raise DecodingFieldError("no_repeat_char_ngram",
+                                     f"must be 0 (off) or an integer >= 2 (characters), not {self.no_repeat_char_ngram!r}")
         if not isinstance(self.end_after_chars, int) or isinstance(self.end_after_chars, bool) or self.end_after_chars < 0:
-            raise ConfigError(f"end_after_chars must be an integer >= 0 (characters; 0 = off), not {self.end_after_chars!r}")
+            raise DecodingFieldError("end_after_chars",
+                                     f"must be an integer >= 0 (characters; 0 = off), not {self.end_after_chars!r}")
         if not self.end_bias_per_char >= 0:
-            raise ConfigError(f"end_bias_per_char must be >= 0 (logits per character; 0 = off), not {self.end_bias_per_char}")
+            raise DecodingFieldError("end_bias_per_char",
+                                     f"must be >= 0 (logits per character; 0 = off), not {self.end_bias_per_char}")
         if any(not isinstance(b, str) or not b for b in self.banned_strings):
-            raise ConfigError(f"banned_strings must be non-empty strings, not {list(self.banned_strings)!r}")
+            raise DecodingFieldError("banned_strings", f"must be non-empty strings, not {list(self.banned_strings)!r}")
         if not isinstance(self.loop_detection, bool):
-            raise ConfigError(f"loop_detection must be true or false, not {self.loop_detection!r}")
+            raise DecodingFieldError("loop_detection", f"must be true or false, not {self.loop_detection!r}")
 
     @property
     def ends_copy(self) -> bool:
@@ -173,8 +219,10 @@ class DecodingConfig:
         if n < 1:
             raise ConfigError(f"-n must be >= 1, not {n}")
         if n > 1 and self.greedy:
+            usual = " ".join(f"--{f.name.replace('_', '-')} {f.metadata['spec'].suggested}" for f in fields(self)
+                             if "spec" in f.metadata and f.metadata["spec"].suggested is not None)
             raise ConfigError(f"-n {n} with greedy decoding gives {n} identical candidates: add --do-sample "
-                              "(and e.g. --temperature 0.95 --top-p 0.7)")
+                              f"(and e.g. {usual})")
 
     def replace(self, **changes) -> "DecodingConfig":
         return replace(self, **changes)
@@ -210,13 +258,13 @@ class DecodingConfig:
         if self.ends_copy:
             s += f", ending after {self.end_after_chars} chars (+{self.end_bias_per_char}/char)"
         if self.banned_strings:
-            s += f", never writes {_banned_summary(self.banned_strings)}"
+            s += f", never writes {summarize_strings(self.banned_strings)}"
         if self.loop_detection:
             s += ", loop detection"
         return s
 
 
-def _banned_summary(banned: tuple[str, ...], show: int = 8) -> str:
+def summarize_strings(banned: tuple[str, ...], show: int = 8) -> str:
     """`<UNK>`, or `<UNK> + the Advertising Law's absolute terms (74)` -- never 80 terms in a report line."""
     parts: list[str] = []
     rest = banned

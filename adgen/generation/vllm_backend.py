@@ -8,6 +8,7 @@ The prompt ids come from the same `ChatFormatter` as the HF backend, and the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from adgen.errors import AdgenError, ConfigError
-from adgen.generation.config import GENERATION_BATCH_SIZE, DecodingConfig, Generation
+from adgen.generation.config import GENERATION_BATCH_SIZE, PLAIN_FIELDS, DecodingConfig, Generation
+from adgen.generation.decoding_fields import field_named
 from adgen.generation.protocol import check_prompts
 from adgen.generation.repetition import trim_loop
 from adgen.generation.text import clean_text, cut_at_stop
@@ -170,27 +172,21 @@ class VLLMGenerator:
         return (config or DecodingConfig()).for_tokenizer(self.tokenizer)
 
     def sampling_params(self, config: DecodingConfig):
-        if config.dry_multiplier > 0 or config.no_repeat_char_ngram:
+        """vLLM's SamplingParams for `config`, field by field as VLLM_PARAMS says; a refused field is an
+        error, a VLLM_WITHOUT one that is on is a warning."""
+        refused = [name for name in VLLM_REFUSED if getattr(config, name) != field_named(name).default]
+        if refused:
+            raise ConfigError(f"{', '.join(refused)} is not supported by the vllm backend; use --backend hf, or "
+                              f"{', '.join(VLLM_REFUSED[name] for name in refused)}")
+        dropped = [name for name in VLLM_WITHOUT if name in PLAIN_FIELDS and getattr(config, name) != PLAIN_FIELDS[name]]
+        if dropped:
             # vLLM samples inside its engine, where adgen's per-request character state cannot run.
-            log.warning("character-level DRY / n-gram ban run on the hf backend only; vllm decodes without them "
-                        "(loop detection still trims looping texts afterwards)")
-        if config.no_repeat_ngram_size:
-            raise ConfigError(
-                "no_repeat_ngram_size is not supported by the vllm backend; use --backend hf, "
-                "or repetition_penalty")
+            log.warning("%s run on the hf backend only; vllm decodes without them (loop detection still trims "
+                        "looping texts afterwards)", ", ".join(dropped))
         from vllm import SamplingParams
 
-        return SamplingParams(
-            max_tokens=config.max_new_tokens,
-            temperature=0.0 if config.greedy else config.temperature,
-            top_p=1.0 if config.greedy else config.top_p,
-            top_k=-1 if config.greedy or config.top_k == 0 else config.top_k,
-            repetition_penalty=config.repetition_penalty,
-            seed=config.seed,
-            stop=list(config.stop) or None,
-            stop_token_ids=self.stop_token_ids,
-            skip_special_tokens=True,
-        )
+        params = {param: _vllm_value(config, name) for name, param in VLLM_PARAMS.items()}
+        return SamplingParams(**params, stop_token_ids=self.stop_token_ids, skip_special_tokens=True)
 
     def generate(self, prompts: Sequence, config: DecodingConfig | None = None) -> list[Generation]:
         prompts = check_prompts(prompts)
@@ -225,6 +221,36 @@ class VLLMGenerator:
         return DoneStream(self.generate([prompt], config)[0], cancel)
 
 
+# How each DecodingConfig field reaches vLLM (tests/test_decoding_fields.py checks that each is named once).
+# Its SamplingParams keyword (the value from `_vllm_value`):
+VLLM_PARAMS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+               "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop"}
+# Applied around vLLM: do_sample (greedy = temperature 0, no top-p / top-k), loop_detection (a text that ran to
+# the limit is checked for a loop and trimmed afterwards).
+VLLM_AROUND = ("do_sample", "loop_detection")
+# Character-level shaping, which needs adgen's per-request state inside sampling: hf backend only, vllm decodes
+# without it (a warning says so when one is on).
+VLLM_WITHOUT = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers", "no_repeat_char_ngram",
+                "end_after_chars", "end_bias_per_char", "banned_strings")
+# Refused when set (no vLLM equivalent): the field -> what to use instead.
+VLLM_REFUSED = {"no_repeat_ngram_size": "repetition_penalty"}
+
+
+# Greedy decoding in vLLM's terms: DecodingConfig's sampling settings are then ignored.
+VLLM_GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
+
+
+def _vllm_value(config: DecodingConfig, name: str):
+    if config.greedy and field_named(name).spec.sampling:
+        return VLLM_GREEDY[name]
+    value = getattr(config, name)
+    if name == "top_k":
+        return -1 if value == 0 else value  # vLLM's "off"
+    if name == "stop":
+        return list(value) or None
+    return value
+
+
 def vllm_dtype(dtype: str | None) -> str:
     """vLLM's dtype name. "auto" is resolved here, not by vLLM: vLLM's own auto takes fp16 on GPUs without native
     bf16 (V100, T4), and adgen never picks fp16 unless asked (bf16 where native, fp32 elsewhere)."""
@@ -238,8 +264,9 @@ def vllm_dtype(dtype: str | None) -> str:
     return name
 
 
-class DoneStream:
-    """A finished generation dressed as a `TextStream`: one piece, then finish_reason and counts."""
+class DoneStream(contextlib.AbstractContextManager):
+    """A finished generation dressed as a `TextStream`: one piece, then finish_reason and counts
+    (`with` closes it, as a TextStream)."""
 
     def __init__(self, generation: Generation, cancel: threading.Event | None = None) -> None:
         self._generation = generation
@@ -264,9 +291,6 @@ class DoneStream:
 
     def close(self) -> None:
         self.cancel.set()
-
-    def __enter__(self) -> "DoneStream":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -5,6 +5,7 @@
     POST /v1/adcopy             attributes -> ad copy + faithfulness figures (stream or not)
     GET  /health                model, adapter, device, uptime, queue figures
     GET  /metrics               Prometheus text format: requests, tokens, queue, batch, TTFT / latency histograms
+    GET  /openapi.json          the OpenAPI schema: both request bodies with every decoding field (from DecodingConfig)
     /ui                         the Gradio web UI
 
 Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Bodies are
@@ -54,7 +55,7 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
         version="0.1.0",
         docs_url=None,  # no Swagger page: it loads its assets from a CDN and is one more open route
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",  # the contract, for client generators and fuzzers (behind the API key)
     )
     app.state.adgen = state
     _add_error_handlers(app)
@@ -66,9 +67,10 @@ def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
     async def root():
         if ui_enabled:
             return RedirectResponse("/ui/")
-        return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/models", "/v1/adcopy", "/health"]}
+        return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/models", "/v1/adcopy", "/health",
+                                               "/openapi.json"]}
 
-    app.openapi = lambda: _openapi(app)  # no public route serves it (openapi_url=None); tests fuzz from it
+    app.openapi = lambda: _openapi(app)  # what /openapi.json serves
     if ui_enabled:
         from adgen.serve.webui import mount_ui
 

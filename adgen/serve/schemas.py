@@ -2,28 +2,29 @@
 
 Unknown fields are ignored (OpenAI clients send many), except the few whose meaning we cannot honour
 (tools, logprobs, non-zero penalties, JSON mode): those are refused rather than silently dropped.
-Limits that depend on the server's settings (max_tokens, n, prompt length) are checked in api.py.
+The decoding fields of both bodies are generated from `DecodingConfig` (`decoding_schema.DecodingFields`).
+Limits that depend on the server's settings (max_tokens, n, stop count, prompt length) are checked in
+`service.py`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from adgen.serve.decoding_schema import STRICT, DecodingFields
 from adgen.serve.security import ApiError
-
-_STRICT = ConfigDict(strict=True, extra="ignore")
 
 
 class TextPart(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -41,70 +42,8 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     include_usage: bool = False
-
-
-class DecodingFields(BaseModel):
-    """Sampling options shared by both endpoints. temperature 0 (or none given) = greedy."""
-
-    model_config = _STRICT
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None  # a subnormal one makes NaN logits
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    # adgen's extensions (not OpenAI fields): character-level repetition control, on by default
-    dry_multiplier: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
-    dry_base: Annotated[float, Field(ge=1.0, le=4.0)] | None = None
-    dry_allowed_length: Annotated[int, Field(ge=1, le=64)] | None = None
-    no_repeat_char_ngram: Annotated[int, Field(ge=0, le=64)] | None = None
-    loop_detection: bool | None = None
-    end_after_chars: Annotated[int, Field(ge=0, le=4096)] | None = None
-    end_bias_per_char: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
-    banned_strings: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=16)] | None = None
-
-    @field_validator("no_repeat_char_ngram")
-    @classmethod
-    def _ngram(cls, v):
-        if v == 1:
-            raise ValueError("no_repeat_char_ngram must be 0 (off) or >= 2")
-        return v
-
-    def repetition_fields(self) -> dict[str, Any]:
-        names = ("dry_multiplier", "dry_base", "dry_allowed_length", "no_repeat_char_ngram", "loop_detection",
-                 "end_after_chars", "end_bias_per_char", "banned_strings")
-        fields = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        if self.banned_strings:  # a merchant's list adds to the defaults ("<UNK>", the Advertising Law's terms)
-            from adgen.generation.config import default_banned_strings
-
-            base = default_banned_strings()
-            fields["banned_strings"] = base + tuple(dict.fromkeys(b for b in self.banned_strings if b not in base))
-        return fields  # banned_strings: [] drops the defaults
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_nonempty(cls, v):
-        items = [v] if isinstance(v, str) else (v or [])
-        if any(not s for s in items):
-            raise ValueError("stop strings must not be empty")
-        return v
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def sampling(self) -> bool:
-        if self.temperature is not None:
-            return self.temperature > 0
-        return self.top_p is not None and self.top_p < 1.0 or bool(self.top_k)
 
 
 class ChatCompletionRequest(DecodingFields):

@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from adgen.generation.config import DecodingConfig, DecodingFieldError
+from adgen.generation.decoding_fields import field_named
+from adgen.serve.decoding_schema import DecodingRequest
 from adgen.serve.scheduler import Scheduler
 from adgen.serve.security import ApiError
 from adgen.serve.settings import Limits, ServeSettings
@@ -165,14 +168,11 @@ class ServeState:
         """max_tokens of a request that names none: the server's setting, else sized from the tokenizer."""
         if self.limits.default_max_tokens is not None:
             return self.limits.default_max_tokens
-        from adgen.generation import DecodingConfig
-
         return min(self.generator.resolve(DecodingConfig()).max_new_tokens, self.limits.max_tokens)
 
-    def decoding_config(self, req, n: int = 1):
-        """A DecodingConfig from the request's decoding fields, within the server's caps."""
-        from adgen.generation import DecodingConfig
-
+    def decoding_config(self, req: DecodingRequest, n: int = 1) -> DecodingConfig:
+        """A DecodingConfig from the request's decoding fields, within the server's caps; a value that
+        `DecodingConfig.validate()` refuses is a 400 naming the request's field."""
         lim = self.limits
         max_tokens = req.requested_max_tokens()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -183,28 +183,14 @@ class ServeState:
             )
         if n > lim.max_n:
             raise ApiError(400, f"n is {n}; this server allows at most {lim.max_n}", param="n", code="n_too_large")
-        stop = req.stop_list()
-        if len(stop) > lim.max_stop:
+        if len(req.stop_list()) > lim.max_stop:
             raise ApiError(400, f"at most {lim.max_stop} stop strings are allowed", param="stop")
-        if any(len(s) > 64 for s in stop):
-            raise ApiError(400, "a stop string may be at most 64 characters", param="stop")
-        sampling = req.sampling()
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_tokens or self.default_max_tokens,
-            do_sample=sampling,
-            stop=tuple(stop),
-            seed=req.seed,
-        )
-        if sampling:
-            kwargs.update(
-                temperature=req.temperature if req.temperature is not None else 1.0,
-                top_p=req.top_p if req.top_p is not None else 1.0,
-                top_k=req.top_k or 0,
-            )
-        if req.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = req.repetition_penalty
-        kwargs.update(req.repetition_fields())
-        return DecodingConfig(**kwargs)
+        values = req.decoding_values()
+        values.setdefault("max_new_tokens", self.default_max_tokens)
+        try:
+            return DecodingConfig(**values)
+        except DecodingFieldError as e:
+            raise ApiError(400, str(e), param=field_named(e.field).api_name, code="invalid_value") from None
 
     # ---- attributes and figures ---------------------------------------------------------------
     @staticmethod

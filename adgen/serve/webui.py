@@ -17,9 +17,11 @@ reaches the internet: analytics off, no share links, local fonts only, SSR off.
 import asyncio
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from adgen.generation.config import DecodingConfig
+from adgen.generation.decoding_fields import DecodingField, field_named, without_unused_sampling
 from adgen.serve.security import check_ui_login
 from adgen.serve.service import ServeState
 
@@ -27,7 +29,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 UI_PATH = "/ui"
 N_ROWS = 8
-_DEFAULT = DecodingConfig()  # the decoding panel starts at the library's defaults
 CATEGORY_KEY = "类型"
 _VALUE_SEP = re.compile(r"[,，、;；]")
 
@@ -200,42 +201,70 @@ def build_ui(state: ServeState):
     return demo
 
 
+@dataclass(frozen=True)
+class PanelControl:
+    """One DecodingConfig field in the decoding panel: its Chinese label and, for a slider, its range and step
+    (the value it starts at and its help come from the field)."""
+
+    field: str
+    label: str
+    # (lowest, highest -- None: the server's max_tokens cap --, step); None: a number box or a checkbox
+    slider: tuple[float, float | None, float] | None = None
+
+
+# The fields the panel shows, in order (the others keep their defaults).
+PANEL = (
+    PanelControl("max_new_tokens", "max_tokens", (8, None, 8)),
+    PanelControl("do_sample", "采样 sampling（关闭 = greedy，结果可复现）"),
+    PanelControl("temperature", "temperature", (0.05, 2.0, 0.05)),
+    PanelControl("top_p", "top_p", (0.05, 1.0, 0.05)),
+    PanelControl("seed", "seed（采样时使用，-1 = 随机）"),
+    PanelControl("dry_multiplier", "字级重复惩罚 DRY（0 = 关闭）", (0.0, 3.0, 0.1)),
+    PanelControl("no_repeat_char_ngram", "禁止重复的字数 N（0 = 关闭）"),
+    PanelControl("end_after_chars", "收尾字数（0 = 关闭）", (0, 300, 10)),
+    PanelControl("loop_detection", "循环检测：文本开始循环时停止并删去重复部分"),
+)
+UNSET = -1  # a number box's value for an optional field left unset (seed: none)
+
+
 def _decoding_panel(gr, state: ServeState) -> list:
-    """The decoding accordion: [max_tokens, sampling, temperature, top_p, seed, dry, ngram, ending, loops]."""
-    limits = state.limits
+    """The decoding accordion: one control per PANEL entry, started at the field's default (a sampling
+    setting at its usual value; max_tokens at the server's default)."""
+    controls = []
     with gr.Accordion("解码设置 decoding", open=False):
-        max_tokens = gr.Slider(8, limits.max_tokens, value=state.default_max_tokens,
-                               step=8, label="max_tokens", elem_id="max-tokens")
-        sampling = gr.Checkbox(value=False, label="采样 sampling（关闭 = greedy，结果可复现）")
-        temperature = gr.Slider(0.05, 2.0, value=0.95, step=0.05, label="temperature")
-        top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="top_p")
-        seed = gr.Number(value=-1, precision=0, label="seed（采样时使用，-1 = 随机）")
-        dry = gr.Slider(0.0, 3.0, value=_DEFAULT.dry_multiplier, step=0.1, elem_id="dry-multiplier",
-                        label="字级重复惩罚 DRY（0 = 关闭）",
-                        info=f"续写会重复已写过的 {_DEFAULT.dry_allowed_length} 字以上片段时降低其概率")
-        ngram = gr.Number(value=_DEFAULT.no_repeat_char_ngram, precision=0, minimum=0, maximum=64,
-                          label="禁止重复的字数 N（0 = 关闭）", elem_id="no-repeat-char-ngram")
-        ending = gr.Slider(0, 300, value=_DEFAULT.end_after_chars, step=10, elem_id="end-after-chars",
-                           label="收尾字数（0 = 关闭）",
-                           info="超过这个字数后，在下一个分句处结束句子并倾向于收尾")
-        loops = gr.Checkbox(value=_DEFAULT.loop_detection, elem_id="loop-detection",
-                            label="循环检测：文本开始循环时停止并删去重复部分")
-    return [max_tokens, sampling, temperature, top_p, seed, dry, ngram, ending, loops]
+        for c in PANEL:
+            f = field_named(c.field)
+            value = state.default_max_tokens if f.name == "max_new_tokens" else _start_value(f)
+            common = dict(value=value, label=c.label, info=f.help, elem_id=f.api_name.replace("_", "-"))
+            if f.type is bool:
+                controls.append(gr.Checkbox(**common))
+            elif c.slider is not None:
+                low, high, step = c.slider
+                controls.append(gr.Slider(low, state.limits.max_tokens if high is None else high, step=step, **common))
+            else:
+                controls.append(gr.Number(precision=0 if f.type is int else None, minimum=f.spec.ge,
+                                          maximum=f.spec.le, **common))
+    return controls
+
+
+def _start_value(f: DecodingField):
+    if f.spec.suggested is not None:
+        return f.spec.suggested
+    return UNSET if f.default is None else f.default
 
 
 def _generate_handler(gr, state: ServeState, running: dict, cancel_session, compare_ok: bool):
     """The Generate button: form -> prompt -> one stream (two with the base model beside it), shown as it comes."""
-    limits = state.limits
 
     async def generate(request: gr.Request, *args):
         (cat, *kv), rest = args[: 1 + 2 * N_ROWS], args[1 + 2 * N_ROWS :]
-        raw_s, style_s, length_v, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, end_v, loops_v, cmp = rest
+        raw_s, style_s, length_v, *panel, cmp = rest
         rows = list(zip(kv[0::2], kv[1::2]))
         try:
             content, pairs = form_to_content(cat, rows, raw_s)
             messages = state.adcopy_messages(content, style_s, int(length_v or 0) or None)
             state.check_prompt(messages, param="attributes")
-            config = _ui_config(limits, max_t, samp, temp, topp, seed_v, dry_v, ngram_v, loops_v, end_v)
+            config = _ui_config(state, {c.field: v for c, v in zip(PANEL, panel)})
         except Exception as e:  # ValueError, ApiError: shown, never raised into Gradio
             yield "", "", "", "", f"⚠️ {getattr(e, 'message', None) or e}"
             return
@@ -274,22 +303,18 @@ def _generate_handler(gr, state: ServeState, running: dict, cancel_session, comp
     return generate
 
 
-def _ui_config(limits, max_tokens, sampling, temperature, top_p, seed, dry=None, ngram=None, loops=None, ending=None):
-    from adgen.generation import DecodingConfig
-
-    max_tokens = max(1, min(int(max_tokens or limits.default_max_tokens or 256), limits.max_tokens))
-    repetition = dict(
-        dry_multiplier=float(_DEFAULT.dry_multiplier if dry is None else dry),
-        no_repeat_char_ngram=int(_DEFAULT.no_repeat_char_ngram if ngram in (None, "") else ngram),
-        loop_detection=bool(_DEFAULT.loop_detection if loops is None else loops),
-        end_after_chars=int(_DEFAULT.end_after_chars if ending in (None, "") else ending),
-    )
-    if not sampling:
-        return DecodingConfig(max_new_tokens=max_tokens, **repetition)
-    return DecodingConfig(
-        max_new_tokens=max_tokens, do_sample=True, temperature=float(temperature), top_p=float(top_p),
-        seed=int(seed) if seed not in (None, "") and int(seed) >= 0 else None, **repetition,
-    )
+def _ui_config(state: ServeState, shown: dict[str, Any]) -> DecodingConfig:
+    """The panel's values (field name -> value) as a DecodingConfig: Gradio's numbers as the field's type, an
+    optional field below 0 left unset, max_tokens within the server's cap (0 / empty: the server's default)."""
+    values: dict[str, Any] = {}
+    for name, value in shown.items():
+        f = field_named(name)
+        if value in (None, "") or (f.optional and value < 0):  # e.g. seed -1 (UNSET): none
+            continue
+        values[name] = f.type(value)
+    max_tokens = values.get("max_new_tokens") or state.default_max_tokens
+    values["max_new_tokens"] = max(1, min(max_tokens, state.limits.max_tokens))
+    return DecodingConfig(**without_unused_sampling(values))
 
 
 def mount_ui(app, state: ServeState) -> None:
