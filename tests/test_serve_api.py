@@ -32,10 +32,10 @@ CONTENT = "类型#裙*颜色#黑色*风格#简约"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama3_dir, tiny_llama3_lora_dir, tiny_llama3_lora_b_dir):
+def server(tiny_llama3_dir, tiny_llama3_lora_dir, tiny_llama3_lora_b_dir, tmp_path_factory):
     settings = ServeSettings(
         model=str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_dir), api_key=KEY, limits=LIMITS, batch_size=8,
-        extra_adapters={"brand-b": str(tiny_llama3_lora_b_dir)},
+        extra_adapters={"brand-b": str(tiny_llama3_lora_b_dir)}, state_dir=str(tmp_path_factory.mktemp("state")),
     )
     state, app = build(settings)
     with ServerThread(app, state=state) as srv:
@@ -701,20 +701,27 @@ def test_shutdown_cancels_running_and_waiting_streams_cleanly(tiny_llama3_dir):
 
 # ---- fuzz: the API's own OpenAPI schema, positive and negative cases, never a 5xx ----------------
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_llama3_dir, tiny_llama3_lora_dir):
+def fuzz_server(tiny_llama3_dir, tiny_llama3_lora_dir, tmp_path_factory):
     """Its own server with small caps, so every valid case the fuzzer makes generates only a few tokens."""
     limits = Limits(max_body_bytes=16_000, max_prompt_chars=2_000, max_prompt_tokens=256, max_tokens=6,
-                    default_max_tokens=4, max_n=2, max_queue=64)
+                    default_max_tokens=4, max_n=2, max_queue=64, max_file_bytes=8_000, max_batch_lines=8)
     settings = ServeSettings(model=str(tiny_llama3_dir), adapter=str(tiny_llama3_lora_dir), api_key=KEY,
-                             limits=limits, batch_size=4, ui=False)
+                             limits=limits, batch_size=4, ui=False, state_dir=str(tmp_path_factory.mktemp("fuzz")))
     state, app = build(settings)
     with ServerThread(app, state=state) as srv:
         yield srv
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/adcopy"])
-def test_fuzz_from_the_openapi_schema_never_gets_a_5xx(fuzz_server, path, mode):
+BODY_ROUTES = [("/v1/chat/completions", "POST"), ("/v1/adcopy", "POST"), ("/v1/completions", "POST"),
+               ("/v1/files", "POST"), ("/v1/batches", "POST")]
+# routes whose only inputs are strings in the path or query: every string is valid there, so no negative cases
+PATH_ROUTES = [("/v1/files/{file_id}", "GET"), ("/v1/files/{file_id}/content", "GET"), ("/v1/files/{file_id}", "DELETE"),
+               ("/v1/batches", "GET"), ("/v1/batches/{batch_id}", "GET"), ("/v1/batches/{batch_id}/cancel", "POST")]
+
+
+@pytest.mark.parametrize("path,method,mode", [(p, m, mode) for p, m in BODY_ROUTES for mode in ("positive", "negative")]
+                         + [(p, m, "positive") for p, m in PATH_ROUTES])
+def test_fuzz_from_the_openapi_schema_never_gets_a_5xx(fuzz_server, path, method, mode):
     """schemathesis makes request bodies from the served schema (valid ones, and ones that break it on
     purpose), sent to the real server on loopback: every answer is < 500, and the broken ones are 4xx
     in OpenAI's error shape. Bounded: 30 cases per route and mode, derandomized (the same cases each run)."""
@@ -723,7 +730,7 @@ def test_fuzz_from_the_openapi_schema_never_gets_a_5xx(fuzz_server, path, mode):
     from schemathesis.openapi import from_dict
 
     served = httpx.get(fuzz_server.url + "/openapi.json", headers=AUTH, timeout=30).json()  # what clients read
-    operation = from_dict(served)[path]["POST"]
+    operation = from_dict(served)[path][method]
     statuses: list[int] = []
 
     @settings(max_examples=30, deadline=None, database=None, derandomize=True,
@@ -740,7 +747,7 @@ def test_fuzz_from_the_openapi_schema_never_gets_a_5xx(fuzz_server, path, mode):
     assert statuses
     if mode == "negative":
         assert any(400 <= s < 500 for s in statuses)
-    elif path == "/v1/chat/completions":
+    elif path in ("/v1/chat/completions", "/v1/completions"):
         assert 200 in statuses  # valid cases reach generation (adcopy's schema-valid attribute strings rarely parse)
     with httpx.Client(base_url=fuzz_server.url, headers=AUTH, timeout=30) as c:
         assert c.get("/health").json()["status"] == "ok"

@@ -354,7 +354,7 @@ def test_cors_only_when_configured(origins):
 
 
 def test_repetition_fields_reach_the_decoding_config_and_loops_are_reported():
-    from adgen.serve.api import _openai_finish, _stop_reason
+    from adgen.serve.endpoints import _finish
     from adgen.serve.schemas import ChatCompletionRequest, parse_body
     from adgen.serve.service import ServeState
 
@@ -369,8 +369,8 @@ def test_repetition_fields_reach_the_decoding_config_and_loops_are_reported():
     assert (cfg.dry_multiplier, cfg.no_repeat_char_ngram, cfg.loop_detection, cfg.dry_allowed_length) == (0, 5, False, 4)
     assert (cfg.end_after_chars, cfg.end_bias_per_char) == (0, 0.5) and default.ends_copy
     # a loop is an OpenAI "stop", with vLLM's stop_reason field saying why
-    assert _openai_finish("loop") == "stop" and _stop_reason("loop") == {"stop_reason": "loop"}
-    assert _stop_reason("stop") == {}
+    assert _finish("loop") == {"finish_reason": "stop", "stop_reason": "loop"}
+    assert _finish("stop") == {"finish_reason": "stop"} and _finish("length") == {"finish_reason": "length"}
 
 
 def test_a_subnormal_repetition_penalty_is_a_400_not_a_failed_generation():

@@ -63,6 +63,14 @@ def register(subparsers) -> None:
     g.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars)
     g.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body size (413 above)")
     g.add_argument("--max-queue", type=int, default=lim.max_queue, help="waiting requests (429 above)")
+    g.add_argument("--max-file-bytes", type=int, default=lim.max_file_bytes,
+                   help="one upload to /v1/files (413 above; default 100 MiB)")
+    g.add_argument("--max-batch-lines", type=int, default=lim.max_batch_lines,
+                   help="requests in one batch input file (default 50000, OpenAI's cap)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the Batch API keeps uploaded files, batches and each finished row; a restarted "
+                        "server with the same DIR resumes unfinished batches (default: $ADGEN_CACHE/serve, "
+                        "~/.cache/adgen/serve)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -80,6 +88,8 @@ def settings_from_args(args: argparse.Namespace):
                             else min(args.default_max_tokens, args.max_tokens_limit)),
         max_n=args.max_n,
         max_queue=args.max_queue,
+        max_file_bytes=args.max_file_bytes,
+        max_batch_lines=args.max_batch_lines,
     )
     limits.validate()
     if not 0 < args.gpu_memory_utilization <= 1:
@@ -111,6 +121,7 @@ def settings_from_args(args: argparse.Namespace):
         vocab=args.vocab,
         examples=args.examples,
         limits=limits,
+        state_dir=args.state_dir,
     )
 
 

@@ -2,7 +2,10 @@
 
     POST /v1/chat/completions   OpenAI chat API (stream, n, stop, seed, max_tokens, usage)
     GET  /v1/models             the served model (and "<base>" = adapter off, when an adapter is loaded)
+    POST /v1/completions        OpenAI's legacy completions: raw prompts, no chat template (stream, n, echo)
     POST /v1/adcopy             attributes -> ad copy + faithfulness figures (stream or not)
+    /v1/files, /v1/batches      OpenAI's Files and Batch APIs: a catalog run beside live traffic, at lower
+                                priority, kept under --state-dir and resumed after a restart (adgen.serve.batches)
     GET  /health                model, adapter, device, uptime, queue figures
     GET  /metrics               Prometheus text format: requests, tokens, queue, batch, TTFT / latency histograms
     GET  /openapi.json          the OpenAPI schema: both request bodies with every decoding field (from DecodingConfig)
@@ -15,60 +18,64 @@ come back as 400s that name the field.
 
 from __future__ import annotations
 
-import asyncio
-import json
+import contextlib
 import logging
-import time
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adgen.serve.scheduler import Abandoned, QueueFull
-from adgen.serve.schemas import AdcopyRequest, ChatCompletionRequest, parse_body
+from adgen.serve.batches import BatchRunner, BatchStore, FileLimits, FileStore, add_batch_routes
+from adgen.serve.endpoints import BODIES, add_generation_routes, batch_handlers
 from adgen.serve.security import ApiError, ApiKeyMiddleware, BodyLimitMiddleware, error_body
 from adgen.serve.service import ServeState
 
 log = logging.getLogger(__name__)
 
-# Framed by hand (one line), not yet with sse-starlette's EventSourceResponse: tried 2026-12-02, it watches for
-# disconnects itself and cancels the generator, which changes what a client leaving mid-stream cancels; the
-# disconnect test (test_a_disconnect_frees_its_slot_and_the_other_streams_go_on) is timing-sensitive under load
-# with either, so the switch was not shown to do the same job.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+# Rows of one batch queued on the scheduler at once: enough to fill the engine's slots and keep them full.
+BATCH_ROWS_IN_FLIGHT = 64
 
 
 def create_app(state: ServeState, *, ui: bool | None = None) -> FastAPI:
     settings = state.settings
+    limits = settings.limits
+    state_dir = settings.resolved_state_dir()
+    runner = BatchRunner(FileStore(state_dir, FileLimits(limits.max_file_bytes, limits.max_batch_lines)),
+                         BatchStore(state_dir), batch_handlers(state), in_flight=BATCH_ROWS_IN_FLIGHT,
+                         on_row=state.metrics.batch_row)
+    state.metrics.watch_batches(runner.store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        resumed = runner.resume_all()  # batches a previous server left unfinished
+        if resumed:
+            log.warning("resuming %d unfinished batch(es) from %s", len(resumed), state_dir)
+        yield
+        await runner.close()  # rows in flight stop; the batches stay resumable
+
     app = FastAPI(
         title="adgen",
         version="0.1.0",
         docs_url=None,  # no Swagger page: it loads its assets from a CDN and is one more open route
         redoc_url=None,
         openapi_url="/openapi.json",  # the contract, for client generators and fuzzers (behind the API key)
+        lifespan=lifespan,
     )
     app.state.adgen = state
+    app.state.batches = runner
     _add_error_handlers(app)
     _add_info_routes(app, state)
-    _add_generation_routes(app, state)
+    add_generation_routes(app, state)
+    add_batch_routes(app, runner)
     ui_enabled = settings.ui if ui is None else ui
 
     @app.get("/", include_in_schema=False)
     async def root():
         if ui_enabled:
             return RedirectResponse("/ui/")
-        return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/models", "/v1/adcopy", "/health",
-                                               "/openapi.json"]}
+        return {"service": "adgen", "routes": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adcopy",
+                                               "/v1/files", "/v1/batches", "/health", "/openapi.json"]}
 
     app.openapi = lambda: _openapi(app)  # what /openapi.json serves
     if ui_enabled:
@@ -95,10 +102,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         else:
             message, code = str(exc.detail), None
         return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(_ClientGone)
-    async def _client_gone(_request: Request, _exc: Exception):
-        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _server_error(_request: Request, exc: Exception):
@@ -133,71 +136,6 @@ def _add_info_routes(app: FastAPI, state: ServeState) -> None:
 
 
 
-def _add_generation_routes(app: FastAPI, state: ServeState) -> None:
-    """/v1/chat/completions and /v1/adcopy (streamed or not)."""
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await request.body())
-        use_adapter = state.use_adapter_for(req.model)
-        messages = [m.as_template_message() for m in req.messages]
-        config = state.decoding_config(req, n=req.n)
-        prompt_tokens = state.check_prompt(messages)
-        prompts = [messages] * req.n
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = _open_stream(state, prompts, config, use_adapter)
-            return StreamingResponse(
-                _chat_sse(events, rid, created, req.model, req.n, include_usage, prompt_tokens),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
-        results = await _complete(state, prompts, config, use_adapter, request)
-        completion_tokens = sum(r.completion_tokens for r in results)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": r.index,
-                    "message": {"role": "assistant", "content": r.text},
-                    "logprobs": None,
-                    "finish_reason": _openai_finish(r.finish_reason),
-                    **_stop_reason(r.finish_reason),
-                }
-                for r in results
-            ],
-            "usage": _usage(results[0].prompt_tokens, completion_tokens),
-        }
-
-    @app.post("/v1/adcopy")
-    async def adcopy(request: Request):
-        req: AdcopyRequest = parse_body(AdcopyRequest, await request.body())
-        use_adapter = req.use_adapter and state.use_adapter_for(req.model)
-        if not req.use_adapter and not state.can_compare:
-            raise ApiError(400, "use_adapter=false needs a server started with an adapter", param="use_adapter")
-        content, pairs = state.content_of(req.attributes)
-        messages = state.adcopy_messages(content, req.style, req.length)
-        config = state.decoding_config(req)
-        state.check_prompt(messages, param="attributes")
-        rid, created = f"adcopy-{uuid.uuid4().hex}", int(time.time())
-        model_name = state.id_for(use_adapter)
-        head = {"id": rid, "created": created, "model": model_name, "content": content}
-        if req.stream:
-            events = _open_stream(state, [messages], config, use_adapter)
-            return StreamingResponse(
-                _adcopy_sse(state, events, head, pairs), media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
-        (result,) = await _complete(state, [messages], config, use_adapter, request)
-        return _adcopy_result(state, head, pairs, result)
-
-
-
 def _add_guards(app: FastAPI, settings) -> None:
     """The last added runs first: access log, body cap, then CORS, then the key."""
     api_key = settings.resolved_api_key()
@@ -213,13 +151,12 @@ def _add_guards(app: FastAPI, settings) -> None:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    # an upload to /v1/files may be a whole catalog: its own cap (+ room for the multipart framing)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes,
+                       per_path={"/v1/files": settings.limits.max_file_bytes + 64 * 1024})
     from adgen.serve.access_log import AccessLogMiddleware
 
     app.add_middleware(AccessLogMiddleware)  # outermost: every request is logged, refused ones too
-
-
-BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/adcopy": AdcopyRequest}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -252,112 +189,4 @@ def _model_card(state: ServeState, model_id: str) -> dict[str, Any]:
         "created": int(state.started),
         "owned_by": "adgen",
         "adapter": state.adapter_of(model_id),
-    }
-
-
-def _openai_finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-def _stop_reason(reason: str) -> dict[str, str]:
-    """OpenAI's finish_reason has no value for a loop: it says "stop", and `stop_reason` (the field vLLM
-    uses for what stopped a choice) says "loop" -- loop detection stopped it and trimmed the repeats."""
-    return {"stop_reason": "loop"} if reason == "loop" else {}
-
-
-def _busy(e: Exception) -> ApiError:
-    return ApiError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
-                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _complete(state: ServeState, prompts, config, use_adapter: bool | str, request: Request):
-    try:
-        return await state.scheduler.complete(
-            prompts, config, use_adapter=use_adapter, disconnected=request.is_disconnected
-        )
-    except QueueFull as e:
-        raise _busy(e) from None
-    except Abandoned:
-        raise _ClientGone() from None  # answered with 499, which nobody reads
-    except ApiError:
-        raise
-    except Exception as e:  # this request's generation failed (the others went on): a 5xx naming the error
-        raise _generation_failed(e) from e
-
-
-def _generation_failed(e: Exception) -> ApiError:
-    from adgen.errors import AdgenError
-
-    if isinstance(e, AdgenError):  # something the client can change (e.g. a request too long for the cache)
-        return ApiError(400, str(e), code="generation_refused")
-    return ApiError(500, f"generation failed: {type(e).__name__}", type="server_error", code="generation_failed")
-
-
-def _open_stream(state: ServeState, prompts, config, use_adapter: bool | str):
-    """Queue the stream now, so a full queue is a 429 before any byte of the response is sent."""
-    try:
-        return state.scheduler.open_stream(prompts, config, use_adapter=use_adapter)
-    except QueueFull as e:
-        raise _busy(e) from None
-
-
-async def _chat_sse(events, rid, created, model, n, include_usage, prompt_tokens) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None}
-    completion_tokens = 0
-    started: set[int] = set()
-    try:
-        for i in range(n):
-            # The role comes first in every choice, as OpenAI sends it.
-            yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-            started.add(i)
-        async for kind, index, payload in events:
-            if kind == "piece":
-                yield _sse({**base, "choices": [{"index": index, "delta": {"content": payload},
-                                                 "logprobs": None, "finish_reason": None}]})
-            elif kind == "done":
-                completion_tokens += payload.completion_tokens
-                yield _sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                                 "finish_reason": _openai_finish(payload.finish_reason),
-                                                 **_stop_reason(payload.finish_reason)}]})
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # the status line is gone: report in-band, like OpenAI does
-        log.exception("stream failed")
-        yield _sse(error_body(f"generation failed: {type(e).__name__}", type="server_error"))
-    finally:
-        await events.aclose()  # a disconnected client cancels its generation here
-
-
-async def _adcopy_sse(state: ServeState, events, head, pairs) -> AsyncIterator[str]:
-    try:
-        async for kind, _index, payload in events:
-            if kind == "piece":
-                yield _sse({**head, "object": "adcopy.chunk", "delta": payload})
-            elif kind == "done":
-                result = await asyncio.to_thread(_adcopy_result, state, head, pairs, payload)
-                yield _sse(result)
-        yield "data: [DONE]\n\n"
-    except Exception as e:
-        log.exception("stream failed")
-        yield _sse(error_body(f"generation failed: {type(e).__name__}", type="server_error"))
-    finally:
-        await events.aclose()
-
-
-def _adcopy_result(state: ServeState, head, pairs, result) -> dict[str, Any]:
-    return {
-        **head,
-        "object": "adcopy",
-        "attributes": [list(p) for p in pairs],
-        "text": result.text,
-        "finish_reason": result.finish_reason,
-        "faithfulness": state.figures(pairs, result.text),
-        "usage": _usage(result.prompt_tokens, result.completion_tokens),
     }

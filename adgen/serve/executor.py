@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from adgen.generation.config import Generation
 from adgen.generation.engine import Request
 from adgen.generation.pieces import StreamPieces
-from adgen.serve.jobs import Completion, Job
+from adgen.serve.jobs import Completion, Job, encode_prompt
 from adgen.serve.policy import EngineRoom
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class EngineExecutor:
 
     def _requests(self, job: Job) -> list[tuple[Request, _Owner]]:
         groups = job.distinct_choices()
-        encoded = [self.generator.prompt_ids(p) for p, _ in groups]
+        encoded = [encode_prompt(self.generator, p) for p, _ in groups]
         run = _EngineJob(job, [None] * len(job.prompts), len(groups))
         adapter = (job.use_adapter if isinstance(job.use_adapter, str)
                    else None if job.use_adapter or self.generator.adapter is None else "__base__")

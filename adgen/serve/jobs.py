@@ -24,6 +24,29 @@ PRIORITIES: tuple[Priority, ...] = ("live", "batch")  # the order the policy ser
 _ids = itertools.count(1)
 
 
+@dataclass(frozen=True)
+class RawPrompt:
+    """A prompt sent as it is, without the chat template (`/v1/completions`): the tokenizer's own special
+    tokens (BOS) are added, an end-of-sequence token some tokenizers append is not."""
+
+    text: str
+
+    def token_ids(self, tokenizer) -> list[int]:
+        ids = tokenizer(self.text, add_special_tokens=True)["input_ids"]
+        eos = tokenizer.eos_token_id
+        written = bool(tokenizer.eos_token) and self.text.endswith(tokenizer.eos_token)
+        if eos is not None and len(ids) > 1 and ids[-1] == eos and not written:
+            ids = ids[:-1]
+        return ids
+
+
+def encode_prompt(generator, prompt) -> list[int]:
+    """A job's prompt as token ids: raw text as it is, anything else through the generator's chat template."""
+    if isinstance(prompt, RawPrompt):
+        return prompt.token_ids(generator.tokenizer)
+    return generator.prompt_ids(prompt)
+
+
 class QueueFull(Exception):
     pass
 
@@ -74,6 +97,9 @@ class Job:
 
     @property
     def kind(self) -> str:
+        """The /metrics label: a batch row's times are kept apart from the live requests' ones."""
+        if self.priority == "batch":
+            return "batch"
         return "stream" if self.stream else "complete"
 
     def abandon(self) -> None:

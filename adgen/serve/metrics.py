@@ -1,7 +1,7 @@
 """`/metrics` in Prometheus' text format, with the `prometheus_client` library.
 
 One registry per server (not the library's global one), so several apps in one process (tests) never
-share counters. The scheduler reports what happens to requests (`ServeMetrics.started / first_token /
+share counters. Batch rows are counted by outcome and batches by status (`watch_batches`). The scheduler reports what happens to requests (`ServeMetrics.started / first_token /
 finished`); queue depth, running requests and decode steps are read from it when scraped.
 """
 
@@ -11,6 +11,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from adgen.serve.batches.store import ACTIVE, FINAL
 
 # seconds: from a fraction of a decode step to a long completion on a CPU
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -30,11 +32,22 @@ class ServeMetrics:
                               ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("adgen_request_latency_seconds", "From arrival to the last token",
                                  ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batches = Gauge("adgen_batches", "Batches (the Batch API) by status", ["status"], registry=r)
+        self.batch_rows = Counter("adgen_batch_rows", "Batch rows finished, by outcome (completed: a 200)",
+                                  ["outcome"], registry=r)
         self.queue_depth = Gauge("adgen_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("adgen_running_requests", "Requests decoding now (the batch size)", registry=r)
         self.decode_steps = Gauge("adgen_decode_steps", "Decode steps run by the engine", registry=r)
         self.prefix_saved = Gauge("adgen_prefix_tokens_saved", "Prompt tokens the prefix cache did not recompute",
                                   registry=r)
+
+    def watch_batches(self, store) -> None:
+        """Batches by status, read from the batch store (adgen.serve.batches) at scrape time."""
+        for status in ACTIVE + FINAL:
+            self.batches.labels(status).set_function(lambda s=status: store.count(s))
+
+    def batch_row(self, outcome: str) -> None:
+        self.batch_rows.labels(outcome).inc()
 
     def watch(self, scheduler) -> None:
         """Read the scheduler's live figures at scrape time."""

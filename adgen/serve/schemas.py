@@ -74,6 +74,41 @@ class ChatCompletionRequest(DecodingFields):
         return self
 
 
+class CompletionRequest(DecodingFields):
+    """OpenAI's legacy completions: raw text in, text out (no chat template). `prompt`: one text or a list."""
+
+    model: str
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=16)]
+    n: Annotated[int, Field(ge=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    user: str | None = None
+    # accepted only at their no-op values
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name} is not supported by this server (use repetition_penalty)", param=name)
+        if self.suffix:
+            raise ApiError(400, "suffix (insertion) is not supported by this server", param="suffix")
+        if self.logprobs is not None:
+            raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+        if self.best_of not in (None, 1, self.n):
+            raise ApiError(400, "best_of is not supported by this server (use n)", param="best_of")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
 AttributeValue = str | list[str]
 
 

@@ -65,16 +65,18 @@ class BodyTooLarge(Exception):
 class BodyLimitMiddleware:
     """413 for a body above `max_bytes`: from Content-Length up front, or counted while streaming in."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}  # routes with their own cap (file uploads)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.per_path.get(scope.get("path", ""), self.max_bytes)
         too_large = ApiError(
             413,
-            f"request body is larger than this server accepts ({self.max_bytes} bytes)",
+            f"request body is larger than this server accepts ({max_bytes} bytes)",
             code="request_too_large",
         )
         length = _header(scope, b"content-length")
@@ -83,7 +85,7 @@ class BodyLimitMiddleware:
                 declared = int(length)
             except ValueError:
                 return await send_error(send, ApiError(400, "invalid Content-Length header", code="bad_request"))
-            if declared > self.max_bytes:
+            if declared > max_bytes:
                 return await send_error(send, too_large)
 
         received = 0
@@ -94,7 +96,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise BodyTooLarge()
             return message
 

@@ -15,6 +15,7 @@ from typing import Any
 from adgen.generation.config import DecodingConfig, DecodingFieldError
 from adgen.generation.decoding_fields import field_named
 from adgen.serve.decoding_schema import DecodingRequest
+from adgen.serve.jobs import RawPrompt, encode_prompt
 from adgen.serve.scheduler import Scheduler
 from adgen.serve.security import ApiError
 from adgen.serve.settings import Limits, ServeSettings
@@ -152,12 +153,13 @@ class ServeState:
                 messages.insert(0, {"role": "system", "content": hints})
         return messages
 
-    def check_prompt(self, messages: list[dict], param: str = "messages") -> int:
-        """Prompt length in tokens; 400 above the caps (characters first: cheap, before tokenizing)."""
-        chars = sum(len(m.get("content") or "") for m in messages)
+    def check_prompt(self, prompt: list[dict] | RawPrompt, param: str = "messages") -> int:
+        """Prompt length in tokens (chat messages, or raw text); 400 above the caps (characters first: cheap,
+        before tokenizing)."""
+        chars = len(prompt.text) if isinstance(prompt, RawPrompt) else sum(len(m.get("content") or "") for m in prompt)
         _check_length(chars, self.limits.max_prompt_chars, "characters", param)
         try:
-            n = len(self.generator.prompt_ids(messages))
+            n = len(encode_prompt(self.generator, prompt))
         except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
             raise ApiError(400, f"the chat template cannot render these messages: {e}", param=param) from None
         _check_length(n, self.limits.max_prompt_tokens, "tokens", param)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adgen.errors import ConfigError
 from adgen.generation.config import GENERATION_BATCH_SIZE
@@ -28,6 +29,8 @@ class Limits:
     max_n: int = 4  # choices per request
     max_stop: int = 4  # stop strings per request (OpenAI's own cap)
     max_queue: int = 256  # waiting requests; 429 above
+    max_file_bytes: int = 100 * 1024 * 1024  # one upload to /v1/files (OpenAI: 200 MB)
+    max_batch_lines: int = 50_000  # requests in one batch input file (OpenAI's cap)
 
     def validate(self) -> None:
         for name, value in vars(self).items():
@@ -64,12 +67,22 @@ class ServeSettings:
     vocab: str | None = None  # attribute vocabulary file for the faithfulness figures
     examples: str | None = None  # AdGen file whose contents become the UI's example products
     limits: Limits = field(default_factory=Limits)
+    # uploaded files, batches and their finished rows (the Batch API); None: under the cache directory
+    state_dir: str | None = None
 
     def validate(self) -> None:
         self.limits.validate()
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be a fraction in (0, 1], not {u!r} (e.g. 0.9)")
+
+    def resolved_state_dir(self) -> Path:
+        """Where the Batch API keeps its files: --state-dir, else $ADGEN_CACHE/serve (~/.cache/adgen/serve)."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        from adgen.models import cache_root  # (imports torch: not at the CLI's registration, which reads this module)
+
+        return cache_root().parent / "serve"
 
     def resolved_api_key(self) -> str | None:
         key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
