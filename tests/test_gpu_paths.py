@@ -139,15 +139,16 @@ class FakeAccelerator:
 
 
 def _fake_run(cfg, accelerator, tmp_path):
-    from adgen.models import resolve_model
+    """(RunContext, TrainData, Objective) of a run on the fake accelerator, as setup_run and setup_data build them."""
+    from adgen.train.objective import make_objective
     from adgen.train.peft_setup import resolve_precision
-    from adgen.train.trainer import TrainRun, _Printer, setup_data
+    from adgen.train.setup_stages import setup_data
+    from adgen.train.state import Printer, RunContext
 
-    run = TrainRun(cfg=cfg, out=tmp_path, accelerator=accelerator, say=_Printer(False),
-                   precision=resolve_precision(cfg, accelerator.device.type))
-    setup_data(run)
-    run.resolved_model = resolve_model(cfg.model)
-    return run
+    run = RunContext(cfg=cfg, out=tmp_path, accelerator=accelerator, say=Printer(False),
+                     precision=resolve_precision(cfg, accelerator.device.type))
+    objective = make_objective(cfg)
+    return run, setup_data(run, objective), objective
 
 
 # ---- item 7: an explicit device that is not there ---------------------------------------------------
@@ -179,7 +180,7 @@ def test_cuda_index_past_the_device_count_is_a_config_error(fake_cuda):
 
 def test_train_with_device_cuda_on_a_cpu_only_torch_stops_before_training(tiny_llama3_dir, adgen_train_path, tmp_path,
                                                                          monkeypatch):
-    from adgen.train.trainer import setup_run
+    from adgen.train.setup_stages import setup_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "run", device="cuda")
@@ -273,13 +274,13 @@ def test_a_single_process_on_cuda_n_gets_an_accelerator_on_cuda_n(fake_cuda, tmp
 
     from adgen.train.config import TrainConfig
     from adgen.train.peft_setup import Precision
-    from adgen.train.trainer import _make_accelerator, _reset_accelerate_state
+    from adgen.train.setup_stages import make_accelerator, reset_accelerate_state
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("ACCELERATE_TORCH_DEVICE", raising=False)
-    _reset_accelerate_state()
+    reset_accelerate_state()
     try:
-        acc = _make_accelerator(TrainConfig(train_data="x"), "cuda:1", Precision("fp32", "float32", "no", "float32"),
+        acc = make_accelerator(TrainConfig(train_data="x"), "cuda:1", Precision("fp32", "float32", "no", "float32"),
                                 tmp_path)
         assert acc.device == torch.device("cuda", 1)
         assert fake_cuda["set"] == [1]
@@ -298,18 +299,17 @@ def test_a_single_process_on_cuda_n_gets_an_accelerator_on_cuda_n(fake_cuda, tmp
 @pytest.mark.parametrize("method,precision", [("lora", "bf16"), ("full", "bf16")])
 def test_sharded_launch_never_moves_the_model_to_a_gpu(fake_cuda, recording_from_pretrained, tiny_llama3_dir,
                                                        adgen_train_path, tmp_path, distributed, method, precision):
-    from adgen.train.trainer import setup_model
+    from adgen.train.setup_stages import setup_model
 
     fake_cuda["cap"] = (8, 0)
     cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path, method=method, precision=precision)
-    run = _fake_run(cfg, FakeAccelerator(distributed, "cuda:0"), tmp_path)
-    setup_model(run)
+    net = setup_model(*_fake_run(cfg, FakeAccelerator(distributed, "cuda:0"), tmp_path))
     (kwargs,) = recording_from_pretrained.kwargs
     assert "device_map" not in kwargs  # not onto a GPU: accelerate shards it from the CPU
     assert recording_from_pretrained.moves == []  # no .to("cuda") of the whole model
     # full FT + bf16 keeps fp32 masters, sharded 1/N per GPU; LoRA stores the frozen base in bf16
     assert kwargs["dtype"] == (torch.float32 if method == "full" else torch.bfloat16)
-    assert all(p.device.type == "cpu" for p in run.model.parameters())
+    assert all(p.device.type == "cpu" for p in net.model.parameters())
 
 
 def test_a_4bit_base_is_refused_under_sharding(bnb_on_cpu, fake_cuda, fake_from_pretrained):
@@ -326,23 +326,21 @@ def test_sharded_gpu_run_leaves_the_logits_probe_to_the_first_step(fake_cuda, re
                                                                    tiny_llama3_dir, adgen_train_path, tmp_path):
     """The weights are still on the CPU (FSDP rank > 0: meta) at setup: no probe batch is sent to the GPU;
     the first training forward decides, and `resolved` then says what it decided."""
-    from adgen.train.trainer import (
+    from adgen.train.setup_stages import (
         LOGITS_AT_FIRST_STEP,
-        _record_logits_decision,
-        make_batch,
+        record_logits_decision,
         setup_model,
         setup_optimization,
     )
 
     cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path)
-    run = _fake_run(cfg, FakeAccelerator("FSDP", "cuda:0"), tmp_path)
-    setup_model(run)
-    setup_optimization(run)
+    run, data, objective = _fake_run(cfg, FakeAccelerator("FSDP", "cuda:0"), tmp_path)
+    net = setup_model(run, data, objective)
+    opt = setup_optimization(run, data, net, objective)
     assert run.resolved["logits"] == LOGITS_AT_FIRST_STEP
-    b = run.order.step_indices(0, 0)[0]
-    batch = make_batch(run, b)
-    run.wrapped(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)  # "the first step", on CPU
-    _record_logits_decision(run)
+    batch = objective.collate(data.train_examples, opt.order.step_indices(0, 0)[0], net.layout)
+    opt.wrapped(batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)  # "the first step", on CPU
+    record_logits_decision(run, objective, opt.loss_module)
     assert run.resolved["logits"] == "target positions only"
 
 
@@ -351,22 +349,22 @@ def test_sharded_gpu_run_leaves_the_logits_probe_to_the_first_step(fake_cuda, re
 
 def test_cpu_only_speedups_are_off_for_cuda_models():
     from adgen.train.config import TrainConfig
-    from adgen.train.trainer import _cpu_speedups
+    from adgen.train.setup_stages import cpu_speedups
 
     cfg = TrainConfig(train_data="x")
     for sharded in (False, True):
-        assert not any(_cpu_speedups(cfg, torch.device("cuda", 0), sharded=sharded).values())
-    assert all(_cpu_speedups(cfg, torch.device("cpu"), sharded=False).values())
-    assert _cpu_speedups(cfg, torch.device("cpu"), sharded=True)["lean_layers"] is False
+        assert not any(cpu_speedups(cfg, torch.device("cuda", 0), sharded=sharded).values())
+    assert all(cpu_speedups(cfg, torch.device("cpu"), sharded=False).values())
+    assert cpu_speedups(cfg, torch.device("cpu"), sharded=True)["lean_layers"] is False
 
 
 def test_heap_is_never_trimmed_on_a_gpu_run(monkeypatch):
-    from adgen.train import trainer
+    from adgen.train import memory
 
     trims = []
-    monkeypatch.setattr(trainer, "_malloc_trim", lambda: (lambda pad: trims.append(pad)))
-    monkeypatch.setattr(trainer, "_rss_bytes", iter([1, 10**9, 10**10, 10**11]).__next__)
-    maybe_trim = trainer._heap_trimmer(torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "malloc_trim", lambda: (lambda pad: trims.append(pad)))
+    monkeypatch.setattr(memory, "rss_bytes", iter([1, 10**9, 10**10, 10**11]).__next__)
+    maybe_trim = memory.heap_trimmer(torch.device("cuda", 0))
     for _ in range(4):
         maybe_trim()
     assert trims == []
@@ -379,20 +377,20 @@ def test_a_cuda_run_sets_up_no_cpu_kernels_and_says_so(fake_cuda, recording_from
     per-example CPU attention, no lean blocks, no FastDropout, and `resolved` tells the truth."""
     from adgen.train import packed_attention
     from adgen.train.fast_dropout import FastDropout
-    from adgen.train.trainer import setup_model
+    from adgen.train.setup_stages import setup_model
 
     def refuse(model):
         raise AssertionError("enable_packed_attention was called for a CUDA model")
 
     monkeypatch.setattr(packed_attention, "enable_packed_attention", refuse)
     cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path, lora={"dropout": 0.1})
-    run = _fake_run(cfg, FakeAccelerator(distributed, "cuda:0"), tmp_path)
-    setup_model(run)
-    assert run.batching == "packed" and run.share_prefix is False
+    run, data, objective = _fake_run(cfg, FakeAccelerator(distributed, "cuda:0"), tmp_path)
+    net = setup_model(run, data, objective)
+    assert net.layout.batching == "packed" and net.layout.share_prefix is False
     assert "per-example" not in run.resolved["attention"] and "position_ids" in run.resolved["attention"]
     assert "lean" not in run.resolved["attention"] and "dropout" not in run.resolved["attention"]
-    assert not any(isinstance(m, FastDropout) for m in run.model.modules())
-    assert not any("forward" in m.__dict__ for m in run.model.modules())  # no lean forward swapped in
+    assert not any(isinstance(m, FastDropout) for m in net.model.modules())
+    assert not any("forward" in m.__dict__ for m in net.model.modules())  # no lean forward swapped in
     if distributed == "NO":  # one GPU: straight onto it
         assert recording_from_pretrained.kwargs[0]["device_map"] == {"": 0}
         assert recording_from_pretrained.moves == []
@@ -411,14 +409,16 @@ def test_deepspeed_autos_are_filled_from_the_base_models_hidden_size(stage, tiny
     loss wrapper has none -> ValueError); filled before prepare with the values accelerate would have used."""
     from accelerate.utils import DeepSpeedPlugin
 
-    from adgen.train.trainer import _fill_deepspeed_config
+    from adgen.train.fsdp_cpu import fill_deepspeed_plugin
 
     path = REPO / "configs" / "deepspeed" / f"{stage}.json"
     plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
     acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=4096))  # Llama-3-8B's
     cfg = SimpleNamespace(batch_size=2, grad_accum=4, max_grad_norm=1.0)
-    _fill_deepspeed_config(acc, cfg, model)
+    filled = fill_deepspeed_plugin(acc, cfg, model)
+    assert set(filled) == {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                           "train_batch_size", *(HIDDEN_KEYS if stage == "zero3" else [])}
     assert [k for k in HIDDEN_KEYS if plugin.is_auto(k)] == []  # what accelerate checks before reading model.config
     ds = plugin.deepspeed_config
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
@@ -492,7 +492,7 @@ def test_sharded_lora_final_adapter_gathers_only_the_adapter(tiny_llama3_dir, tm
     from safetensors.torch import load_file
 
     from adgen.train.config import TrainConfig
-    from adgen.train.trainer import save_final
+    from adgen.train.artefacts import save_final
 
     model = _tiny_lora(tiny_llama3_dir)
     tokenizer = SimpleNamespace(save_pretrained=lambda path: None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from adgen.train.trainer import _lr_lambda
+from adgen.train.schedule import lr_lambda
 
 WARMUP, TOTAL = 5, 40
 
@@ -27,7 +27,7 @@ def _transformers_lrs(name: str, **kwargs) -> list[float]:
     ("constant", "constant_with_warmup", 0.0, {}),
 ])
 def test_schedule_is_transformers_after_warmup_and_never_trains_at_lr_zero(kind, name, min_ratio, kwargs):
-    ours = _lr_lambda(kind, WARMUP, TOTAL, min_ratio)
+    ours = lr_lambda(kind, WARMUP, TOTAL, min_ratio)
     theirs = _transformers_lrs(name, **kwargs)
     for step in range(WARMUP, TOTAL):  # the decay: the library's curve, step for step
         assert ours(step) == pytest.approx(theirs[step], abs=1e-12), step
@@ -38,5 +38,5 @@ def test_schedule_is_transformers_after_warmup_and_never_trains_at_lr_zero(kind,
 
 
 def test_linear_schedule_keeps_its_floor():
-    ours = _lr_lambda("linear", WARMUP, TOTAL, 0.2)
+    ours = lr_lambda("linear", WARMUP, TOTAL, 0.2)
     assert ours(TOTAL - 1) >= 0.2 and ours(TOTAL) == pytest.approx(0.2)

@@ -135,7 +135,7 @@ def test_packed_rows_are_filled_to_a_multiple_without_new_targets():
 def test_heap_is_trimmed_only_when_the_rss_outgrows_a_steps_working_set(monkeypatch):
     import ctypes
 
-    import adgen.train.trainer as trainer
+    from adgen.train import memory
 
     calls = []
 
@@ -145,8 +145,8 @@ def test_heap_is_trimmed_only_when_the_rss_outgrows_a_steps_working_set(monkeypa
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     rss = iter([300, 310, 314, 316, 200, 320, 335, 337])  # the RSS after each step
-    monkeypatch.setattr(trainer, "_rss_bytes", lambda: next(rss))
-    maybe_trim = trainer._heap_trimmer(torch.device("cpu"))
+    monkeypatch.setattr(memory, "rss_bytes", lambda: next(rss))
+    maybe_trim = memory.heap_trimmer(torch.device("cpu"))
     trimmed = []
     for _ in range(8):
         before = len(calls)
@@ -402,7 +402,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_llama3_dir, adgen_t
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
     from adgen.train import loss as loss_mod
     from adgen.train import train
-    from adgen.train.trainer import TrainingDiverged
+    from adgen.train.state import TrainingDiverged
 
     calls = {"n": 0}
     original = loss_mod.CausalLMLoss.forward
@@ -589,7 +589,7 @@ def test_resume_config_check_names_changed_keys_and_ignores_the_mutable_ones():
 def test_time_budget_replans_steps_and_the_lr_schedule(tiny_llama3_dir, adgen_train_path, tmp_path, monkeypatch):
     """max_minutes: after the probe steps the run keeps only the steps that fit, and the cosine schedule
     is re-planned to end there (the last step's lr is near the schedule's end, not a mid-run value)."""
-    import adgen.train.trainer as trainer_mod
+    from adgen.train import schedule as schedule_mod
     from adgen.train import train
 
     seen = {}
@@ -598,11 +598,11 @@ def test_time_budget_replans_steps_and_the_lr_schedule(tiny_llama3_dir, adgen_tr
         seen.update(step=step, total=total)
         return 6
 
-    monkeypatch.setattr(trainer_mod, "_steps_in_budget", fits_six)
+    monkeypatch.setattr(schedule_mod, "steps_in_budget", fits_six)
     cfg = tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "budget", max_steps=40, max_minutes=1.0,
                       lr_scheduler="cosine")
     result = train(cfg)
-    assert seen == {"step": trainer_mod.BUDGET_PROBE_STEPS, "total": 40}
+    assert seen == {"step": schedule_mod.BUDGET_PROBE_STEPS, "total": 40}
     assert result.steps == 6 and result.summary["total_steps"] == 6 and max(train_losses(tmp_path / "budget")) == 6
     lrs = [r["lr"] for r in read_metrics(tmp_path / "budget") if "lr" in r]
     assert lrs[-1] < 0.1 * cfg.lr < lrs[2]  # cosine brought down to the new end
@@ -612,13 +612,13 @@ def test_time_budget_replans_steps_and_the_lr_schedule(tiny_llama3_dir, adgen_tr
 
 def test_steps_in_budget_uses_the_measured_step_time():
     from adgen.train.config import TrainConfig
-    from adgen.train.trainer import _steps_in_budget
+    from adgen.train.schedule import steps_in_budget
 
     cfg = TrainConfig(train_data="x", max_minutes=1.0)
     # 30 s spent after 3 steps, 10 s a step from now on: 3 more fit in the minute
-    assert _steps_in_budget(cfg, step=3, total=100, elapsed=30.0, per_step=10.0) == 6
-    assert _steps_in_budget(cfg, step=3, total=5, elapsed=3.0, per_step=1.0) == 5  # never more than planned
-    assert _steps_in_budget(cfg, step=3, total=100, elapsed=300.0, per_step=10.0) == 3  # over budget: stop now
+    assert steps_in_budget(cfg, step=3, total=100, elapsed=30.0, per_step=10.0) == 6
+    assert steps_in_budget(cfg, step=3, total=5, elapsed=3.0, per_step=1.0) == 5  # never more than planned
+    assert steps_in_budget(cfg, step=3, total=100, elapsed=300.0, per_step=10.0) == 3  # over budget: stop now
 
 
 def test_top_layers_adapts_only_the_top_of_the_model(tiny_llama3_dir, adgen_train_path, tmp_path):
@@ -670,33 +670,35 @@ def test_lora_under_bf16_autocast_trains_without_casting_adapter_inputs(tiny_lla
     autocast to copy them back), with the losses of the casting path, step by step."""
     from contextlib import nullcontext
 
+    import adgen.train.loop as loop
     import adgen.train.trainer as T
 
     dtypes: set = set()
     in_step = [False]
-    setup_model, train_step = T.setup_model, T.train_step
+    setup_model, train_step = T.setup_model, loop.train_step
 
-    def record_adapter_inputs(run):
-        setup_model(run)
-        for name, m in run.model.named_modules():
+    def record_adapter_inputs(run, data, objective):
+        net = setup_model(run, data, objective)
+        for name, m in net.model.named_modules():
             if name.endswith("lora_A.default"):
                 m.register_forward_pre_hook(lambda mod, args: dtypes.add(args[0].dtype) if in_step[0] else None)
+        return net
 
-    def step(run, i):
+    def step(s, progress):
         in_step[0] = True
         try:
-            return train_step(run, i)
+            return train_step(s, progress)
         finally:
             in_step[0] = False
 
     monkeypatch.setattr(T, "setup_model", record_adapter_inputs)
-    monkeypatch.setattr(T, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     over = {"max_steps": 3, "precision": "bf16", "log_every": 1,
             "lora": {"dropout": 0.0, "target_modules": "q_proj,v_proj"}}
     T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "uncast", **over))
     assert dtypes == {torch.bfloat16}
     dtypes.clear()
-    monkeypatch.setattr(T, "_lora_inputs_uncast", lambda run: nullcontext())
+    monkeypatch.setattr(loop, "lora_inputs_uncast", lambda s: nullcontext())
     T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "cast", **over))
     assert dtypes == {torch.float32}  # PEFT's own cast, for comparison
     uncast, cast = train_losses(tmp_path / "uncast"), train_losses(tmp_path / "cast")
@@ -713,14 +715,15 @@ def test_a_finished_run_keeps_nothing_alive(tiny_llama3_dir, adgen_train_path, t
     refs = []
     setup_optimization = T.setup_optimization
 
-    def keep_refs(run):
-        setup_optimization(run)
-        refs.extend(weakref.ref(x) for x in (run.model, run.optimizer))
+    def keep_refs(run, data, net, objective):
+        opt = setup_optimization(run, data, net, objective)
+        refs.extend(weakref.ref(x) for x in (net.model, opt.optimizer, run.accelerator))
+        return opt
 
     monkeypatch.setattr(T, "setup_optimization", keep_refs)
     T.train(tiny_config(tiny_llama3_dir, adgen_train_path, tmp_path / "run", max_steps=2))
     gc.collect()
-    assert len(refs) == 2 and all(r() is None for r in refs)
+    assert len(refs) == 3 and all(r() is None for r in refs)
 
 
 def test_top_layers_is_refused_for_prefix_tuning(tiny_llama3_dir, adgen_train_path, tmp_path):

@@ -24,8 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
 from adgen.errors import AdgenError
 from adgen.io import atomic_write_json, replace_dir
+from adgen.train.fsdp_cpu import full_state_dict, gather_trainable
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -86,9 +91,6 @@ def clean_partial(output_dir: str | Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -96,9 +98,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -117,8 +116,6 @@ def _gather_sharded_trainable(accelerator, model, wrapped, *, is_peft: bool) -> 
     """FSDP / DeepSpeed: the trainable weights whole (on the main process). PEFT gathers only those (an 8B
     model's full state dict is 16 GB, its LoRA adapter a few MB); full fine-tuning trains (nearly) every weight,
     so it takes accelerate's full state dict. A collective: every process calls it."""
-    from adgen.train.fsdp_cpu import full_state_dict, gather_trainable
-
     if is_peft:
         return gather_trainable(accelerator, model)
     state = full_state_dict(accelerator, wrapped)
@@ -139,9 +136,6 @@ def save_checkpoint(
     keep: int,
     is_peft: bool,
 ) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -173,9 +167,6 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator, ckpt: CheckpointInfo, *, model, wrapped, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this process's RNG; returns trainer_state."""
-    import torch
-    from safetensors.torch import load_file
-
     path = ckpt.path
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     world = state.get("world_size", 1)

@@ -7,12 +7,16 @@ clone; `adgen recipes list`); `--config` takes a path or a recipe's name.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from adgen.config import load_config
 from adgen.data.chat import DEFAULT_PROMPT  # "default": the built-in ad-copy system prompt
 from adgen.errors import ConfigError
+from adgen.recipes import resolve_config_path
+from adgen.train.gen_eval import GEN_METRICS, check_best_metric
 
 Method = Literal["lora", "qlora", "dora", "prefix", "full"]
 Precision = Literal["auto", "fp32", "bf16", "bf16-frozen", "fp16"]
@@ -160,8 +164,6 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def _validate_lora_variants(self) -> None:
-        import re
-
         lora_like = self.method in ("lora", "qlora", "dora")
         init = str(self.lora.init)
         if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
@@ -217,8 +219,6 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"config key 'max_steps' must be >= 1, got {self.max_steps}")
-        from adgen.train.gen_eval import GEN_METRICS, check_best_metric
-
         check_best_metric(self.best_metric)
         if self.gen_eval_every < 0 or self.gen_eval_samples < 1:
             raise ConfigError("config keys 'gen_eval_every' must be >= 0 (0 = off) and 'gen_eval_samples' >= 1")
@@ -275,17 +275,12 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}' must be >= 0 (0 = off)")
         if self.keep_checkpoints < 1:
             raise ConfigError("config key 'keep_checkpoints' must be >= 1")
-        import re
-
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", str(self.device).strip().lower()):
             raise ConfigError(f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
         return self
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    from adgen.config import load_config
-    from adgen.recipes import resolve_config_path
-
     return load_config(TrainConfig, None if path is None else resolve_config_path(path), overrides)
 
 

@@ -1,8 +1,8 @@
 """Sharded training (FSDP / DeepSpeed): what accelerate leaves out.
 
 - `shards_weights`: whether this run's weights are sharded (FSDP / DeepSpeed).
-- `fill_deepspeed_config`: the DeepSpeed JSON's "auto" values, including the ones accelerate fills from
-  `model.config.hidden_size`, which it cannot find on the loss module the trainer prepares.
+- `fill_deepspeed_plugin` / `fill_deepspeed_config`: the DeepSpeed JSON's "auto" values, including the ones
+  accelerate fills from `model.config.hidden_size`, which it cannot find on the loss module the trainer prepares.
 - `gather_trainable`: the trainable (adapter) weights whole, without gathering the full state dict.
 - FSDP on CPU processes (gloo), below.
 
@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor
 
 from adgen.errors import ConfigError
+
+if TYPE_CHECKING:
+    from adgen.train.config import TrainConfig
 
 
 def fsdp_requested() -> bool:
@@ -30,8 +37,6 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     """Make `accelerator` shard with FSDP2 when FSDP was asked for and the processes run on CPUs.
 
     Returns True when it did. Call it right after creating the Accelerator, before `prepare`."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
         return False
@@ -43,8 +48,6 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
         # rank 0 loads, the others get empty weights and a broadcast: not wired for adgen's own loader
         raise ConfigError("fsdp_cpu_ram_efficient_loading: true is for GPUs; set it to false for CPU processes "
                           "(configs/accelerate/fsdp-cpu.yaml)")
-    from accelerate.state import PartialState
-
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     # As accelerate does for GPUs: a later AcceleratorState() copies PartialState's fields over its own.
@@ -59,8 +62,6 @@ def full_state_dict(accelerator, wrapped) -> dict:
     On CPU meshes (torch 2.13, accelerate 1.15) FSDP2's gathered state dict still holds DTensors (which
     safetensors cannot write); `full_tensor()` gathers them. It is a collective: every process calls this,
     with the same keys in the same order."""
-    from torch.distributed.tensor import DTensor
-
     state = accelerator.get_state_dict(wrapped) or {}
     return {k.removeprefix("model."): v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
 
@@ -112,6 +113,17 @@ def fill_deepspeed_config(ds: dict[str, Any], *, batch_size: int, grad_accum: in
     return filled
 
 
+def fill_deepspeed_plugin(accelerator, cfg: TrainConfig, model) -> list[str]:
+    """A DeepSpeed launch: fill its config's "auto" values from `cfg` and `model` (call before `prepare`); DeepSpeed
+    reads batch size / accumulation / clipping from its JSON. Returns the keys filled ([] without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return []
+    return fill_deepspeed_config(plugin.deepspeed_config, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                 max_grad_norm=cfg.max_grad_norm, num_processes=accelerator.num_processes,
+                                 hidden_size=hidden_size_of(model))
+
+
 def _zero3_gathered(params: list):
     """DeepSpeed ZeRO-3 partitions parameters (they carry a ds_id): gather just these, read-only."""
     if not any(hasattr(p, "ds_id") for p in params):
@@ -128,8 +140,6 @@ def gather_trainable(accelerator, model) -> dict:
     of the model (16 GB for an 8B model, to save an adapter of a few MB): FSDP2's DTensors are gathered one
     parameter at a time, DeepSpeed ZeRO-3 gathers just these parameters, and ZeRO-1/2 keep them whole anyway.
     A collective: every process calls it; the names are the model's own (`model.named_parameters()`)."""
-    from torch.distributed.tensor import DTensor
-
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     main = accelerator.is_main_process
     out = {}

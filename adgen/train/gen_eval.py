@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from adgen.errors import ConfigError
+
 # figure -> "high" or "low" is better; the gen-eval figures are read from a row's "gen_eval" dict
 GEN_METRICS = {
     "rouge-1": "high", "rouge-2": "high", "rouge-l": "high", "bleu-4": "high",
@@ -24,8 +26,6 @@ BEST_METRICS = {"eval_loss": "low", **GEN_METRICS}
 
 
 def check_best_metric(name: str | None) -> None:
-    from adgen.errors import ConfigError
-
     if name is not None and name not in BEST_METRICS:
         raise ConfigError(f"config key 'best_metric' is '{name}'; use one of {', '.join(BEST_METRICS)} (or null)")
 
@@ -55,6 +55,8 @@ def best_so_far(metrics: Sequence[dict], name: str) -> tuple[int | None, float |
 def generation_metrics(model, tokenizer, formatter, records: Sequence, vocab, *, batch_size: int = 16,
                        max_new_tokens: int | None = None) -> dict[str, Any]:
     """Generate for `records` (with `.content`, `.summary`) and return the summary figures."""
+    # here, not at the top: config.py imports this module for the metric names, and the CLI reads the config
+    # without loading torch / transformers (the generation stack)
     from adgen.generation import DecodingConfig, HFGenerator
     from adgen.metrics import score_predictions
 

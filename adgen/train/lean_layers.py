@@ -19,6 +19,7 @@ its original outputs on a probe (a model whose norm or MLP differs, e.g. Gemma's
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -144,8 +145,6 @@ def _same_outputs(module, lean_forward, width: int) -> bool:
     ref_module = module
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         if weight.dtype != torch.float32:  # compare the functions, not the storage dtype's rounding
-            import copy
-
             ref_module = copy.deepcopy(module).float()
         expected = ref_module(x)
         got = lean_forward(ref_module, x)

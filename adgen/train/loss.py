@@ -123,8 +123,6 @@ class CausalLMLoss(nn.Module):
         the graph is dropped at once), with the random state restored, so training is exactly what it would be
         without the probe. Returns what was decided."""
         if self.select_logits and not self._checked:
-            import torch
-
             devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
             with torch.random.fork_rng(devices=devices):
                 logits = self._probe(batch.targets != IGNORE_INDEX,

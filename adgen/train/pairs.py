@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from adgen.data.attributes import parse_attributes
 from adgen.errors import DataError
+from adgen.metrics import faithfulness
+from adgen.metrics.text_stats import repetition_rate
 
 
 BROKEN_MARKS = ("<UNK>", "<unk>", "\ufffd")
@@ -54,9 +57,6 @@ class PreferencePair:
 
 
 def score_candidate(attributes, text: str, finish_reason: str, vocab) -> dict[str, Any]:
-    from adgen.metrics import faithfulness
-    from adgen.metrics.text_stats import repetition_rate
-
     f = faithfulness(attributes, text, vocab)
     return {
         "ended": finish_reason == "stop",
@@ -87,8 +87,6 @@ def _why_rejected(s: dict, chosen_cov: float, rules: PairRules) -> list[tuple[st
 
 def choose_pair(row: dict, vocab, rules: PairRules = PairRules()) -> tuple[dict | None, str]:
     """(pair line, "") or (None, the reason no pair was made) for one generation row."""
-    from adgen.data.attributes import parse_attributes
-
     texts = row.get("candidates") or [row.get("predict", "")]
     finishes = row.get("candidate_finish_reasons") or [row.get("finish_reason", "")] * len(texts)
     try:

@@ -28,9 +28,15 @@ over fp32-stored weights, as in HF Trainer's bf16=True, re-casts every weight on
 from __future__ import annotations
 
 import logging
+import platform
 from dataclasses import dataclass
 
+import torch
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM
+
 from adgen.errors import AdgenError, ConfigError, ModelError
+from adgen.models import cuda_bf16_native, cuda_index, quantization_config
 from adgen.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -50,8 +56,6 @@ def resolve_device(requested: str, *, launched: bool) -> str:
     `auto` takes CUDA where there is one. An explicit request that cannot be met is a ConfigError, never a
     silent CPU run (a CPU-only torch would otherwise train an 8B model on the CPU for days). Under a launcher
     (accelerate launch / torchrun) each process's GPU comes from LOCAL_RANK, so a cuda:N index is not checked."""
-    import torch
-
     req = (requested or "auto").strip().lower()
     if req == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,10 +80,6 @@ def resolve_device(requested: str, *, launched: bool) -> str:
 
 def resolve_precision(cfg: TrainConfig, device) -> Precision:
     """The precision policy for training on `device` (a torch.device, or "cpu" / "cuda" / "cuda:N")."""
-    import torch
-
-    from adgen.models import cuda_bf16_native
-
     device = torch.device(device)
     device_type = device.type
     name = cfg.precision
@@ -120,8 +120,6 @@ def _cpu_has_fast_bf16() -> bool:
     try:
         flags = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
-        import platform
-
         return platform.machine().lower() in ("arm64", "aarch64")  # Apple / Graviton: bf16 in hardware
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
@@ -135,8 +133,6 @@ def check_4bit_support(device) -> None:
             "method=qlora (4-bit NF4) needs bitsandbytes: pip install 'bitsandbytes>=0.45' (pip install 'adgen[qlora]'); "
             "or train with method=lora on a 16-bit base"
         ) from None
-    import torch
-
     try:
         w = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
         q, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
@@ -152,8 +148,6 @@ def check_4bit_support(device) -> None:
 
 
 def _lora_config(cfg: TrainConfig, model=None):
-    from peft import LoraConfig
-
     lc = cfg.lora
     layers, targets = None, lc.target_modules
     if cfg.top_layers is not None:
@@ -177,16 +171,12 @@ def _lora_config(cfg: TrainConfig, model=None):
 
 def _linear_module_names(model) -> list[str]:
     """The names of the decoder layers' linear modules (what "all-linear" means), e.g. q_proj ... down_proj."""
-    import torch
-
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"}
     return sorted(names)
 
 
 def _prefix_config(cfg: TrainConfig):
-    from peft import PrefixTuningConfig
-
     pc = cfg.prefix
     kw = {}
     if pc.encoder_hidden_size:
@@ -211,8 +201,7 @@ def placement(cfg: TrainConfig, device, *, sharded: bool) -> dict:
                               "launch it with DDP (configs/accelerate/ddp.yaml) or one process, or use method=lora")
         return {}
     if device.type == "cuda":
-        from adgen.models import cuda_index  # plain "cuda" (accelerate's single-process device): the current GPU
-
+        # plain "cuda" (accelerate's single-process device): the current GPU
         return {"device_map": {"": cuda_index(device)}}
     if cfg.quantized:
         return {"device_map": {"": str(device)}}
@@ -221,11 +210,6 @@ def placement(cfg: TrainConfig, device, *, sharded: bool) -> dict:
 
 def load_base_model(cfg: TrainConfig, model_path: str, precision: Precision, device, *, sharded: bool = False):
     """The transformers model, use_cache off: on `device`, or on the CPU for FSDP / DeepSpeed to shard."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from adgen.models import quantization_config
-
     kwargs: dict = {"dtype": getattr(torch, precision.storage), "trust_remote_code": cfg.trust_remote_code,
                     **placement(cfg, device, sharded=sharded)}
     if cfg.attn_implementation:
@@ -254,8 +238,6 @@ def load_base_model(cfg: TrainConfig, model_path: str, precision: Precision, dev
 
 def apply_method(model, cfg: TrainConfig, precision: Precision):
     """Attach the training method; returns the model to train (a PeftModel unless method=full)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     gc_kwargs = {"use_reentrant": False}
     if cfg.quantized:
         model = prepare_model_for_kbit_training(
@@ -277,8 +259,6 @@ def apply_method(model, cfg: TrainConfig, precision: Precision):
     except ValueError as e:
         msg = str(e).splitlines()[0]
         if "target modules" in msg.lower() or "not found" in msg.lower():
-            import torch
-
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                             if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
             raise ConfigError(
@@ -299,8 +279,6 @@ def _top_layer_indices(model, top: int) -> list[int]:
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters: PEFT's own count for adapter models (a 4-bit weight's stored bytes
     hold two values each), the same sum over the parameters for full / top-layer fine-tuning."""
-    from peft import PeftModel
-
     if isinstance(model, PeftModel):
         return model.get_nb_trainable_parameters()
     trainable = total = 0
@@ -312,6 +290,9 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+INITIAL_ADAPTER_DIR = "lora_init"  # PiSSA / OLoRA: the initial adapter (in the run directory), to convert the result on save
 
 
 def rewrites_base(cfg: TrainConfig) -> bool:
@@ -352,8 +333,6 @@ def optimizer_groups(model, cfg: TrainConfig) -> list[dict]:
 def add_neftune_noise(model, alpha: float):
     """NEFTune: a forward hook on the input embeddings adding uniform noise of scale alpha / sqrt(L x d) while
     the model trains (eval and generation see clean embeddings). Returns the hook handle."""
-    import torch
-
     embeddings = model.get_input_embeddings()
 
     def hook(module, _inputs, output):
