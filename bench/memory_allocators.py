@@ -9,17 +9,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
+import adgen.train.memory as M  # the loop looks its heap trimmer up here
 import adgen.train.trainer as T
 from adgen.train.config import load_train_config
 if os.environ.get("TRIM") == "0":  # never trim
-    T._heap_trimmer = lambda device: (lambda: None)
+    M.heap_trimmer = lambda device: (lambda: None)
 elif os.environ.get("TRIM") == "each":  # trim after every step (the trainer before 2026-12-02)
-    T._heap_trimmer = lambda device: (lambda: T._malloc_trim()(0))
+    M.heap_trimmer = lambda device: (lambda: M.malloc_trim()(0))
 if os.environ.get("TRACE"):  # one line per step: the step's peak RSS (sampled every 50 ms), the RSS after the trimmer
     import threading
 
     def _rss():
-        return T._rss_bytes() / 2**30
+        return M.rss_bytes() / 2**30
 
     _peak = [0.0]
 
@@ -29,7 +30,7 @@ if os.environ.get("TRACE"):  # one line per step: the step's peak RSS (sampled e
             time.sleep(0.05)
 
     threading.Thread(target=_sample, daemon=True).start()
-    _inner = T._heap_trimmer
+    _inner = M.heap_trimmer
 
     def _traced(device):
         trimmer, step = _inner(device), [0]
@@ -41,7 +42,7 @@ if os.environ.get("TRACE"):  # one line per step: the step's peak RSS (sampled e
             _peak[0] = 0.0
         return after_step
 
-    T._heap_trimmer = _traced
+    M.heap_trimmer = _traced
 steps = int(os.environ.get("STEPS", "12"))
 out = f"/tmp/adgen-mem-{os.getpid()}"
 cfg = load_train_config("demo-smollm2-135m", {"max_steps": steps, "output_dir": out, "progress": False,
