@@ -18,28 +18,28 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from adgen.data.inspect import format_inspect_text, inspect_data
+from adgen.data.records import read_records
+from adgen.demo_config import DemoConfig
 from adgen.errors import AdgenError
+from adgen.evaluation.compare import compare_runs
+from adgen.evaluation.run import resolve_vocab, run_eval
 from adgen.generation.config import DecodingConfig
+from adgen.generation.loader import load_generator
+from adgen.io import atomic_write_text
+from adgen.recipes import find_recipe
+from adgen.train import train
+from adgen.train.config import load_train_config
+from adgen.train.trainer import release_memory
 
-
-@dataclass
-class DemoConfig:
-    data_dir: str | None = None
-    model: str = "smollm2-135m"
-    output_dir: str = "runs/demo"
-    eval_samples: int = 16  # dev records evaluated before and after fine-tuning
-    # the whole demo (data, two evals, fine-tune, comparison) aims to end within this many minutes:
-    # the fine-tune gets what the evaluations leave, sized from its own measured step time
-    minutes: float = 8.8
-    train_samples: int = 2000  # at most the first N train records (the time budget usually stops earlier)
-    max_new_tokens: int | None = None  # None: sized from the tokenizer (room for ~190 characters)
-    zero_shot_max_new_tokens: int = 128  # the untrained model never stops (it recites the system prompt)
-    batch_size: int = 16  # generation batch
-    progress: bool = True
+__all__ = ["DEMO_RECIPE", "DemoConfig", "builtin_sample_path", "demo_data_paths", "demo_train_config", "run_demo",
+           "training_minutes"]
 
 
 def builtin_sample_path() -> Path:
@@ -67,9 +67,6 @@ DEMO_RECIPE = "demo-smollm2-135m"  # adgen/recipes/demo-smollm2-135m.yaml: what 
 def demo_train_config(cfg: DemoConfig, train_path: Path, dev_path: Path, output_dir: Path,
                       minutes: float | None = None):
     """The shipped demo recipe with this demo's data, output, time budget and sizes filled in."""
-    from adgen.recipes import find_recipe
-    from adgen.train.config import load_train_config
-
     return load_train_config(find_recipe(DEMO_RECIPE), {
         "model": cfg.model, "train_data": str(train_path), "eval_data": str(dev_path),
         "max_samples": cfg.train_samples, "max_eval_samples": min(cfg.eval_samples, 8),
@@ -86,12 +83,7 @@ def training_minutes(cfg: DemoConfig, elapsed_s: float, zero_shot_eval_s: float,
     return max(1.0, (cfg.minutes * 60 - elapsed_s - reserve) / 60)
 
 
-def run_demo(cfg: DemoConfig, console=None) -> dict:
-    from rich.console import Console
-
-    from adgen.data.inspect import format_inspect_text, inspect_data
-    from adgen.data.records import read_records
-
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console = console or Console()
     out = Path(cfg.output_dir)
     dev_path, train_path = demo_data_paths(cfg.data_dir)
@@ -111,14 +103,10 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     zero_decoding = DecodingConfig(max_new_tokens=zero_limit)
     zero, tuned_max = _evaluate(cfg, None, dev, dev_path, out / "eval-zero-shot", console, zero_decoding)
     timings["zero_shot_eval_s"] = time.perf_counter() - t
-    from adgen.train.trainer import release_memory
-
     release_memory()  # the zero-shot model and its generation heap: the fine-tune starts from what it needs
 
     minutes = training_minutes(cfg, time.perf_counter() - t_start, timings["zero_shot_eval_s"], tuned_max)
     console.rule(f"[bold]3/5 fine-tune: the top 12 layers, {minutes:.1f} min on the first train records")
-    from adgen.train import train
-
     t = time.perf_counter()
     result = train(demo_train_config(cfg, train_path, dev_path, out / "train", minutes), overwrite=True)
     timings["train_s"] = time.perf_counter() - t
@@ -135,8 +123,6 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     timings["fine_tuned_eval_s"] = time.perf_counter() - t
 
     console.rule("[bold]5/5 zero-shot vs fine-tuned")
-    from adgen.evaluation.compare import compare_runs
-
     comparison = compare_runs([zero.output_dir, tuned.output_dir], out, names=["zero-shot", "fine-tuned"])
     console.print(comparison.markdown, markup=False, highlight=False)
     _print_examples(console, dev, zero.rows, tuned.rows)
@@ -150,8 +136,6 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
         "comparison_png": str(comparison.chart_path), "serve_command": serve,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
-    from adgen.io import atomic_write_text
-
     atomic_write_text(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     console.rule("[bold]done")
     console.print(
@@ -165,9 +149,6 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
 
 def _evaluate(cfg: DemoConfig, adapter, records, data_path: Path, out: Path, console, decoding, model=None):
     """(the eval result, the max_new_tokens the default decoding gets with this model's tokenizer)."""
-    from adgen.evaluation.run import resolve_vocab, run_eval
-    from adgen.generation import load_generator
-
     t = time.perf_counter()
     gen = load_generator(model or cfg.model, adapter=adapter, batch_size=cfg.batch_size)
     load_s = time.perf_counter() - t
@@ -187,8 +168,6 @@ def _evaluate(cfg: DemoConfig, adapter, records, data_path: Path, out: Path, con
 
 
 def _print_examples(console, records, zero_rows, tuned_rows, k: int = 2) -> None:
-    from rich.table import Table
-
     table = Table(show_lines=True, title="examples (greedy)")
     for col in ("attributes", "zero-shot", "fine-tuned", "reference"):
         table.add_column(col, overflow="fold")

@@ -13,13 +13,18 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from adgen.errors import ModelError
+from adgen.io import replace_dir, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +100,16 @@ def _is_converted(out_dir: Path) -> bool:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF checkpoint into a safetensors HF directory (fp32, exact values), atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF checkpoint into a safetensors HF directory (fp32, exact values), atomically.
 
+    Several processes may convert the same file at once: each writes its own temporary directory, the first
+    to finish publishes it, the others drop theirs (`replace_dir(keep=)`)."""
     try:
-        import gguf as _  # noqa: F401  (transformers needs it to read .gguf)
+        import gguf as _  # noqa: F401  (transformers needs it to read .gguf; checked here for a clear message)
     except ImportError:
         raise ModelError("reading .gguf files needs the `gguf` package: pip install gguf") from None
     log.warning("converting %s to safetensors once (cached in %s)", gguf.name, out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir_for(out_dir, private=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -115,14 +120,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "adgen_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-        if out_dir.exists() and not _is_converted(out_dir):
-            shutil.rmtree(out_dir)  # a broken cache entry (e.g. files deleted by hand): replace it
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not _is_converted(out_dir):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        # a broken cache entry (e.g. files deleted by hand) is replaced; a complete one another process
+        # published first is kept
+        replace_dir(tmp, out_dir, keep=_is_converted)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -179,9 +179,6 @@ def _hub_offline() -> bool:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the hub endpoint, so that no network means one clear error at once instead of
     a minute of retries (huggingface_hub retries each file several times)."""
-    import socket
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -218,8 +215,6 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 def load_tokenizer(spec: str | ResolvedModel, *, trust_remote_code: bool = False):
     """Tokenizer with a pad token (the end-of-text token when the model has none)."""
-    from transformers import AutoTokenizer
-
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     try:
         # clean_up_tokenization_spaces would strip spaces before punctuation in decoded BPE text.
@@ -242,9 +237,7 @@ def load_tokenizer(spec: str | ResolvedModel, *, trust_remote_code: bool = False
     return tok
 
 
-def select_device(device: str | None = "auto"):
-    import torch
-
+def select_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -282,18 +275,14 @@ def cuda_bf16_native(device=None) -> bool:
 
     `torch.cuda.is_bf16_supported()` also says True on sm70 / sm75 (V100, T4), where bf16 is emulated and far
     slower than fp32; every precision decision for a GPU goes through this function instead."""
-    import torch
-
     if not torch.cuda.is_available():
         return False
     major, _minor = torch.cuda.get_device_capability(device)
     return major >= 8
 
 
-def select_dtype(dtype: str | None = "auto", device=None):
+def select_dtype(dtype: str | None = "auto", device=None) -> torch.dtype:
     """bf16 on GPUs that run it natively (sm80+), fp32 otherwise; fp16 only on explicit request (with a warning)."""
-    import torch
-
     if dtype in (None, "auto"):
         dev = select_device(device) if not isinstance(device, torch.device) else device
         if dev.type == "cuda" and cuda_bf16_native(dev):
@@ -324,8 +313,6 @@ def load_model(
     adapter: str | Path | None = None,
 ):
     """Load a causal LM for inference (eval mode), optionally 4/8-bit and with a PEFT adapter."""
-    from transformers import AutoModelForCausalLM
-
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     dev = select_device(device)
     torch_dtype = select_dtype(dtype, dev)
@@ -358,12 +345,12 @@ def load_model(
 def cuda_index(dev) -> int:
     """The GPU index of a CUDA device: its own (cuda:N), else the current one (plain "cuda", as accelerate's
     single-process device is)."""
-    import torch
-
     return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
 def attach_adapter(model, adapter: str | Path):
+    # peft here, not at the top: importing it (and the bitsandbytes it pulls in) costs ~3 s and a kernel notice,
+    # which only loads with an adapter should pay
     from peft import PeftModel
 
     path = Path(adapter)
@@ -375,13 +362,11 @@ def attach_adapter(model, adapter: str | Path):
 def quantization_config(kind: str, compute_dtype):
     """bitsandbytes config: NF4 with double quantization (the QLoRA recipe) or int8."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (the optional extra adgen[qlora]: only quantized loads need it)
     except ImportError:
         raise ModelError(
             f"{kind} quantization needs bitsandbytes: pip install 'bitsandbytes>=0.45' (pip install 'adgen[qlora]')"
         ) from None
-    from transformers import BitsAndBytesConfig
-
     if kind == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,

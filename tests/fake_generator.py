@@ -14,7 +14,13 @@ class FakeGeneratorBase:
     formatter = None
     tokenizer = None
     model = None
-    uses_engine = False
+    uses_engine = False  # no DecodeEngine: not an EngineGenerator, no decode_engine
+    stop_token_ids = [2]
+
+    def prompt_ids(self, prompt):
+        """One id per character of the content (no tokenizer here)."""
+        text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+        return [1] * max(1, len(text))
 
     def resolve(self, config):
         config = config or DecodingConfig()

@@ -53,6 +53,19 @@ def test_continuous_batching_equals_one_at_a_time(gen, name):
     assert gen.last_engine_stats["prefix_tokens_saved"] > 0  # the chat header + system prompt, shared
 
 
+def test_a_request_without_a_limit_gets_the_configs_own_sizing(gen):
+    """max_new_tokens=None: the limit (and the cache it reserves) is what DecodingConfig sizes from the tokenizer,
+    as `generate` resolves it -- not a number of the engine's own."""
+    from adgen.generation.config import max_new_tokens_for
+
+    engine = DecodeEngine(gen.model, gen.tokenizer, gen.stop_token_ids, slots=1)
+    prompt = gen.prompt_ids(PROMPTS[0])
+    open_ended = Request(prompt, DecodingConfig(**PLAIN))
+    assert engine._needed(open_ended) == len(prompt) + max_new_tokens_for(gen.tokenizer) + 1
+    assert engine._needed(open_ended) == engine._needed(Request(prompt, gen.resolve(DecodingConfig(**PLAIN))))
+    assert engine._needed(Request(prompt, DecodingConfig(max_new_tokens=3, **PLAIN))) == len(prompt) + 4
+
+
 def test_requests_join_when_others_leave(gen):
     """A short request leaves after 2 tokens; the waiting one starts in its slot at the next step, so
     the run takes (longest request) + (what the late one needs) steps, not a batch per pair."""

@@ -106,12 +106,12 @@ def test_decoding_config_defaults_and_validation():
 
 
 def test_generation_config_is_fully_ours(tiny_gen):
-    g = tiny_gen._generation_config(DecodingConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=5,
+    g = tiny_gen.generation_config(DecodingConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=5,
                                                    repetition_penalty=1.3, max_new_tokens=7))
     assert (g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty, g.max_new_tokens) == (
         True, 0.7, 0.8, 5, 1.3, 7)
     assert sorted(g.eos_token_id) == [EOS, EOT] and g.use_cache and g.num_beams == 1
-    assert tiny_gen._generation_config(DecodingConfig()).do_sample is False
+    assert tiny_gen.generation_config(DecodingConfig()).do_sample is False
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -571,16 +571,19 @@ def test_the_engines_and_the_test_fakes_follow_one_generator_protocol(tiny_llama
     import torch
     from transformers import AutoModelForCausalLM
 
-    from adgen.generation.protocol import Generator
+    from adgen.generation.protocol import EngineGenerator, Generator
     from test_eval import StubGenerator
     from test_serve_unit import FakeGenerator, FakeServedGenerator
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
     hf = make_gen(model, llama3_tokenizer)
     assert isinstance(hf, Generator) and hf.uses_engine and hf.backend == "hf"
+    assert isinstance(hf, EngineGenerator) and hf.decode_engine(3).slots == 3  # what the server drives
     assert hf.resolve(None).max_new_tokens >= 192  # sized from the tokenizer
+    assert hf.prompt_ids("类型#裙") == hf.formatter.prompt_ids("类型#裙") and hf.stop_token_ids[0] == EOT
     for fake in (StubGenerator({}), FakeGenerator(), FakeServedGenerator()):
         assert isinstance(fake, Generator), type(fake).__name__
+        assert not fake.uses_engine and not isinstance(fake, EngineGenerator)  # no engine: none asked of it
 
     class Incomplete:  # an engine without `uses_engine` / `resolve` / ... is not one
         def generate(self, prompts, config=None):

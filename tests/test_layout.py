@@ -1,4 +1,4 @@
-"""The package's layout: no import cycle among adgen's modules.
+"""The package's layout: no import cycle among adgen's modules; no module over 500 lines, no function over 100.
 
 The graph is built from the source (AST), not by importing: every `import` / `from ... import` anywhere in
 a module counts, at the top and inside functions alike (a function-level import is how a cycle usually
@@ -161,3 +161,44 @@ def test_the_cycle_check_finds_function_level_cycles(tmp_path):
     found = cycles(graph)
     assert found == [["adgen.data.a", "adgen.data.b"]]
     assert describe(graph, found[0]) == "adgen.data.a -> adgen.data.b -> adgen.data.a"
+
+
+# ---- sizes: a module holds one job, a function one step ----------------------------------------------------------
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 100
+
+
+def oversized(root: Path = PACKAGE_ROOT) -> list[str]:
+    """`path: N lines` for every module over MAX_MODULE_LINES and `path:line name(): N lines` for every function
+    (methods and nested functions included, from `def` to its last line) over MAX_FUNCTION_LINES."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(root.parent)
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            found.append(f"{rel}: {lines} lines (at most {MAX_MODULE_LINES}: split it along its jobs)")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{rel}:{node.lineno} {node.name}(): {length} lines (at most {MAX_FUNCTION_LINES})")
+    return found
+
+
+def test_no_module_over_500_lines_and_no_function_over_100():
+    problems = oversized()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_size_check_counts_modules_and_functions(tmp_path):
+    pkg = tmp_path / "adgen"
+    pkg.mkdir()
+    (pkg / "small.py").write_text("def f():\n    return 1\n")
+    body = "".join(f"        x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))  # def + 100 lines: one too many
+    (pkg / "long_function.py").write_text("class C:\n    def method(self):\n" + body)
+    (pkg / "long_module.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    assert oversized(pkg) == [
+        f"adgen/long_function.py:2 method(): {MAX_FUNCTION_LINES + 1} lines (at most {MAX_FUNCTION_LINES})",
+        f"adgen/long_module.py: {MAX_MODULE_LINES + 1} lines (at most {MAX_MODULE_LINES}: split it along its jobs)",
+    ]

@@ -362,3 +362,27 @@ def test_builtin_smollm2_loads_offline_and_writes_chinese(smollm2_dir, adgen_dev
         )
     text = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
     assert len(CJK.findall(text)) >= 5, text
+
+
+def test_a_cache_entry_is_published_once_when_processes_convert_at_once(tmp_path):
+    """convert_gguf's swap (adgen.io): each converter writes its own private temp dir; a complete entry another
+    process published first is kept (ours dropped), a broken one (files deleted by hand) is replaced."""
+    from adgen.io import replace_dir, temp_dir_for
+
+    final = tmp_path / "cache" / "model-1"
+
+    def complete(d):
+        return (d / "config.json").is_file()
+
+    mine, theirs = temp_dir_for(final, private=True), temp_dir_for(final, private=True)
+    assert mine != theirs and mine.parent == final.parent and mine.name.startswith(".model-1.")
+    (theirs / "config.json").write_text("theirs")
+    (mine / "config.json").write_text("mine")
+    replace_dir(theirs, final, keep=complete)  # they finish first
+    replace_dir(mine, final, keep=complete)
+    assert (final / "config.json").read_text() == "theirs" and not mine.exists()
+    (final / "config.json").unlink()  # a broken entry
+    again = temp_dir_for(final, private=True)
+    (again / "config.json").write_text("fixed")
+    replace_dir(again, final, keep=complete)
+    assert (final / "config.json").read_text() == "fixed" and sorted(p.name for p in final.parent.iterdir()) == ["model-1"]

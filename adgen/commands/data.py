@@ -7,7 +7,9 @@ import argparse
 import json
 import sys
 
-from adgen.data.convert import FORMATS  # stdlib-only module: cheap at start-up
+from adgen.data.chat import resolve_system_prompt
+from adgen.data.convert import FORMATS, write_converted
+from adgen.data.records import parse_columns, read_records  # stdlib-only modules: cheap at start-up
 
 READ_HELP = "read options (any AdGen file)"
 
@@ -32,16 +34,12 @@ def add_read_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_options(args: argparse.Namespace) -> dict:
     """`read_records` keyword arguments from the options of `add_read_arguments`."""
-    from adgen.data.records import parse_columns
-
     columns = parse_columns(args.columns) if args.columns else None
     return {"encoding": args.encoding, "on_error": args.on_error, "columns": columns}
 
 
 def read_data(path: str, args: argparse.Namespace, **kw):
     """read_records with the CLI's options; the skip summary goes to stderr."""
-    from adgen.data.records import read_records
-
     data = read_records(path, **read_options(args), **kw)
     if data.skipped:
         print(data.skip_summary(), file=sys.stderr)
@@ -100,8 +98,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from adgen.data.convert import write_converted
-
     data = read_data(args.path, args)
     n = write_converted(data.records, args.output, args.to, args.system_prompt)
     print(f"wrote {n} records to {args.output} ({args.to}, UTF-8 JSON lines)")
@@ -109,9 +105,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from adgen.data.preview import format_preview_text, preview_records
-
-    from adgen.data.chat import resolve_system_prompt
+    from adgen.data.preview import format_preview_text, preview_records  # loads a tokenizer: transformers
 
     system = {"system_prompt": resolve_system_prompt(args.system_prompt)}
     rows = preview_records(

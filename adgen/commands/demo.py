@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from adgen.demo_config import DemoConfig  # dataclass only: cheap at start-up
+
 
 def register(subparsers) -> None:
-    from adgen.demo import DemoConfig
-
     d = DemoConfig()
     p = subparsers.add_parser(
         "demo",
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adgen.demo import DemoConfig, run_demo
+    from adgen.demo import run_demo
 
     run_demo(DemoConfig(data_dir=args.data_dir, model=args.model, output_dir=args.output_dir,
                         eval_samples=args.eval_samples, train_samples=args.train_samples, minutes=args.minutes,

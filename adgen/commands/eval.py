@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from adgen.commands.data import add_read_arguments, read_data
+from adgen.commands.generate import add_decoding_arguments, add_model_arguments, continuous_option, decoding_config
+from adgen.data.chat import resolve_system_prompt
+from adgen.errors import AdgenError
+
 
 def register(subparsers) -> None:
-    from adgen.commands.data import add_read_arguments
-    from adgen.commands.generate import add_decoding_arguments, add_model_arguments
-
     p = subparsers.add_parser(
         "eval",
         help="evaluate a model (+ adapter) on an AdGen file: predictions, metrics.json, report.md",
@@ -61,10 +63,6 @@ def default_output_dir(model: str, adapter: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adgen.commands.data import read_data
-    from adgen.commands.generate import continuous_option, decoding_config
-    from adgen.data.chat import resolve_system_prompt
-    from adgen.errors import AdgenError
     from adgen.evaluation.run import make_fingerprint, prepare_output_dir, resolve_vocab, run_eval, sha256_file
 
     if args.limit is not None and args.limit < 1:
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         left = len(records) - sum(1 for r in records if _key(r) in done)
         print(f"{out}: resuming an unfinished run ({len(records) - left} of {len(records)} records done)", file=sys.stderr)
 
-    from adgen.generation import load_generator
+    from adgen.generation.loader import load_generator  # torch, transformers
 
     t = time.perf_counter()
     generator = load_generator(

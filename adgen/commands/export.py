@@ -3,7 +3,10 @@ GGUF file + Ollama Modelfile for llama.cpp / Ollama (logic in adgen.export.gguf)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from adgen.commands import quiet_library_noise
+from adgen.errors import AdgenError
 
 
 def register(subparsers) -> None:
@@ -38,7 +41,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     quiet_library_noise(args)
-    from adgen.errors import AdgenError
 
     gguf = getattr(args, "gguf", None)
     if not args.output and not gguf:
@@ -69,8 +71,6 @@ def run(args) -> int:
         print(f"merged {args.adapter} into {args.model or 'its base model'}: {out}")
         print(f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) or `vllm serve {out}`")
     if gguf:
-        from pathlib import Path
-
         from adgen.export.gguf import export_gguf, load_for_gguf
 
         model, tokenizer = load_for_gguf(

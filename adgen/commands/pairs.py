@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 
+from adgen.errors import DataError
+from adgen.io import atomic_write_jsonl
+from adgen.metrics import AttributeVocab
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,9 +38,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from adgen.errors import DataError
-    from adgen.io import atomic_write_jsonl
-    from adgen.metrics import AttributeVocab
     from adgen.train.pairs import PairRules, build_pairs, read_generation_rows
 
     rows = read_generation_rows(args.input)

@@ -10,6 +10,12 @@ Works offline on the meta device: no weights are read or downloaded and no GPU i
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+
+from adgen.commands import quiet_library_noise
+from adgen.config import parse_overrides
+from adgen.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -30,15 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
-    import logging
-
-    from adgen.commands import quiet_library_noise
-
     quiet_library_noise(args)
     logging.getLogger("peft").setLevel(logging.ERROR)
-    from adgen.config import parse_overrides
-    from adgen.errors import ConfigError
     from adgen.plan import plan, render
 
     if not args.recipe or "=" in args.recipe:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from adgen.recipes import copy_recipe, list_recipes  # loaded at start-up anyway (train's flags)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("recipes", help="list or copy the shipped training recipes",
@@ -25,8 +27,6 @@ def register(subparsers) -> None:
 
 
 def run_list(args) -> int:
-    from adgen.recipes import list_recipes
-
     recipes = [r for r in list_recipes() if args.all or r.kind == "train"]
     width = max(len(r.name) for r in recipes)
     for r in recipes:
@@ -37,8 +37,6 @@ def run_list(args) -> int:
 
 
 def run_copy(args) -> int:
-    from adgen.recipes import copy_recipe
-
     target = copy_recipe(args.name, args.dest, overwrite=args.overwrite)
     print(f"{args.name} -> {target}  (then: adgen train --config {target})")
     return 0

@@ -14,6 +14,10 @@ import argparse
 import json
 from typing import Any
 
+from adgen.errors import AdgenError
+from adgen.io import atomic_write_jsonl
+from adgen.metrics import AttributeVocab, aggregate, read_predictions, read_term_file, score_all
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -36,9 +40,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from adgen.errors import AdgenError
-    from adgen.metrics import AttributeVocab, aggregate, read_predictions, read_term_file, score_all
-
     if args.workers < 1:
         raise AdgenError(f"--workers must be >= 1, got {args.workers}")
     terms = read_term_file(args.forbidden_terms) if args.forbidden_terms else ()
@@ -56,8 +57,6 @@ def run(args) -> int:
 
 
 def _write_per_example(path: str, rows, per_example: list[dict[str, Any]]) -> None:
-    from adgen.io import atomic_write_jsonl
-
     atomic_write_jsonl(path, ({"line": r.line, **s} for r, s in zip(rows, per_example)))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from adgen.data.chat import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, ChatFormatter, LossOn
+from adgen.data.records import read_records
+from adgen.models import load_tokenizer
 
 
 def preview_records(
@@ -24,9 +26,6 @@ def preview_records(
     `prompt` decodes the ids before the first labelled token, `response` decodes exactly the ids that
     carry labels (so a stray header or a missing end-of-turn token shows up here).
     """
-    from adgen.data.records import read_records
-    from adgen.models import load_tokenizer
-
     data = read_records(path, encoding=encoding, on_error=on_error, columns=columns)
     tokenizer = load_tokenizer(model)
     formatter = ChatFormatter(tokenizer, system_prompt=system_prompt, loss_on=loss_on, max_length=max_length)

@@ -17,11 +17,13 @@ import codecs
 import csv
 import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from adgen.data.errors import BadRecord
 from adgen.errors import AdgenError, DataError
@@ -95,7 +97,7 @@ def iter_rows(source: Source, encoding: str | None = None) -> tuple[Iterator[tup
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # ~0.25 s: only for a Parquet source (this module is imported at CLI start-up)
 
     try:
         f = pq.ParquetFile(path)
@@ -192,7 +194,7 @@ def _pick_split(obj, source: Source):
 
 
 def _load_disk(source: Source):
-    import datasets
+    import datasets  # ~1 s: only for a datasets directory (this module is imported at CLI start-up)
 
     try:
         obj = datasets.load_from_disk(source.location)
@@ -209,10 +211,7 @@ def _hub_offline() -> bool:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connect to the Hub's endpoint: without a network, datasets retries for ~25 s before failing."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # a Hub source only (this module is imported at CLI start-up)
 
     url = urlparse(constants.ENDPOINT)
     try:
@@ -225,7 +224,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 @contextmanager
 def _offline_mode():
     """Offline for one call (the libraries read HF_HUB_OFFLINE once, at import): the cache still serves."""
-    import datasets.config
+    import datasets.config  # a Hub source only (this module is imported at CLI start-up)
     from huggingface_hub import constants
 
     saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
@@ -237,7 +236,7 @@ def _offline_mode():
 
 
 def _load_hub(source: Source):
-    import datasets
+    import datasets  # ~1 s: only for a Hub source (this module is imported at CLI start-up)
 
     fix = (f"Pass a local path ({LOCAL_FORMATS}), or load it once online so that it is cached "
            "(later runs read the cache with HF_HUB_OFFLINE=1)")

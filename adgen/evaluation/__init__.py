@@ -5,7 +5,7 @@
 - `report`: `report.md` from the metrics and the scored rows (`render_report`).
 - `compare`: side-by-side markdown table + bar chart of several run directories (`compare_runs`).
 
-Heavy libraries (torch, matplotlib) are imported inside the functions that need them.
+matplotlib is imported inside the function that draws the chart; nothing here imports torch.
 """
 
 from adgen.evaluation.compare import RunMetrics, compare_runs, comparison_markdown, load_run

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from adgen.errors import AdgenError
 from adgen.evaluation.report import LABELS, METRICS, fmt_value
+from adgen.io import atomic_write_bytes, atomic_write_text
 from adgen.evaluation.run import METRICS_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def _font_for(names: Sequence[str]) -> str | None:
     """A font with CJK glyphs when a name needs one and one is installed; else None (default font)."""
     if all(n.isascii() for n in names):
         return None
-    from matplotlib import font_manager
+    from matplotlib import font_manager  # matplotlib (~0.5 s to import) only where a chart is drawn
 
     for f in font_manager.fontManager.ttflist:
         if any(s in f.name for s in ("CJK", "WenQuanYi", "SimHei", "Hei", "Source Han", "PingFang", "Microsoft YaHei")):
@@ -303,6 +304,7 @@ def _bars(ax, runs: Sequence[RunMetrics], metrics: Sequence[tuple[str, str]], fm
 
 def render_chart(runs: Sequence[RunMetrics], *, title: str | None = None) -> bytes:
     """The comparison chart as PNG bytes (matplotlib, Agg; no global pyplot state)."""
+    # matplotlib (~0.5 s to import) only where a chart is drawn: reading and tabulating runs does without it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -347,8 +349,6 @@ def compare_runs(
     paths: Sequence[str | Path], output_dir: str | Path, *, names: Sequence[str] | None = None
 ) -> ComparisonResult:
     """Read the runs, write `comparison.md` and `comparison.png` into `output_dir` (atomically)."""
-    from adgen.io import atomic_write_bytes, atomic_write_text
-
     runs = load_runs(paths, names)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+from rich.table import Table
+
 # (key in metrics.json "metrics", label, better: "high" | "low" | None (neither))
 METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("rouge-1", "ROUGE-1", "high"),
@@ -74,12 +76,10 @@ def top_terms(found: Mapping[str, int] | None, k: int = 8) -> str:
 
 
 def metrics_table(values: Mapping[str, Any], title: str, *, value_header: str = "value",
-                  decimals: int | None = None, use_labels: bool = True):
+                  decimals: int | None = None, use_labels: bool = True) -> Table:
     """A rich Table of the figures in `values`, one section per METRIC_SECTIONS group (groups with no
     figure present are left out). `use_labels=False` shows the raw keys (`adgen score`, whose output
     people grep against its JSON)."""
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column(value_header, justify="right")

@@ -35,10 +35,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from adgen.config import dict_diff
+from adgen import __version__
 from adgen.data.attributes import attributes_of
 from adgen.errors import AdgenError
-from adgen.generation.resumable import progress_bar
+from adgen.evaluation.report import render_report
+from adgen.generation.bulk import generations_as_done
+from adgen.generation.config import DecodingConfig
+from adgen.generation.resumable import JsonlAppender, progress_bar, record_key, scan_output
+from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from adgen.metrics import AttributeVocab, PredictionRow, aggregate, score_all
+from adgen.run_dirs import RunDirectory, RunDirMessages
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +86,6 @@ def adapter_vocab_path(adapter: str | Path) -> Path | None:
 
 def resolve_vocab(vocab_path: str | Path | None = None, adapter: str | Path | None = None):
     """(AttributeVocab, where it came from): `vocab_path`, else the adapter's run, else built-in."""
-    from adgen.metrics import AttributeVocab
-
     if vocab_path:
         return AttributeVocab.load(vocab_path), str(Path(vocab_path).resolve())
     if adapter:
@@ -137,13 +141,26 @@ def _system_prompt(generator) -> str | None:
     return generator.formatter.system_prompt if generator.formatter is not None else None
 
 
-def _record_key(line: int, content: str) -> str:
-    from adgen.generation.resumable import record_key
-
-    return record_key(line, content)
-
-
 # ---- the run directory -----------------------------------------------------------------------
+
+
+EVAL_DIR = RunDirectory(
+    owned=(STATE_FILE, PARTIAL_FILE, PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE),
+    markers=(METRICS_FILE,),  # a finished evaluation; an unfinished one has its state and partial file
+    manifest=STATE_FILE,
+    settings_key="fingerprint",
+    resumable=(STATE_FILE, PARTIAL_FILE),
+    messages=RunDirMessages(
+        is_file="--output-dir {path} is a file, not a directory; choose another --output-dir",
+        unreadable=f"{{path}} holds an unfinished evaluation whose {STATE_FILE} is missing or unreadable; "
+                   "pass --overwrite to start afresh there, or choose another --output-dir",
+        other_settings="{path} holds an unfinished evaluation of a different run ({diff}); "
+                       "pass --overwrite to discard it, or choose another --output-dir",
+        finished=f"{{path}} already holds a finished evaluation ({METRICS_FILE}); choose another --output-dir "
+                 "or pass --overwrite to replace it",
+        # foreign None: an evaluation may share its directory with other files (only its own are touched)
+    ),
+)
 
 
 def prepare_output_dir(
@@ -156,45 +173,15 @@ def prepare_output_dir(
     writes the fingerprint (`eval_state.json`), marking the directory as this run's.
     """
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise AdgenError(f"--output-dir {out} is a file, not a directory; choose another --output-dir")
-    state_path, partial_path = out / STATE_FILE, out / PARTIAL_FILE
-    done: dict[str, dict] = {}
-    if overwrite:
-        for name in (STATE_FILE, PARTIAL_FILE, PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE):
-            (out / name).unlink(missing_ok=True)
-    elif state_path.exists() or partial_path.exists():
-        try:
-            old = json.loads(state_path.read_text(encoding="utf-8"))["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise AdgenError(
-                f"{out} holds an unfinished evaluation whose {STATE_FILE} is missing or unreadable; "
-                "pass --overwrite to start afresh there, or choose another --output-dir"
-            ) from None
-        new = json.loads(json.dumps(fingerprint))  # same JSON types as the stored one
-        if old != new:
-            diffs = "; ".join(dict_diff(old, new))
-            raise AdgenError(
-                f"{out} holds an unfinished evaluation of a different run ({diffs}); "
-                "pass --overwrite to discard it, or choose another --output-dir"
-            )
-        done = read_partial(partial_path)
-    elif (out / METRICS_FILE).exists():
-        raise AdgenError(
-            f"{out} already holds a finished evaluation ({METRICS_FILE}); choose another --output-dir "
-            "or pass --overwrite to replace it"
-        )
-    from adgen.io import atomic_write_json
-
-    if claim and not state_path.exists():
-        atomic_write_json(state_path, {"fingerprint": fingerprint, "started": _now()})
+    resuming = EVAL_DIR.prepare(out, fingerprint, overwrite=overwrite)
+    done = read_partial(out / PARTIAL_FILE) if resuming else {}
+    if claim:
+        EVAL_DIR.claim(out, fingerprint, started=_now())
     return done
 
 
 def read_partial(path: Path) -> dict[str, dict]:
     """Generations already made (key -> row); a partial last line from a kill is cut off first."""
-    from adgen.generation.resumable import scan_output
-
     if not path.exists():
         return {}
     try:
@@ -207,7 +194,7 @@ def read_partial(path: Path) -> dict[str, dict]:
     for raw in path.read_text(encoding="utf-8").split("\n"):
         if raw.strip():
             row = json.loads(raw)
-            done[_record_key(row["line"], row["content"])] = row
+            done[record_key(row["line"], row["content"])] = row
     return done
 
 
@@ -259,9 +246,6 @@ def _engine(generator) -> dict[str, Any]:
 
 def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, done: dict, bar) -> dict[str, Any]:
     """Generate for `todo` records (longest content first: less padding), appending each to the partial file."""
-    from adgen.generation.bulk import generations_as_done
-    from adgen.generation.resumable import JsonlAppender
-
     todo = sorted(todo, key=lambda r: -len(r.content))
     tokens = 0
     start = time.perf_counter()
@@ -277,7 +261,7 @@ def _generate_missing(generator, todo: Sequence, decoding, partial_path: Path, d
                 "completion_tokens": g.completion_tokens,
             }
             out.write(row)
-            done[_record_key(rec.line, rec.content)] = row
+            done[record_key(rec.line, rec.content)] = row
             tokens += g.completion_tokens
             if bar is not None:
                 bar.update(1)
@@ -316,25 +300,17 @@ def run_eval(
     `fingerprint` defaults to the generator's (see `make_fingerprint`); a matching unfinished run
     in `output_dir` is resumed.
     """
-    from adgen.generation import DecodingConfig
-    from adgen.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from adgen.metrics import PredictionRow, aggregate, score_all
-
-    from adgen.evaluation.report import render_report
-
     t0 = time.perf_counter()
     decoding = decoding or DecodingConfig()
     decoding = generator.resolve(decoding)  # sizes max_new_tokens from the tokenizer when unset
     records = _checked_records(records)
     data_sha = sha256_file(data_path) if data_path is not None else None
     if vocab is None:
-        from adgen.metrics import AttributeVocab
-
         vocab, vocab_source = AttributeVocab.default(), vocab_source or BUILTIN_VOCAB
     fp = fingerprint or fingerprint_of(generator, data_sha or "", decoding)
     out = Path(output_dir)
     done = prepare_output_dir(out, fp, overwrite=overwrite)
-    keys = [_record_key(r.line, r.content) for r in records]
+    keys = [record_key(r.line, r.content) for r in records]
     todo = [r for r, k in zip(records, keys) if k not in done]
     resumed = len(records) - len(todo)
     if resumed:
@@ -402,8 +378,6 @@ def _prediction_rows(generator, records: Sequence, gens: Sequence[dict], scored:
 def _eval_metrics(generator, rows: list[dict], summary: dict, decoding, gen: dict, timings: dict, *, data: dict,
                   vocab, vocab_source, fingerprint: dict) -> dict[str, Any]:
     """metrics.json: the aggregate scores, how the texts ended, and what produced them (total_s left to fill)."""
-    from adgen import __version__
-
     finish = Counter(r["finish_reason"] for r in rows)
     n = len(rows)
     gen_s = gen["seconds"]

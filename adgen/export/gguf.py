@@ -37,6 +37,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
 from adgen.errors import AdgenError
 from adgen.export.checkpoint import stored_dtype
 from adgen.export.gguf_tensors import Quant, encode_tensor, plan_tensors, rope_params, rope_type, tensor_nbytes
@@ -44,6 +48,7 @@ from adgen.export.gguf_tokenizer import ChatFormat, add_tokenizer_metadata, dete
 from adgen.export.merge import merge_adapter
 from adgen.export.modelfile import modelfile_path, modelfile_text, write_modelfile
 from adgen.io import atomic_output
+from adgen.models import load_model, load_tokenizer, resolve_model
 
 __all__ = [
     "QUANTS", "SUPPORTED_ARCHITECTURES", "ChatFormat", "GGUFExport", "Quant", "check_architecture", "check_gguf_path",
@@ -134,8 +139,6 @@ def preflight(out_path: str | Path, *, quant: str = "f16", overwrite: bool = Fal
     check_quant(quant)
     out = check_gguf_path(out_path, overwrite=overwrite)
     if base_model:
-        from adgen.models import resolve_model
-
         resolved = resolve_model(base_model)
         cfg_file = Path(resolved.path) / "config.json" if resolved.kind != "hub" else None
         if cfg_file is not None and cfg_file.is_file():
@@ -160,8 +163,6 @@ def load_for_gguf(
     that is removed afterwards). `merged_dir`, an fp32 directory that `merge_adapter` just wrote
     (`adgen export -o DIR --gguf F`), is loaded directly instead of merging twice.
     """
-    from adgen.models import load_model, load_tokenizer, resolve_model
-
     def _load(spec: str):
         resolved = resolve_model(spec)
         tok = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
@@ -186,7 +187,7 @@ def load_for_gguf(
 
 
 def _add_metadata(writer, model, tokenizer, quant: Quant, chat_template: Any, name: str | None) -> None:
-    import gguf
+    import gguf  # llama.cpp's writer: imported where a GGUF file is written (as in gguf_tensors.py)
 
     config = model.config
     n_head = config.num_attention_heads
@@ -241,11 +242,7 @@ def export_gguf(
     The file appears atomically (`adgen.io.atomic_output`: a temporary file in the same directory, fsynced,
     then renamed).
     """
-    import gguf
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
+    import gguf  # llama.cpp's writer: imported where a GGUF file is written (as in gguf_tensors.py)
 
     q = check_quant(quant)
     out = check_gguf_path(out_path, overwrite=overwrite)

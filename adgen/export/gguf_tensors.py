@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from adgen.errors import AdgenError
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,6 @@ def rope_permute(w, n_head: int):
 
 def _llama3_rope_factors(config, head_dim: int):
     """Per-frequency divisors for Llama-3.1-style rope scaling (llama.cpp's rope_freqs.weight)."""
-    import numpy as np
-
     p = rope_params(config)
     base = float(p.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     factor = float(p.get("factor", 8.0))
@@ -98,8 +98,7 @@ def _gguf_name(hf_name: str) -> str | None:
 
 
 def plan_tensors(model, quant: Quant) -> list[TensorPlan]:
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # llama.cpp's package: only where GGUF is written
 
     config = model.config
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -155,7 +154,7 @@ def plan_tensors(model, quant: Quant) -> list[TensorPlan]:
 
 
 def encode_tensor(arr, qtype):
-    import numpy as np
+    # llama.cpp's package: only where GGUF is written
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -168,6 +167,7 @@ def encode_tensor(arr, qtype):
 
 def tensor_nbytes(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], int]:
     """(shape as the writer wants it, bytes) for a tensor of logical `shape` stored as `qtype`."""
+    # llama.cpp's package: only where GGUF is written
     from gguf import GGMLQuantizationType
     from gguf.quants import quant_shape_to_byte_shape
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable
 from typing import Any, Literal
 
+from tokenizers import Regex, Tokenizer, pre_tokenizers
+
 from adgen.errors import AdgenError
 
 ChatFormat = Literal["llama3", "chatml"]
@@ -32,8 +34,6 @@ _PROBE_TEXT = (
 
 
 def _pre_tokenizer_candidates() -> list[tuple[str, Callable[[], Any]]]:
-    from tokenizers import Regex, pre_tokenizers
-
     return [
         ("llama-bpe", lambda: pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -71,8 +71,6 @@ def _merges(tok_json: dict) -> list[str]:
 
 def detect_pre_tokenizer(tokenizer) -> str:
     """llama.cpp's name for how this tokenizer splits text (tokenizer.ggml.pre), found by trying each."""
-    from tokenizers import Tokenizer
-
     backend = tokenizer.backend_tokenizer
     want = backend.encode(_PROBE_TEXT, add_special_tokens=False).ids
     serialized = backend.to_str()
@@ -91,7 +89,7 @@ def detect_pre_tokenizer(tokenizer) -> str:
 
 
 def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    from gguf import TokenType
+    from gguf import TokenType  # llama.cpp's package: only where GGUF is written
 
     n_tok = len(tokenizer)
     if n_tok > vocab_size:

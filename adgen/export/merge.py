@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from adgen.errors import AdgenError
 from adgen.export.checkpoint import quantization_method, read_adapter_config, stored_dtype
+from adgen.io import replace_dir, temp_dir_for
+from adgen.models import dtype_name, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +42,9 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Merge `adapter` into `model` (default: the adapter's base_model_name_or_path); returns output_dir."""
-    import torch
+    # peft here, not at the top: importing it (and the bitsandbytes it pulls in) costs ~3 s, which an export of a
+    # plain model (adgen.export.gguf imports this module) should not pay
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from adgen.models import load_tokenizer, resolve_model
-    from adgen.io import replace_dir, temp_dir_for
 
     adapter = Path(adapter)
     acfg = read_adapter_config(adapter)
@@ -77,8 +80,6 @@ def merge_adapter(
 
     if dtype == "auto":
         dtype = "float32" if stored_dtype(resolved.path) in ("float32", None) else "bfloat16"
-    from adgen.models import dtype_name
-
     name = dtype_name(dtype)
     if name not in ("bfloat16", "float32"):
         raise AdgenError(f"--dtype {dtype}: merge in bf16 or fp32 (fp16 risks overflow in Llama-3 weights)")
@@ -107,8 +108,6 @@ def merge_adapter(
         )
         replace_dir(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

@@ -7,6 +7,10 @@ input's `summary` and other fields when it has them, and `candidates` (all K tex
 Resume (adgen.generation.resumable, shared with `adgen eval`): inputs whose key is already in the output
 are skipped; a partial last line from a kill is cut off and that record generated again, so a killed
 and rerun job has every input exactly once.
+
+`generated_rows` is the one per-record loop (candidates in input order, the best kept, the output row, the
+counts) of this file's job and of the Ray catalog's workers (adgen.generation.ray_catalog); `BulkSummary` is
+what both report.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from adgen.data.attributes import attributes_of
 from adgen.errors import AdgenError
 from adgen.generation.config import GENERATION_BATCH_SIZE, DecodingConfig, Generation
 from adgen.generation.resumable import JsonlAppender, progress_bar, record_key, scan_output
+from adgen.metrics import AttributeVocab, faithfulness
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +33,27 @@ BEST_OF = ("first", "coverage")
 
 
 @dataclass
-class BulkSummary:
-    total: int = 0  # records read from the input
-    generated: int = 0  # written by this run
-    already_done: int = 0  # found in the output from an earlier run
-    bad_lines: list = field(default_factory=list)  # RecordError of skipped input lines
-    seconds: float = 0.0
+class GenerationCounts:
+    """What generating for a run of records made: records, tokens, time, how the kept texts ended, and (where
+    measured) their attribute coverage."""
+
+    generated: int = 0  # records generated (by this run)
     completion_tokens: int = 0
+    seconds: float = 0.0
     length_cut: int = 0  # records whose text hit max_new_tokens (finish_reason "length")
     loops: int = 0  # records stopped by loop detection (finish_reason "loop", repeats trimmed)
+    coverage_sum: float = 0.0  # attribute coverage of the kept texts, where measured
+    coverage_n: int = 0
+
+    def count(self, candidates: Sequence[Generation], best: int, coverage: float | None = None) -> None:
+        """One record written: its candidates' tokens, how the kept one ended, its coverage (None: not measured)."""
+        self.generated += 1
+        self.completion_tokens += sum(c.completion_tokens for c in candidates)
+        self.length_cut += candidates[best].finish_reason == "length"
+        self.loops += candidates[best].finish_reason == "loop"
+        if coverage is not None:
+            self.coverage_sum += coverage
+            self.coverage_n += 1
 
     @property
     def samples_per_s(self) -> float:
@@ -46,17 +63,34 @@ class BulkSummary:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def describe(self) -> str:
-        s = (
-            f"{self.generated} generated, {self.already_done} already done (resumed), "
-            f"{len(self.bad_lines)} bad input line(s) skipped; {self.seconds:.1f} s, "
-            f"{self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.1f} tokens/s"
-        )
+    @property
+    def attr_coverage(self) -> float | None:
+        return self.coverage_sum / self.coverage_n if self.coverage_n else None
+
+    def endings(self) -> str:
+        """The summary's tail about texts that did not end on their own ("" when all did)."""
+        s = ""
         if self.length_cut:
             s += f"; {self.length_cut} hit max_new_tokens"
         if self.loops:
             s += f"; {self.loops} stopped by loop detection"
         return s
+
+
+@dataclass
+class BulkSummary(GenerationCounts):
+    """A bulk generation job: its counts, and what it skipped (done by an earlier run, bad input lines)."""
+
+    total: int = 0  # records read from the input
+    already_done: int = 0  # found in the output from an earlier run
+    bad_lines: list = field(default_factory=list)  # RecordError of skipped input lines
+
+    def describe(self) -> str:
+        return (
+            f"{self.generated} generated, {self.already_done} already done (resumed), "
+            f"{len(self.bad_lines)} bad input line(s) skipped; {self.seconds:.1f} s, "
+            f"{self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.1f} tokens/s"
+        ) + self.endings()
 
 
 def pick_best(
@@ -71,8 +105,6 @@ def pick_best(
         return 0, None
     if best_of != "coverage":
         raise AdgenError(f"unknown --best-of '{best_of}' (use {' or '.join(BEST_OF)})")
-    from adgen.metrics import AttributeVocab, faithfulness
-
     vocab = vocab or AttributeVocab.default()
     scores = [faithfulness(attributes, c.text, vocab) for c in candidates]
 
@@ -102,6 +134,24 @@ def make_output_record(record, candidates: Sequence[Generation], best: int, fait
     if faith is not None:
         out["attr_coverage"] = faith["attr_coverage"]
     return out
+
+
+def generated_rows(generator, records: Sequence, config: DecodingConfig, counts: GenerationCounts, *, n: int = 1,
+                   best_of: str = "first", vocab=None, coverage_vocab: AttributeVocab | None = None,
+                   chunk_size: int | None = None) -> Iterator[dict]:
+    """The output row of every record (objects with `.line`, `.content`, `.summary`, `.extra`), in input order,
+    each as soon as it and those before it are done, counted into `counts` once the caller has taken it.
+
+    `n > 1`: K candidates per record, `best_of` picks the one kept (with `vocab`). `coverage_vocab`: also measure
+    every kept text's attribute coverage into `counts` (the Ray catalog reports it for every run)."""
+    for rec, cands in _candidates_in_order(generator, records, n, config, chunk_size):
+        attributes = attributes_of(rec.content) or []
+        best, faith = pick_best(attributes, cands, best_of, vocab) if n > 1 else (0, None)
+        coverage = None
+        if coverage_vocab is not None:
+            coverage = (faith or faithfulness(attributes, cands[best].text, coverage_vocab))["attr_coverage"]
+        yield make_output_record(rec, cands, best, faith)
+        counts.count(cands, best, coverage)
 
 
 def generate_bulk(
@@ -146,16 +196,11 @@ def generate_bulk(
     start = time.perf_counter()
     try:
         with JsonlAppender(output) as out:
-            for rec, cands in _candidates_in_order(generator, todo, n, config, chunk_size):
-                best, faith = pick_best(attributes_of(rec.content) or [], cands, best_of, vocab) if n > 1 else (0, None)
-                obj = make_output_record(rec, cands, best, faith)
-                out.write(obj)
-                summary.generated += 1
-                summary.completion_tokens += sum(c.completion_tokens for c in cands)
-                summary.length_cut += cands[best].finish_reason == "length"
-                summary.loops += cands[best].finish_reason == "loop"
+            for row in generated_rows(generator, todo, config, summary, n=n, best_of=best_of, vocab=vocab,
+                                      chunk_size=chunk_size):
+                out.write(row)
                 if on_write:
-                    on_write(obj)
+                    on_write(row)
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -194,18 +239,13 @@ def _candidates_in_order(generator, todo: Sequence, n: int, config, chunk_size: 
             next_record += 1
 
 
-def read_input(path: str | Path, on_error: str = "fail", columns=None) -> Any:
-    """The catalog to generate for (summary optional). Bad lines: fail, or skip and report."""
-    from adgen.data.records import read_records
-
-    return read_records(path, require_summary=False, on_error=on_error, columns=columns)
-
-
-__all__: Iterable[str] = [
+__all__ = [
+    "BEST_OF",
     "BulkSummary",
+    "GenerationCounts",
     "generate_bulk",
+    "generated_rows",
     "generations_as_done",
     "make_output_record",
     "pick_best",
-    "read_input",
 ]

@@ -10,14 +10,13 @@ Why our own loop and not transformers' continuous batching (`generate_batch` / `
 that manager takes one generation config for all requests and no per-request logits processors, and
 the character-level repetition control keeps state per request (`RepeatState`); requests here also
 differ in sampling settings, stop strings and limits. The loop stays small because the model does the
-work: its own forward, given a cache object and a 4D mask.
+work: its own forward, given a cache object and a 4D mask. The engine executes; what to run when (queues,
+budgets, adapters per request) is its driver's decision (adgen.serve's scheduler, or `run` for a known list).
 
-KV layout (`SlotCache`): per layer one [slots, kv_heads, capacity, head_dim] tensor. Running requests
-occupy slots 0..B-1 (a request that leaves is replaced by the last one, so the batch is always a
-prefix of the slots and the cache a view, never a gather); request b's tokens sit at columns
-0..len_b-1 and its new token is written at column len_b. The decode mask lets row b see columns
-<= len_b. Nothing is copied per step except the new column -- `model.generate`'s dynamic cache
-concatenates the whole cache every step.
+The parts, one module each: the KV cache of the slots (adgen.generation.slot_cache: layout, growth, moves),
+prefill and the shared-prefix cache (adgen.generation.prefill), a request and its decoding state while it runs
+(adgen.generation.request_state). This module admits requests into slots, runs the decode steps and chooses
+each row's next token.
 
 Host <-> device traffic per decode step (what a GPU waits on): the input ids, positions and mask come
 from tensors that stay on the device (`SlotCache.tokens` / `lengths`, updated in place); the repetition
@@ -32,17 +31,8 @@ fails that request alone (`Request.error`), the others go on; an error of the sh
 fails the rows of that step. A budgeted engine (`capacity`, adgen.generation.kv_budget) allocates its
 cache once and never grows it.
 
-Prefix cache (`PrefixCache`): the prompts of a task share their start (chat header + system prompt:
-~140 of SmolLM2's ~255 prompt tokens). Its KV is computed once and copied into each request's slot;
-only the rest of the prompt is prefilled. Found by comparing each prompt with the previous one (any
-shared start of >= `min_prefix` tokens), so it also serves chats with a shared history.
-
 Batched prefill (`batch_prefill`, "auto" = on when the model is on CUDA): the requests admitted in one step
-are prefilled together, one forward per (cached prefix length, adapter) group -- typically one, as they share
-the system prompt. Suffixes right-padded to the longest, positions continuing after the prefix, a 4D mask
-(each row sees its own prefix copy and its own earlier tokens, never a pad), each row's logits at its own
-last real token, each row's real K/V written into its slot. An error of that forward prefills its requests
-one at a time (a request that cannot run fails alone). Off on the CPU: other GEMM shapes change last bits,
+are prefilled together (adgen.generation.prefill). Off on the CPU: other GEMM shapes change last bits,
 and the CPU path keeps its exact equality with `model.generate` (tests/test_engine_batched_prefill.py bounds
 the difference when forced on).
 
@@ -57,20 +47,23 @@ that takes a 4D mask (sdpa, eager, adgen's packed attention). Others keep `model
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from adgen.errors import AdgenError
-from adgen.generation.config import DecodingConfig, Generation
+from adgen.generation.config import Generation
 from adgen.generation.hf_processors import apply_shaping, row_shaping, sampling_processors
 from adgen.generation.kv_budget import kv_shape
+from adgen.generation.prefill import PrefixCache, Prefiller, adapter_kwargs
+from adgen.generation.prefill import cache_kwarg as _cache_kwarg  # noqa: F401  (its old name, for callers)
 from adgen.generation.repetition import RepeatState, token_table
-from adgen.generation.text import decode, find_stop, finished_generation, stop_window
+from adgen.generation.request_state import Request, RunningRequest
+from adgen.generation.request_state import seeded_rng as _rng  # the engine's name for it (tests patch it here)
+from adgen.generation.slot_cache import CacheTooSmall, SlotCache, cache_dtype
 from adgen.train.packed_attention import PACKED_ATTENTION  # the training's attention takes 4D masks too
+
+__all__ = ["CacheTooSmall", "DecodeEngine", "PrefixCache", "Request", "SlotCache", "cache_dtype", "supports_engine"]
 
 MASK_ATTENTIONS = ("sdpa", "eager", PACKED_ATTENTION)
 
@@ -91,167 +84,7 @@ def supports_engine(model) -> bool:
         kind = str(model.peft_config["default"].peft_type)
         if "PREFIX" in kind or "PROMPT" in kind:  # virtual tokens live in the cache: keep model.generate
             return False
-    return _kv_shape(model) is not None
-
-
-def _kv_shape(model) -> tuple[int, int, int] | None:
-    """(layers, kv_heads, head_dim) from the model config."""
-    return kv_shape(model.config)
-
-
-# ---- the KV cache ---------------------------------------------------------------------------------
-class SlotCache:
-    """Preallocated K/V for `slots` requests of up to `capacity` tokens (see the module docstring).
-
-    Beside K/V it keeps, on the same device, each slot's token ids (`tokens`: the prompt, then every
-    token chosen, the next one to feed at column `lengths[slot]`) and its length (`lengths`: tokens in
-    the KV cache). A decode step reads its input ids and positions from them and appends the chosen
-    ids in place: nothing about the running rows goes host -> device per step.
-    The model calls `update(k, v, layer_idx)` during a decode step with one new token per running row.
-    """
-
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.tokens = torch.zeros((slots, capacity), dtype=torch.long, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.columns = torch.arange(capacity, device=device)  # for the masks, made once
-        self.rows = torch.arange(slots, device=device)
-        self.capacity = capacity
-        self.width = 0  # columns the step's attention looks at (max length + 1)
-        self.is_compileable = False
-
-    @property
-    def device(self) -> torch.device:
-        return self.tokens.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.tokens))
-
-    def put(self, slot: int, layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0) -> None:
-        """Write a prefilled sequence ([1, kv_heads, n, head_dim] per layer) at columns start..start+n-1."""
-        for layer, (k, v) in enumerate(layer_kv):
-            n = k.shape[-2]
-            self.keys[layer][slot, :, start : start + n] = k[0]
-            self.values[layer][slot, :, start : start + n] = v[0]
-
-    def set_prompt(self, slot: int, prompt: torch.Tensor) -> None:
-        """A new request's prompt ids ([n], on this device) into `slot`, its length n."""
-        n = prompt.shape[0]
-        self.tokens[slot, :n] = prompt
-        self.lengths[slot] = n
-
-    def grown(self, capacity: int) -> "SlotCache":
-        """A larger cache holding this one's contents (a request longer than any before joined)."""
-        k0 = self.keys[0]
-        bigger = SlotCache(len(self.keys), k0.shape[0], k0.shape[1], k0.shape[3], capacity, k0.dtype, k0.device)
-        for layer in range(len(self.keys)):
-            bigger.keys[layer][:, :, : self.capacity] = self.keys[layer]
-            bigger.values[layer][:, :, : self.capacity] = self.values[layer]
-        bigger.tokens[:, : self.capacity] = self.tokens
-        bigger.lengths.copy_(self.lengths)
-        return bigger
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Slot `src`'s request into slot `dst`: its `length` cached tokens and the token it feeds next."""
-        for layer in range(len(self.keys)):
-            self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
-            self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
-        self.tokens[dst, : length + 1] = self.tokens[src, : length + 1]
-        self.lengths[dst] = self.lengths[src]
-
-    # what the model calls
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        rows = key_states.shape[0]
-        index, positions = self.rows[:rows], self.lengths[:rows]
-        self.keys[layer_idx][index, :, positions] = key_states[:, :, 0]
-        self.values[layer_idx][index, :, positions] = value_states[:, :, 0]
-        return self.keys[layer_idx][:rows, :, : self.width], self.values[layer_idx][:rows, :, : self.width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-class PrefixCache:
-    """KV of shared prompt starts, computed once; the few most recently used are kept."""
-
-    def __init__(self, min_prefix: int = 16, max_entries: int = 4) -> None:
-        self.min_prefix = min_prefix
-        self.max_entries = max_entries
-        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self._previous: list[int] | None = None
-
-    def lookup(self, prompt: Sequence[int]) -> tuple[int, list | None]:
-        """(length, per-layer KV) of the longest cached prefix of `prompt` that leaves >= 1 token to run."""
-        best: tuple[int, ...] | None = None
-        for key in self.entries:
-            if len(key) < len(prompt) and (best is None or len(key) > len(best)) and tuple(prompt[: len(key)]) == key:
-                best = key
-        if best is None:
-            return 0, None
-        self.entries.move_to_end(best)
-        return len(best), self.entries[best]
-
-    def candidate(self, prompt: Sequence[int]) -> tuple[int, ...] | None:
-        """A new prefix worth caching: this prompt's shared start with the previous prompt."""
-        previous, self._previous = self._previous, list(prompt)
-        if previous is None:
-            return None
-        n, limit = 0, min(len(previous), len(prompt)) - 1
-        while n < limit and previous[n] == prompt[n]:
-            n += 1
-        key = tuple(prompt[:n])
-        return key if n >= self.min_prefix and key not in self.entries else None
-
-    def add(self, key: tuple[int, ...], layer_kv: list) -> None:
-        self.entries[key] = layer_kv
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
-
-
-# ---- requests ---------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Request:
-    """One prompt to complete. `on_tokens(ids)` (optional) is called with each step's new token ids.
-
-    `adapter`: for a PEFT model with LoRA adapters, the adapter this request runs with ("__base__" = none);
-    None = the model's active adapter. Requests for different adapters decode in one batch (PEFT's
-    mixed-adapter forward). `cancel`: set it from any thread; the request leaves before the next step.
-    `error`: set when the request failed on its own (its prefill, its logits processing or sampling, its
-    stop check, its `on_tokens`): it left the batch with `result` None and the other requests went on.
-    """
-
-    prompt_ids: list[int]
-    config: DecodingConfig
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_tokens: Callable[[list[int]], None] | None = None
-    adapter: str | None = None
-    result: Generation | None = None
-    error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None
-
-
-class CacheTooSmall(AdgenError):
-    """A request needs more KV cache per slot than a fixed-size (budgeted) cache holds."""
-
-
-@dataclass(eq=False)
-class _Running:
-    request: Request
-    length: int  # tokens in the cache (= the column of the token the next step feeds)
-    generated: list[int]
-    repeat: RepeatState | None
-    processors: object  # transformers LogitsProcessorList for this request's settings (or None)
-    rng: torch.Generator | None
-    stop_hit: bool = False
+    return kv_shape(model.config) is not None
 
 
 class DecodeEngine:
@@ -268,7 +101,7 @@ class DecodeEngine:
     def __init__(self, model, tokenizer, stop_ids: Sequence[int], *, slots: int = 16,
                  prefix_cache: PrefixCache | None = None, capacity: int | None = None,
                  batch_prefill: bool | str = "auto") -> None:
-        shape = _kv_shape(model)
+        shape = kv_shape(model.config) if getattr(model, "config", None) is not None else None
         if shape is None or not supports_engine(model):
             raise ValueError("this model needs model.generate (see adgen.generation.engine.supports_engine)")
         if batch_prefill not in ("auto", True, False):
@@ -281,15 +114,12 @@ class DecodeEngine:
         self.tokenizer = tokenizer
         self.stop_ids = [int(i) for i in stop_ids]
         self.slots = max(1, int(slots))
-        # one prefix cache per adapter: the same tokens have other keys / values under another adapter
-        self._prefix_caches: dict[str | None, PrefixCache] = {None: prefix_cache if prefix_cache is not None else PrefixCache()}
+        self._prefiller = Prefiller(model, prefix_cache)
         self._layers, self._kv_heads, self._head_dim = shape
         self._cache: SlotCache | None = None
-        self._cache_kw = _cache_kwarg(model)
         self._waiting: deque[Request] = deque()
-        self._running: list[_Running] = []
+        self._running: list[RunningRequest] = []
         self.steps = 0  # decode steps run (each one forward of the running batch)
-        self.prefill_tokens = 0  # prompt tokens computed (the prefix cache's share is not)
         self.prompt_tokens = 0  # prompt tokens of the requests run
         self.max_running = 0  # the largest batch a step ran
         self.fixed_capacity = int(capacity) if capacity is not None else None
@@ -298,7 +128,7 @@ class DecodeEngine:
 
     @property
     def prefix_cache(self) -> PrefixCache:
-        return self._prefix_caches[None]
+        return self._prefiller.prefix_cache
 
     # ---- a known list of requests ---------------------------------------------------------------
     def run(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Generation]:
@@ -352,7 +182,7 @@ class DecodeEngine:
             for slot in range(len(self._running) - 1, -1, -1):
                 seq = self._running[slot]
                 if seq.request.cancel.is_set() and not seq.request.done:
-                    seq.request.result = self._result(seq)
+                    seq.request.result = seq.result()
             self._leave(finished)
             self._admit_waiting(finished)
             if self._running:
@@ -372,6 +202,11 @@ class DecodeEngine:
         self._running.clear()
         return dropped
 
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens computed (the prefix cache's share is not)."""
+        return self._prefiller.tokens
+
     def stats(self) -> dict:
         """What the runs so far cost: decode steps, prompt tokens, and those the prefix cache saved."""
         return {"decode_steps": self.steps, "prompt_tokens": self.prompt_tokens,
@@ -390,9 +225,18 @@ class DecodeEngine:
                 finished.append(self._running[slot].request)
                 self._release(slot)
 
-    # ---- admission: prefill one request into a slot ------------------------------------------
+    def _release(self, slot: int) -> None:
+        running = self._running
+        last = len(running) - 1
+        if slot != last:
+            self._cache.move(last, slot, running[last].length)  # type: ignore[union-attr]
+            running[slot] = running[last]
+        running.pop()
+
+    # ---- the cache ------------------------------------------------------------------------------
     def _limit(self, request: Request) -> int:
-        return int(request.config.max_new_tokens or 256)
+        """Tokens the request may generate: its max_new_tokens, or what its config sizes from the tokenizer."""
+        return int(request.config.for_tokenizer(self.tokenizer).max_new_tokens)  # type: ignore[arg-type]
 
     def _needed(self, request: Request) -> int:
         return len(request.prompt_ids) + self._limit(request) + 1
@@ -415,46 +259,7 @@ class DecodeEngine:
                 self._cache = self._cache.grown(-(-capacity // 256) * 256)
         return self._cache
 
-    def _prefix_cache_for(self, adapter: str | None) -> PrefixCache:
-        cache = self._prefix_caches.get(adapter)
-        if cache is None:
-            cache = self._prefix_caches[adapter] = PrefixCache(self.prefix_cache.min_prefix, self.prefix_cache.max_entries)
-        return cache
-
-    def _prefill(self, ids: Sequence[int], ids_t: torch.Tensor, adapter: str | None):
-        """(last-position logits [V], per-layer KV [(k, v)] of the whole prompt); `ids_t`: `ids` on the device."""
-        self._plan_prefix(ids, ids_t, adapter)
-        n, kv = self._prefix_cache_for(adapter).lookup(ids)
-        return self._forward(ids_t[n:], n, kv, adapter)
-
-    def _forward(self, ids: torch.Tensor, start: int, prefix_kv, adapter: str | None):
-        """Run `ids` ([n] on the device, positions start..) after `prefix_kv` (None: from scratch):
-        (last logits, KV of all)."""
-        from transformers import DynamicCache
-
-        device = ids.device
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(prefix_kv or ()):
-            cache.update(k, v, layer)  # concatenates into new tensors: the cached prefix stays as it was
-        n = ids.shape[0]
-        kwargs = self._adapter_kwargs([adapter])
-        if start:  # an explicit mask: the new tokens see the whole prefix, then causally each other
-            # (left to itself, an attention could treat q_len != kv_len as top-left-aligned causal)
-            visible = torch.arange(start + n, device=device).unsqueeze(0) <= torch.arange(start, start + n, device=device).unsqueeze(1)
-            kwargs["attention_mask"] = visible[None, None]
-        out = self.model(input_ids=ids.unsqueeze(0),
-                         position_ids=torch.arange(start, start + n, device=device).unsqueeze(0),
-                         use_cache=True, logits_to_keep=1, **kwargs, **{self._cache_kw: cache})
-        self.prefill_tokens += n
-        return out.logits[0, -1].float(), _layer_kv(_out_cache(out))
-
-    def _adapter_kwargs(self, adapters: Sequence[str | None]) -> dict:
-        """PEFT's per-row adapter choice, when some row asks for one (else the model's active adapter runs)."""
-        if all(a is None for a in adapters):
-            return {}
-        active = getattr(self.model, "active_adapter", None)
-        return {"adapter_names": [a if a is not None else active for a in adapters]}
-
+    # ---- admission: waiting requests into free slots ----------------------------------------------
     def _admit_waiting(self, finished: list[Request]) -> None:
         """Waiting requests into free slots; one whose own prefill or settings fail ends alone."""
         if self.batch_prefill:
@@ -475,81 +280,60 @@ class DecodeEngine:
             else:
                 self._running.append(seq)
 
-    def _running_state(self, request: Request, device) -> _Running:
+    def _start(self, request: Request) -> torch.Tensor:
+        """Room in the cache for a request about to be prefilled; its prompt ids on the device (its one copy)."""
+        cache = self.reserve(self._needed(request))
+        self.prompt_tokens += len(request.prompt_ids)
+        return torch.tensor(request.prompt_ids, dtype=torch.long, device=cache.device)
+
+    def _running_state(self, request: Request, device) -> RunningRequest:
         """A newly prefilled request's decoding state: repetition control, processors, seeded generator."""
         config = request.config
-        return _Running(
-            request=request, length=len(request.prompt_ids), generated=[],
+        return RunningRequest(
+            request=request, length=len(request.prompt_ids), limit=self._limit(request), tokenizer=self.tokenizer,
+            stop_ids=self.stop_ids,
             repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
             processors=sampling_processors(config), rng=_rng(config, device),
         )
 
-    @staticmethod
-    def _cancelled_before_start(request: Request) -> bool:
-        if request.cancel.is_set():
-            request.result = Generation("", len(request.prompt_ids), 0, "cancelled", [])
-            return True
-        return False
-
-    def _admit(self, request: Request, slot: int) -> _Running | None:
-        if self._cancelled_before_start(request):
+    def _admit(self, request: Request, slot: int) -> RunningRequest | None:
+        if request.cancelled_before_start():
             return None
-        cache = self.reserve(self._needed(request))
-        self.prompt_tokens += len(request.prompt_ids)
-        prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=cache.device)  # the request's one copy
-        logits, layer_kv = self._prefill(request.prompt_ids, prompt, request.adapter)
-        cache.put(slot, layer_kv)
-        cache.set_prompt(slot, prompt)
+        prompt = self._start(request)
+        logits, layer_kv = self._prefiller.prefill(request.prompt_ids, prompt, request.adapter)
+        self._cache.put(slot, layer_kv)  # type: ignore[union-attr]
+        self._cache.set_prompt(slot, prompt)  # type: ignore[union-attr]
         seq = self._running_state(request, logits.device)
         self._choose([seq], logits.unsqueeze(0), slot)
         return None if request.done else seq
 
-    # ---- admission of several requests: one padded prefill forward ------------------------------
     def _admit_batch(self, requests: list[Request], finished: list[Request]) -> None:
         """Prefill `requests` (admitted together) with one forward per (prefix length, adapter) group and
         put them into the slots after the running ones (in the order given). A request whose own part
-        fails (cache, settings, callback) ends alone; an error of a group's forward makes each of its
-        requests prefill on its own (so a request that cannot run fails alone, as one at a time)."""
-        plans = []  # [request, prompt on the device, prefix length, prefix kv]
+        fails (cache, settings, callback, its prefill) ends alone."""
+        plans: list[tuple[Request, torch.Tensor]] = []  # (request, its prompt on the device)
         for request in requests:
-            if self._cancelled_before_start(request):
+            if request.cancelled_before_start():
                 finished.append(request)
                 continue
             try:
-                cache = self.reserve(self._needed(request))
-                self.prompt_tokens += len(request.prompt_ids)
-                prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=cache.device)
-                self._plan_prefix(request.prompt_ids, prompt, request.adapter)
+                prompt = self._start(request)
+                self._prefiller.plan_prefix(request.prompt_ids, prompt, request.adapter)
             except Exception as e:
                 request.error = e
                 finished.append(request)
                 continue
-            plans.append([request, prompt, 0, None])
-        # second pass: every prefix these prompts start is cached now (the first prompt of a run uses the
-        # one it shares with the second, so all of them land in one group)
-        groups: dict[tuple[int, str | None], list[int]] = {}
-        for i, plan in enumerate(plans):
-            request = plan[0]
-            plan[2], plan[3] = self._prefix_cache_for(request.adapter).lookup(request.prompt_ids)
-            groups.setdefault((plan[2], request.adapter), []).append(i)
-        results: dict[int, tuple[torch.Tensor, list]] = {}  # plan index -> (logits [V], per-layer kv)
-        for (n, adapter), members in groups.items():
-            try:
-                rows = self._forward_rows([plans[i][1][n:] for i in members], n, [plans[i][3] for i in members], adapter)
-                results.update(zip(members, rows))
-            except Exception:  # the group's forward: each of its requests on its own
-                for i in members:
-                    request, prompt, m, kv = plans[i]
-                    try:
-                        results[i] = self._forward(prompt[m:], m, kv, request.adapter)
-                    except Exception as e:
-                        request.error = e
+            plans.append((request, prompt))
+        # every prefix these prompts start is cached now (the first prompt of a run uses the one it shares with
+        # the second, so all of them land in one group)
+        outcomes = self._prefiller.prefill_together([(r.prompt_ids, p, r.adapter) for r, p in plans])
         seqs, scores = [], []
-        for i, (request, prompt, _, _) in enumerate(plans):
-            if i not in results:
+        for (request, prompt), outcome in zip(plans, outcomes):
+            if isinstance(outcome, BaseException):  # its prefill failed, also on its own
+                request.error = outcome
                 finished.append(request)
                 continue
-            logits, layer_kv = results[i]
+            logits, layer_kv = outcome
             try:
                 seq = self._running_state(request, logits.device)
             except Exception as e:
@@ -557,12 +341,16 @@ class DecodeEngine:
                 finished.append(request)
                 continue
             slot = len(self._running) + len(seqs)
-            self._cache.put(slot, layer_kv)
-            self._cache.set_prompt(slot, prompt)
+            self._cache.put(slot, layer_kv)  # type: ignore[union-attr]
+            self._cache.set_prompt(slot, prompt)  # type: ignore[union-attr]
             seqs.append(seq)
             scores.append(logits)
-        if not seqs:
-            return
+        if seqs:
+            self._start_running(seqs, scores, finished)
+
+    def _start_running(self, seqs: list[RunningRequest], scores: list[torch.Tensor], finished: list[Request]) -> None:
+        """The first tokens of requests prefilled together (in the slots after the running ones): those that go
+        on join the running rows, kept in slots 0..B-1."""
         first = len(self._running)
         try:
             self._choose(seqs, torch.stack(scores), first)
@@ -575,63 +363,17 @@ class DecodeEngine:
                 finished.append(seq.request)
             else:
                 self._running.append(seq)
-        # the running rows stay slots 0..B-1: a row that ended on its first token gives its slot to the next
-        kept = len(self._running) - first
-        if kept != len(seqs):
+        # a row that ended on its first token gives its slot to the next
+        if len(self._running) - first != len(seqs):
             slot = first
             for i, seq in enumerate(seqs):
                 if not seq.request.done:
                     if first + i != slot:
-                        self._cache.move(first + i, slot, seq.length)
+                        self._cache.move(first + i, slot, seq.length)  # type: ignore[union-attr]
                     slot += 1
 
-    def _plan_prefix(self, ids: Sequence[int], ids_t: torch.Tensor, adapter: str | None) -> None:
-        """A start this prompt shares with the previous one: computed once (after what is cached), kept for the
-        next prompts (the prefix cache's part of a prefill)."""
-        prefixes = self._prefix_cache_for(adapter)
-        n, kv = prefixes.lookup(ids)
-        key = prefixes.candidate(ids)
-        if key is not None and len(key) >= n + prefixes.min_prefix:
-            _, kv = self._forward(ids_t[n : len(key)], n, kv, adapter)
-            prefixes.add(key, kv)
-
-    def _forward_rows(self, suffixes: list[torch.Tensor], start: int, prefix_kvs: list, adapter: str | None):
-        """`_forward` for several prompts at once: row r runs `suffixes[r]` (positions start..) after its
-        own `prefix_kvs[r]` (all of length `start`; None when start is 0). The suffixes are right-padded to
-        the longest; the 4D mask lets each real token see its row's prefix and its own earlier tokens, never
-        a pad. [(last real position's logits [V], per-layer KV of the row's prefix + real tokens)]."""
-        from transformers import DynamicCache
-
-        device = suffixes[0].device
-        rows, lengths = len(suffixes), [s.shape[0] for s in suffixes]
-        width = max(lengths)
-        ids = torch.nn.utils.rnn.pad_sequence(suffixes, batch_first=True)  # right-padded with id 0, never seen
-        cache = DynamicCache()
-        if start:
-            for layer in range(len(prefix_kvs[0])):
-                cache.update(torch.cat([kv[layer][0] for kv in prefix_kvs]),
-                             torch.cat([kv[layer][1] for kv in prefix_kvs]), layer)
-        length_t = torch.tensor(lengths, dtype=torch.long, device=device)
-        query = torch.arange(width, device=device)
-        column = torch.arange(start + width, device=device) - start  # < 0: the prefix
-        # [rows, 1, width, start + width]: prefix columns, then own real tokens up to the query's position
-        visible = (column[None, None, :] <= query[None, :, None]) & (column[None, None, :] < length_t[:, None, None])
-        last = sorted(set(n - 1 for n in lengths))
-        out = self.model(input_ids=ids, position_ids=(start + query).unsqueeze(0).expand(rows, -1),
-                         attention_mask=visible[:, None], use_cache=True,
-                         logits_to_keep=torch.tensor(last, dtype=torch.long, device=device),
-                         **self._adapter_kwargs([adapter] * rows), **{self._cache_kw: cache})
-        self.prefill_tokens += sum(lengths)
-        layer_kv = _layer_kv(_out_cache(out))
-        logits = out.logits
-        # a forward that ignores `logits_to_keep` (remote code taking **kwargs) gives every position
-        column_of = (lambda n: last.index(n - 1)) if logits.shape[1] == len(last) else (lambda n: n - 1)
-        return [(logits[r, column_of(n)].float(), [(k[r : r + 1, :, : start + n], v[r : r + 1, :, : start + n])
-                                                        for k, v in layer_kv])
-                for r, n in enumerate(lengths)]
-
     # ---- one decode step -----------------------------------------------------------------------
-    def _step(self, running: list[_Running]) -> None:
+    def _step(self, running: list[RunningRequest]) -> None:
         cache = self._cache
         assert cache is not None
         rows = len(running)
@@ -642,7 +384,8 @@ class DecodeEngine:
         tokens = cache.tokens[:rows].gather(1, positions.unsqueeze(1))  # each row's pending token
         out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(1),
                          attention_mask=mask[:, None, None, :], use_cache=True,
-                         **self._adapter_kwargs([s.request.adapter for s in running]), **{self._cache_kw: cache})
+                         **adapter_kwargs(self.model, [s.request.adapter for s in running]),
+                         **{self._prefiller.cache_kw: cache})
         self.steps += 1
         self.max_running = max(self.max_running, rows)
         logits = out.logits[:, -1].float()
@@ -651,7 +394,7 @@ class DecodeEngine:
             seq.length += 1
         self._choose(running, logits, 0)
 
-    def _choose(self, seqs: list[_Running], scores: torch.Tensor, first_slot: int) -> None:
+    def _choose(self, seqs: list[RunningRequest], scores: torch.Tensor, first_slot: int) -> None:
         """Pick the next token of every row (scores [n, V]; row i is `seqs[i]`, in cache slot first_slot + i),
         write them into the cache's token rows, and finish the requests that end.
 
@@ -670,19 +413,20 @@ class DecodeEngine:
                 except Exception as e:
                     failed[i] = e
         cache = self._cache
+        assert cache is not None
         end = first_slot + len(seqs)
         cache.tokens[first_slot:end].scatter_(1, cache.lengths[first_slot:end].unsqueeze(1), chosen.unsqueeze(1))
         ids = chosen.tolist()  # the one device -> host copy
         for i, seq in enumerate(seqs):
             if i not in failed:
                 try:
-                    self._record(seq, ids[i])
+                    seq.record(ids[i])
                     continue
                 except Exception as e:
                     failed[i] = e
             seq.request.error = failed[i]
 
-    def _shape_scores(self, seqs: list[_Running], scores: torch.Tensor, first_slot: int,
+    def _shape_scores(self, seqs: list[RunningRequest], scores: torch.Tensor, first_slot: int,
                       failed: dict[int, BaseException]) -> None:
         """The character-level repetition control (all rows at once), then each row's own processors."""
         shaping = []
@@ -693,7 +437,7 @@ class DecodeEngine:
                 except Exception as e:
                     failed[i] = e
         apply_shaping(scores, shaping)
-        tokens = self._cache.tokens
+        tokens = self._cache.tokens  # type: ignore[union-attr]
         for i, seq in enumerate(seqs):
             if seq.processors is not None and i not in failed:
                 try:
@@ -701,75 +445,3 @@ class DecodeEngine:
                     scores[i : i + 1] = seq.processors(history, scores[i : i + 1])
                 except Exception as e:
                     failed[i] = e
-
-    def _record(self, seq: _Running, token: int) -> None:
-        """The host's part of a chosen token: the request's text state, its callback, whether it ends."""
-        request, config = seq.request, seq.request.config
-        seq.generated.append(token)
-        if request.on_tokens is not None:
-            request.on_tokens([token])
-        if seq.repeat is not None:
-            seq.repeat.push([token])
-        if config.stop and token not in self.stop_ids:
-            tail = seq.generated[-stop_window(config.stop):]
-            seq.stop_hit = find_stop(decode(self.tokenizer, tail), config.stop) != -1
-        done = (token in self.stop_ids or seq.stop_hit or (seq.repeat is not None and seq.repeat.looped)
-                or len(seq.generated) >= self._limit(request) or request.cancel.is_set())
-        if done:
-            request.result = self._result(seq)
-
-    def _result(self, seq: _Running) -> Generation:
-        request = seq.request
-        return finished_generation(
-            self.tokenizer, len(request.prompt_ids), seq.generated, self.stop_ids, request.config.stop,
-            stop_hit=seq.stop_hit, looped=seq.repeat is not None and seq.repeat.looped,
-            cancelled=request.cancel.is_set(),
-        )
-
-    def _release(self, slot: int) -> None:
-        running = self._running
-        last = len(running) - 1
-        if slot != last:
-            self._cache.move(last, slot, running[last].length)  # type: ignore[union-attr]
-            running[slot] = running[last]
-        running.pop()
-
-
-def cache_dtype(model) -> torch.dtype:
-    """The KV cache's dtype: the model's floating-point parameters' (fp32 for an all-integer model)."""
-    param = next(model.parameters())
-    return param.dtype if param.is_floating_point() else torch.float32
-
-
-def _cache_kwarg(model) -> str:
-    """transformers >= 5.x names the forward's cache argument `cache` (`past_key_values` before)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _out_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return [(k, v) for k, v in cache]  # older tuple-style caches
-
-
-def _rng(config: DecodingConfig, device) -> torch.Generator | None:
-    """A seeded request's own generator, on the device its logits are on (torch.multinomial refuses a CPU
-    generator for CUDA probabilities). On the CPU the same seed gives the same draws as before."""
-    if config.greedy or config.seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(int(config.seed))
-    return g

@@ -15,6 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
 from adgen.generation.repetition import RepeatState, token_table
 
 
@@ -48,8 +60,6 @@ def apply_shaping(scores, rows: Sequence[RowShaping]) -> None:
     """Apply rows' shaping to `scores` [B, V] in place: a few batched tensor ops and one host->device copy
     per kind, whatever the number of rows (the same values as row by row: each element gets the same
     additions in the same order)."""
-    import torch
-
     device = scores.device
     pen = [(r.row, tok, val) for r in rows for tok, val in r.penalties.items()]
     if pen:
@@ -86,15 +96,6 @@ def apply_penalties(scores, rows: Sequence[tuple[int, RepeatState]]) -> None:
 
 def sampling_processors(config):
     """transformers' processors for the settings that need the token ids or shape sampling (None: none)."""
-    from transformers import (
-        LogitsProcessorList,
-        NoRepeatNGramLogitsProcessor,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
     procs = []
     if config.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
@@ -111,6 +112,8 @@ def sampling_processors(config):
 
 
 class BatchRepeatControl:
+    """The repetition control of one left-padded `model.generate` batch: a `RepeatState` per row."""
+
     def __init__(self, tokenizer, config, stop_ids: Sequence[int], batch_size: int, prompt_width: int):
         table = token_table(tokenizer)
         self.config = config
@@ -131,31 +134,30 @@ class BatchRepeatControl:
         return [s.looped for s in self.states]
 
     def processors(self) -> list:
-        return [_LogitsProcessor(self)] if self.config.shapes_logits else []
+        return [CharRepetitionProcessor(self)] if self.config.shapes_logits else []
 
     def criteria(self) -> list:
-        return [_LoopCriteria(self)] if self.config.loop_detection else []
+        return [LoopCriteria(self)] if self.config.loop_detection else []
 
 
-def _LogitsProcessor(control: BatchRepeatControl):
-    from transformers import LogitsProcessor
+class CharRepetitionProcessor(LogitsProcessor):
+    """The batch's DRY penalty / n-gram ban / ending moves, as a transformers LogitsProcessor."""
 
-    class CharRepetitionProcessor(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            control.sync(input_ids)
-            apply_penalties(scores, list(enumerate(control.states)))
-            return scores
+    def __init__(self, control: BatchRepeatControl) -> None:
+        self.control = control
 
-    return CharRepetitionProcessor()
+    def __call__(self, input_ids, scores):
+        self.control.sync(input_ids)
+        apply_penalties(scores, list(enumerate(self.control.states)))
+        return scores
 
 
-def _LoopCriteria(control: BatchRepeatControl):
-    import torch
-    from transformers import StoppingCriteria
+class LoopCriteria(StoppingCriteria):
+    """Loop detection as a transformers StoppingCriteria: a row whose tail repeats stops."""
 
-    class LoopCriteria(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            control.sync(input_ids)
-            return torch.tensor(control.looped, dtype=torch.bool, device=input_ids.device)
+    def __init__(self, control: BatchRepeatControl) -> None:
+        self.control = control
 
-    return LoopCriteria()
+    def __call__(self, input_ids, scores, **kwargs):
+        self.control.sync(input_ids)
+        return torch.tensor(self.control.looped, dtype=torch.bool, device=input_ids.device)

@@ -1,7 +1,7 @@
 """How many requests' KV cache fit on the GPU: the serving engine's budget, and `adgen plan`'s arithmetic.
 
 The decode engine keeps K and V of every running request in one preallocated cache of
-`slots x capacity` tokens (adgen.generation.engine.SlotCache). On a GPU that cache is sized once, at
+`slots x capacity` tokens (adgen.generation.slot_cache.SlotCache). On a GPU that cache is sized once, at
 start, from the memory left beside the weights (`torch.cuda.mem_get_info`), the way vLLM's
 `--gpu-memory-utilization` does: the server may use that fraction of the card's *total* memory; what
 is already used (weights, CUDA context, other processes) and a step's working memory are taken off,
@@ -29,7 +29,7 @@ def _text_config(config):
 def _element_size(dtype) -> int:
     """Bytes per element of a torch dtype (or of its name: "bfloat16", "float32", ...)."""
     if isinstance(dtype, str):
-        import torch
+        import torch  # only for a dtype given by name: this module stays importable without torch (module docstring)
 
         dtype = getattr(torch, dtype.replace("torch.", ""))
     return int(dtype.itemsize)

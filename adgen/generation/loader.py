@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
+from transformers import GenerationConfig
+
+from adgen.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormatter
 from adgen.errors import AdgenError, ModelError
 from adgen.generation.config import GENERATION_BATCH_SIZE
+from adgen.generation.hf import HFGenerator
+from adgen.generation.protocol import Generator
+from adgen.generation.vllm_backend import VLLMGenerator, check_vllm_adapter, require_vllm
+from adgen.models import load_model, load_tokenizer, resolve_model
 
 BACKENDS = ("hf", "vllm")
 
@@ -14,8 +20,6 @@ BACKENDS = ("hf", "vllm")
 def _generation_eos_ids(path) -> list[int]:
     """eos ids from the model's generation_config.json (Llama-3 Instruct lists 128001 and 128009)."""
     try:
-        from transformers import GenerationConfig
-
         eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
     except Exception:
         return []
@@ -37,7 +41,7 @@ def load_generator(
     trust_remote_code: bool = False,
     continuous: bool = True,
     **backend_kwargs,
-):
+) -> Generator:
     """Load a model (built-in alias, local dir, .gguf, hub id), optionally + a PEFT adapter.
 
     Returns an `HFGenerator` (backend "hf") or a `VLLMGenerator` (backend "vllm"); both expose
@@ -45,16 +49,11 @@ def load_generator(
     `system_prompt=None` renders prompts without a system turn. `continuous=False` (hf): left-padded
     `model.generate` batches instead of continuous batching (vLLM always batches continuously).
     """
-    from adgen.data.chat import ChatFormatter
-    from adgen.models import load_model, load_tokenizer, resolve_model
-
     if backend not in BACKENDS:
         raise AdgenError(f"unknown backend '{backend}' (use {' or '.join(BACKENDS)})")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     if backend == "vllm":
-        from adgen.generation.vllm_backend import check_vllm_adapter, require_vllm
-
         require_vllm()  # fail fast, before loading anything
         if adapter is not None:
             check_vllm_adapter(adapter)  # DoRA / modules_to_save refused before the tokenizer and vLLM load
@@ -65,14 +64,10 @@ def load_generator(
     )
     name = str(model_spec)
     if backend == "vllm":
-        from adgen.generation.vllm_backend import VLLMGenerator
-
         return VLLMGenerator(
             str(resolved.path), tokenizer, formatter, adapter=adapter, model_name=name,
             dtype=dtype or "auto", batch_size=batch_size, **backend_kwargs,
         )
-    from adgen.generation.hf import HFGenerator
-
     if backend_kwargs:
         raise AdgenError(f"unknown option(s) for the hf backend: {', '.join(sorted(backend_kwargs))}")
     model = load_model(

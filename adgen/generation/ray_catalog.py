@@ -17,7 +17,8 @@ retried task or by a rerun. A killed worker (Ray restarts it and retries its blo
 (rerun the command) loses at most the blocks in flight, never writes a record twice. The merge then
 checks that every block's shard holds exactly its records.
 
-Ray is an optional extra (`pip install 'adgen[ray]'`); this module imports it only when run.
+Ray is an optional extra (`pip install 'adgen[ray]'`); this module imports it only when run. The per-record loop
+and the counts are bulk generation's (adgen.generation.bulk: `generated_rows`, `GenerationCounts`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,24 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from adgen.data.records import Record
 from adgen.errors import AdgenError
+from adgen.generation.bulk import BulkSummary, GenerationCounts, generated_rows
 from adgen.generation.config import DecodingConfig
-from adgen.io import atomic_write_bytes, atomic_write_json
+from adgen.generation.loader import load_generator
+from adgen.generation.resumable import record_key
+from adgen.io import atomic_output, atomic_write_bytes, atomic_write_json
+from adgen.metrics import AttributeVocab
+from adgen.run_dirs import RunDirectory, RunDirMessages
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +57,7 @@ RAY_HINT = "Ray is not installed: pip install 'adgen[ray]' (or pip install 'ray[
 
 def import_ray():
     """`ray` and `ray.data`, or an AdgenError that says how to get them."""
-    try:
+    try:  # the optional extra adgen[ray]: imported when a catalog job starts
         import ray
         import ray.data
     except ImportError:
@@ -70,8 +82,6 @@ def _record_dict(r) -> dict:
 
 def catalog_identity(records: Sequence, *, block_size: int, fmt: str, settings: dict) -> dict:
     """What must match for a directory to be resumed: the same input records, blocks and settings."""
-    from adgen.generation.resumable import record_key
-
     h = hashlib.sha256()
     for r in records:
         h.update(record_key(r.line, r.content).encode() + b"\n")
@@ -79,30 +89,30 @@ def catalog_identity(records: Sequence, *, block_size: int, fmt: str, settings: 
             "shard_format": fmt, **settings}
 
 
+CATALOG_DIR = RunDirectory(
+    # only what this module writes: a wrong --output must not delete someone's files
+    owned=("catalog.json", "summary.json", "generated.parquet", "generated.jsonl", "shards/part-*", "shards/.part-*"),
+    markers=("catalog.json",),
+    manifest="catalog.json",
+    resumable=("catalog.json",),  # a finished run is resumed too: its blocks are skipped, the merge is redone
+    messages=RunDirMessages(
+        is_file="--output {path}: is a file; with --engine ray the output is a directory (give a new name)",
+        foreign="{path}: exists and is not an adgen catalog run (no catalog.json); give a new or empty "
+                "--output directory",
+        other_settings="{path}: holds a run of another catalog or other settings (differs in {diff}); give another "
+                       "--output, or pass --overwrite to start it afresh",
+        unreadable="{path}: its catalog.json cannot be read; give another --output, or pass --overwrite to start "
+                   "it afresh",
+    ),
+)
+
+
 def _prepare_dir(out_dir: Path, identity: dict, overwrite: bool) -> None:
-    manifest = out_dir / "catalog.json"
-    if overwrite and out_dir.exists():
-        # Only what this module writes: a wrong --output must not delete someone's files.
-        for p in (out_dir / "shards").glob("*") if (out_dir / "shards").is_dir() else ():
-            if p.name.startswith((".part-", "part-")):
-                p.unlink()
-        for name in ("catalog.json", "summary.json", "generated.parquet", "generated.jsonl"):
-            (out_dir / name).unlink(missing_ok=True)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AdgenError(f"--output {out_dir}: is a file; with --engine ray the output is a directory (give a new name)")
-    if manifest.exists():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        if old != identity:
-            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise AdgenError(f"{out_dir}: holds a run of another catalog or other settings (differs in "
-                             f"{', '.join(diff)}); give another --output, or pass --overwrite to start it afresh")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise AdgenError(f"{out_dir}: exists and is not an adgen catalog run (no catalog.json); give a new or empty "
-                         "--output directory")
+    CATALOG_DIR.prepare(out_dir, identity, overwrite=overwrite)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     for tmp in (out_dir / "shards").glob(".part-*.tmp"):  # left by a killed worker; that block is redone
         tmp.unlink(missing_ok=True)
-    atomic_write_json(manifest, identity)
+    CATALOG_DIR.claim(out_dir, identity)
 
 
 # ---- the worker ---------------------------------------------------------------------------------
@@ -112,9 +122,6 @@ def _write_rows(path: Path, rows: list[dict], fmt: str) -> None:
     if fmt == "jsonl":
         atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -127,16 +134,10 @@ class BlockGenerator:
 
     def __init__(self, generator_kwargs: dict, config: dict, out_dir: str, fmt: str, n: int = 1,
                  best_of: str = "first", vocab_path: str | None = None, threads: int = 1) -> None:
-        import torch
-
-        from adgen.generation.loader import load_generator
-
         torch.set_num_threads(max(1, int(threads)))
         self.generator = load_generator(**generator_kwargs)
         self.config = DecodingConfig(**config)
         self.out_dir, self.fmt, self.n, self.best_of = Path(out_dir), fmt, n, best_of
-        from adgen.metrics import AttributeVocab
-
         # Attribute coverage is reported for every run, not only with best_of="coverage".
         self.vocab = AttributeVocab.load(vocab_path) if vocab_path else AttributeVocab.default()
 
@@ -149,32 +150,14 @@ class BlockGenerator:
         return out
 
     def _block(self, block: int, items: list[dict]) -> BlockStats:
-        from adgen.data.records import Record
-        from adgen.data.attributes import attributes_of
-        from adgen.generation.bulk import (
-            _candidates_in_order,
-            make_output_record,
-            pick_best,
-        )
-        from adgen.metrics import faithfulness
-
         shard = shard_path(self.out_dir, block, self.fmt)
         if shard.exists():  # a retried task whose first attempt got as far as the rename
             return BlockStats(**json.loads(stats_path(self.out_dir, block).read_text(encoding="utf-8")))
         records = [Record(d["content"], d["summary"], d["line"], d["extra"]) for d in items]
-        stats = BlockStats(block=block, records=len(records), pid=os.getpid())
+        stats = BlockStats(block=block, pid=os.getpid())
         start = time.perf_counter()
-        rows = []
-        for rec, cands in _candidates_in_order(self.generator, records, self.n, self.config, None):
-            best, faith = pick_best(attributes_of(rec.content) or [], cands, self.best_of, self.vocab) if self.n > 1 else (0, None)
-            rows.append(make_output_record(rec, cands, best, faith))
-            stats.completion_tokens += sum(c.completion_tokens for c in cands)
-            stats.length_cut += cands[best].finish_reason == "length"
-            stats.loops += cands[best].finish_reason == "loop"
-            cov = (faith or faithfulness(attributes_of(rec.content) or [], cands[best].text, self.vocab))["attr_coverage"]
-            if cov is not None:
-                stats.coverage_sum += cov
-                stats.coverage_n += 1
+        rows = list(generated_rows(self.generator, records, self.config, stats, n=self.n, best_of=self.best_of,
+                                   vocab=self.vocab, coverage_vocab=self.vocab))
         stats.seconds = time.perf_counter() - start
         # Stats first, then the shard: the shard's existence is what marks the block done.
         atomic_write_json(stats_path(self.out_dir, block), asdict(stats))
@@ -183,15 +166,10 @@ class BlockGenerator:
 
 
 @dataclass
-class BlockStats:
+class BlockStats(GenerationCounts):
+    """One block's counts (written beside its shard, read back by a retried task and by the merge)."""
+
     block: int = 0
-    records: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    coverage_sum: float = 0.0
-    coverage_n: int = 0
-    length_cut: int = 0
-    loops: int = 0
     pid: int = 0
 
 
@@ -199,46 +177,26 @@ class BlockStats:
 
 
 @dataclass
-class CatalogSummary:
-    total: int = 0  # records in the catalog
+class CatalogSummary(BulkSummary):
+    """A catalog job: bulk generation's summary (this run's records, tokens and time; coverage and endings over
+    the whole catalog, earlier runs' blocks too), plus its blocks and Ray workers."""
+
     blocks: int = 0
-    generated: int = 0  # records generated by this run
-    already_done: int = 0  # records found in shards of an earlier run
-    seconds: float = 0.0  # this run's wall time (Ray start and model loads included)
-    completion_tokens: int = 0  # this run's
-    coverage_sum: float = 0.0  # over the whole catalog (earlier runs' blocks too)
-    coverage_n: int = 0
-    length_cut: int = 0
-    loops: int = 0
     workers: int = 0
     output: str = ""
-    bad_lines: list = field(default_factory=list)
 
     @property
     def products_per_s(self) -> float:
-        return self.generated / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def attr_coverage(self) -> float | None:
-        return self.coverage_sum / self.coverage_n if self.coverage_n else None
+        return self.samples_per_s
 
     def describe(self) -> str:
         done = self.generated + self.already_done
         cov = f"{self.attr_coverage:.3f}" if self.attr_coverage is not None else "n/a"
-        s = (f"{done}/{self.total} products written ({done / max(1, self.total):.1%} of the catalog) in "
-             f"{self.blocks} blocks on {self.workers} Ray worker(s): {self.generated} generated now, "
-             f"{self.already_done} already done (resumed), {len(self.bad_lines)} bad input line(s) skipped; "
-             f"{self.seconds:.1f} s, {self.products_per_s:.2f} products/s, {self.tokens_per_s:.1f} tokens/s; "
-             f"mean attribute coverage {cov}")
-        if self.length_cut:
-            s += f"; {self.length_cut} hit max_new_tokens"
-        if self.loops:
-            s += f"; {self.loops} stopped by loop detection"
-        return s
+        return (f"{done}/{self.total} products written ({done / max(1, self.total):.1%} of the catalog) in "
+                f"{self.blocks} blocks on {self.workers} Ray worker(s): {self.generated} generated now, "
+                f"{self.already_done} already done (resumed), {len(self.bad_lines)} bad input line(s) skipped; "
+                f"{self.seconds:.1f} s, {self.products_per_s:.2f} products/s, {self.tokens_per_s:.1f} tokens/s; "
+                f"mean attribute coverage {cov}") + self.endings()
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "bad_lines"}
@@ -281,10 +239,6 @@ def check_gpu_options(gpus_per_worker: float | None, device: str | None) -> None
 
 
 def _driver_sees_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
     return torch.cuda.is_available()
 
 
@@ -379,10 +333,10 @@ def run_catalog(
         bar = _products_bar(len(records), summary.already_done, progress)
         try:
             for row in ds.iter_rows():
-                summary.generated += int(row["records"])
+                summary.generated += int(row["generated"])
                 summary.completion_tokens += int(row["completion_tokens"])
                 if bar is not None:
-                    bar.update(int(row["records"]))
+                    bar.update(int(row["generated"]))
         except Exception as e:
             raise AdgenError(f"the Ray run failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
                              f"every finished block is in {out_dir / 'shards'}: run the same command again to "
@@ -405,20 +359,14 @@ def merge_shards(out_dir: Path, block_sizes: Sequence[int], fmt: str, summary: C
         raise AdgenError(f"{out_dir}: {len(missing)} block(s) have no shard yet (e.g. block {missing[0]}); "
                          "run the same command again to finish them")
     target = out_dir / f"generated.{fmt}"
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(target) as tmp:
         if fmt == "jsonl":
             with open(tmp, "wb") as f:
                 for b, size in enumerate(block_sizes):
                     data = shard_path(out_dir, b, fmt).read_bytes()
                     _check_count(out_dir, b, data.count(b"\n"), size)
                     f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
         else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
             paths = [shard_path(out_dir, b, fmt) for b in range(len(block_sizes))]
             # Blocks may differ in optional columns (e.g. summary only in some): one schema for all.
             schema = pa.unify_schemas([pq.read_schema(p) for p in paths], promote_options="permissive")
@@ -430,12 +378,6 @@ def merge_shards(out_dir: Path, block_sizes: Sequence[int], fmt: str, summary: C
                         if name not in table.column_names:
                             table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
                     writer.write_table(table.select(schema.names).cast(schema))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     if summary is not None:
         for b in range(len(block_sizes)):
             s = json.loads(stats_path(out_dir, b).read_text(encoding="utf-8"))
@@ -458,8 +400,6 @@ def read_generated(out_dir: str | Path) -> list[dict]:
     if (out_dir / "generated.jsonl").exists():
         text = (out_dir / "generated.jsonl").read_text(encoding="utf-8")
         return [json.loads(x) for x in text.splitlines() if x.strip()]
-    import pyarrow.parquet as pq
-
     return [{k: v for k, v in r.items() if v is not None}
             for r in pq.read_table(out_dir / "generated.parquet").to_pylist()]
 
@@ -467,6 +407,4 @@ def read_generated(out_dir: str | Path) -> list[dict]:
 def _products_bar(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="product", desc="products", dynamic_ncols=True)

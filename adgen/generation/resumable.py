@@ -11,8 +11,11 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 from adgen.errors import AdgenError
 
@@ -43,14 +46,9 @@ def scan_output(path: str | Path, *, repair: bool = True) -> OutputState:
         return state
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # 0 when there is no complete line
-    if end < len(data):
-        state.truncated_bytes = len(data) - end
-        if repair:
-            log.warning("%s: cutting a partial last line (%d bytes) left by an interrupted run", path, len(data) - end)
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
+    state.truncated_bytes = len(data) - end
+    if repair:
+        cut_partial_line(path, data)
     for lineno, raw in enumerate(data[:end].split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -67,8 +65,23 @@ def scan_output(path: str | Path, *, repair: bool = True) -> OutputState:
     return state
 
 
-class JsonlAppender:
-    """Append JSON lines durably: each record is one write, then flush + fsync."""
+def cut_partial_line(path: str | Path, data: bytes | None = None) -> int:
+    """Truncate `path` to its last complete line (what a kill mid-write leaves); the bytes cut off."""
+    path = Path(path)
+    if data is None:
+        data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # 0 when there is no complete line
+    if end < len(data):
+        log.warning("%s: cutting a partial last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return len(data) - end
+
+
+class JsonlAppender(AbstractContextManager):
+    """Append JSON lines durably: each record is one write, then flush + fsync (`with` closes the file)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -83,9 +96,6 @@ class JsonlAppender:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlAppender":
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
@@ -94,6 +104,4 @@ def progress_bar(total: int, initial: int, enabled: bool, *, desc: str):
     """A tqdm bar over records (None when progress is off)."""
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="rec", desc=desc, dynamic_ncols=True)

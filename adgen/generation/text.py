@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from adgen.generation.config import Generation
+from adgen.generation.repetition import trim_loop
+
 REPLACEMENT = "\ufffd"
 
 
@@ -113,9 +116,6 @@ def finished_generation(tokenizer, prompt_tokens: int, generated: Sequence[int],
     stop-string hit or a loop, a trailing stop id is padding, not the model's end of turn, so it is not
     counted. finish_reason: "stop" (end of turn or stop string), "loop", "cancelled", else "length".
     """
-    from adgen.generation.config import Generation
-    from adgen.generation.repetition import trim_loop
-
     stops_ids = set(stop_ids)
     gen = list(generated)
     n = next((j for j, t in enumerate(gen) if t in stops_ids), len(gen))

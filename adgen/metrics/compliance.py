@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from adgen.errors import DataError
-from adgen.io import read_utf8_text
+from adgen.io import read_json_file, read_utf8_text
 
 MERCHANT_RULE = "merchant"
 COMPLIANCE_KEY = "compliance_terms"  # per example: the forbidden strings found in the prediction
@@ -123,8 +123,11 @@ def _merchant_regex(terms: tuple[str, ...]) -> re.Pattern | None:
     return _alternation(kept, re.IGNORECASE) if kept else None
 
 
+TERM_LIST_FIX = "fix the compliance term list (format: adgen/resources/compliance/ad_law_terms.json)"
+
+
 def _fail(where: str, reason: str) -> DataError:
-    return DataError(f"{where}: {reason}; fix the compliance term list (format: adgen/resources/compliance/ad_law_terms.json).")
+    return DataError(f"{where}: {reason}; {TERM_LIST_FIX}.")
 
 
 def _strings(obj: dict, key: str, where: str) -> tuple[str, ...]:
@@ -175,13 +178,7 @@ def parse_term_list(data: Any, source: str) -> TermList:
 
 
 def load_term_list(path: str | Path) -> TermList:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such term list file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(str(path), f"not a UTF-8 JSON file ({e})") from None
+    data = read_json_file(path, "term list file", fix=TERM_LIST_FIX)
     return parse_term_list(data, str(path))
 
 

@@ -43,10 +43,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from adgen.data.attributes import parse_attributes
 from adgen.errors import DataError
+from adgen.io import atomic_write_json, read_json_file
 from adgen.metrics.text_stats import is_cjk
 
 Attributes = Sequence[tuple[str, str]]
@@ -84,8 +87,6 @@ def is_matchable(value: str) -> bool:
 
 def _attributes_of(item: Any) -> list[tuple[str, str]]:
     """Attributes of a record-like item: `.attributes`, a content string, or a (key, value) list."""
-    from adgen.data.attributes import parse_attributes
-
     if hasattr(item, "attributes"):
         return list(item.attributes)
     if isinstance(item, str):
@@ -138,8 +139,6 @@ class AttributeVocab:
         }
 
     def save(self, path: str | Path) -> None:
-        from adgen.io import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod
@@ -168,13 +167,7 @@ class AttributeVocab:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributeVocab":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such attribute vocabulary file; check the path.") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not a UTF-8 JSON attribute vocabulary ({e}).") from None
+        data = read_json_file(path, "attribute vocabulary file")
         return cls.from_dict(data, where=str(path))
 
     @classmethod
@@ -231,8 +224,6 @@ class AttributeVocab:
 
 @lru_cache(maxsize=1)
 def _default_vocab() -> AttributeVocab:
-    from importlib.resources import files
-
     resource = files("adgen").joinpath("resources/attribute_vocab.json")
     return AttributeVocab.from_dict(json.loads(resource.read_text(encoding="utf-8")), where=str(resource))
 

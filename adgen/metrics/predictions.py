@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adgen.data.attributes import parse_attributes
 from adgen.errors import DataError
 from adgen.io import read_utf8_text
 
@@ -43,8 +44,6 @@ def extract_attribute_string(prompt: str) -> str | None:
 
 def attributes_from_fields(obj: dict[str, Any], *, where: str) -> list[tuple[str, str]] | None:
     """Attributes from `content` (must parse) or else from `prompt` (best effort); None if neither."""
-    from adgen.data.attributes import parse_attributes
-
     content = obj.get("content")
     if content is not None:
         if not isinstance(content, str):

@@ -39,7 +39,8 @@ _ROUGE_KEYS: tuple[str, ...] = ("rouge-1", "rouge-2", "rouge-l")
 
 @lru_cache(maxsize=1)
 def _libs() -> tuple[Any, Any, Any, Any]:
-    """Import jieba / rouge_chinese / nltk once, with jieba's startup chatter silenced."""
+    """Import jieba / rouge_chinese / nltk once, with jieba's startup chatter silenced (here, not at the top:
+    adgen.metrics is imported at CLI start-up, and these take ~0.5 s)."""
     import jieba
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from rouge_chinese import Rouge

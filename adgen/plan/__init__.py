@@ -11,6 +11,8 @@ The memory figures are estimates by documented formulas (adgen/plan/memory.py) f
 
 from __future__ import annotations
 
+from rich.table import Table
+
 from adgen.errors import ConfigError
 from adgen.plan.arch import ModelShape, config_summary, model_shape
 from adgen.plan.memory import (
@@ -20,13 +22,12 @@ from adgen.plan.memory import (
     serve_plan,
     train_breakdown,
 )
+from adgen.train.config import load_train_config
 
 __all__ = ["plan", "plan_config", "kv_bytes_per_token", "model_shape", "ModelShape", "GIB"]
 
 
 def _load(recipe: str | None, overrides):
-    from adgen.train.config import load_train_config
-
     cfg = load_train_config(recipe, overrides)
     if not cfg.train_data and cfg.objective == "sft":
         cfg.train_data = "(not read by adgen plan)"  # validate() wants data; the plan never reads it
@@ -119,10 +120,8 @@ def _gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def render(p: dict):
+def render(p: dict) -> Table:
     """The plan as a rich table (what `adgen plan` prints without --json)."""
-    from rich.table import Table
-
     a = p["architecture"]
     t = Table(title=f"adgen plan: {p['recipe'] or p['model']}", show_header=False, title_justify="left")
     t.add_column(style="bold")

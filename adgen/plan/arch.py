@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+from peft.tuners.lora import LoraLayer
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from adgen.errors import ModelError
+from adgen.models import resolve_model
 from adgen.train.config import TrainConfig
+from adgen.train.peft_setup import Precision, apply_method
 
 # Meta's Llama-3-8B and -8B-Instruct share one architecture (same config.json but for the eos id).
 _LLAMA3_8B = re.compile(r"(?i)(^|/)meta-llama-3-8b(-instruct)?$")
@@ -87,14 +93,10 @@ def shipped_name(spec: str) -> str | None:
 
 def model_config(spec: str, *, trust_remote_code: bool = False):
     """(transformers config, where it came from) for a model spec, offline."""
-    from transformers import AutoConfig
-
     name = shipped_name(spec)
     path = Path(str(spec)).expanduser()
     if name and not path.is_dir():
         return AutoConfig.from_pretrained(str(shipped_config_path(name))), f"shipped architecture {name}"
-    from adgen.models import resolve_model
-
     resolved = resolve_model(str(spec))  # local dir as is; built-in / .gguf converted once, locally
     if resolved.kind != "hub":
         config_file = Path(resolved.path) / "config.json"
@@ -123,9 +125,6 @@ def _layer_index(name: str) -> int | None:
 
 
 def _meta_model(config, cfg: TrainConfig):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
@@ -134,8 +133,6 @@ def _meta_model(config, cfg: TrainConfig):
 
 def _base_counts(model) -> dict:
     """Parameter counts of the bare model (before the method), by where they sit."""
-    import torch
-
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     head_w = getattr(head, "weight", None)
@@ -168,8 +165,6 @@ def _method_config(cfg: TrainConfig) -> TrainConfig:
 
 def _trained(model, cfg: TrainConfig) -> dict:
     """What the method trains: counts, LoRA targets, the lowest layer the gradient reaches."""
-    from peft.tuners.lora import LoraLayer
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     targets, lowest = [], None
@@ -188,8 +183,6 @@ def _trained(model, cfg: TrainConfig) -> dict:
 
 def model_shape(cfg: TrainConfig) -> ModelShape:
     """Build the recipe's model on the meta device, apply its method, and describe it."""
-    from adgen.train.peft_setup import Precision, apply_method
-
     config, source = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = _meta_model(config, cfg)
     base = _base_counts(model)

@@ -1,4 +1,4 @@
-"""The run directory: what a finished run holds, refusing to clobber another run, atomic dir swaps.
+"""The training run directory: what a finished run holds, and refusing to clobber another run (adgen.run_dirs).
 
     output_dir/
       config.yaml          the resolved config (every option, defaults filled in)
@@ -14,54 +14,34 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from adgen.errors import AdgenError
+from adgen.run_dirs import RunDirectory, RunDirMessages
 
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints", "adapter", "model")
 RUN_FILES = RUN_MARKERS + ("loss.png", "train_summary.md", "attribute_vocab.json")
 
-
-def _is_partial(name: str) -> bool:
-    return name.startswith(".") and name.endswith((".tmp", ".old"))
-
-
-def holds_run(path: Path) -> bool:
-    return any((path / m).exists() for m in RUN_MARKERS)
+TRAINING_RUN = RunDirectory(
+    # and the partial directories of an interrupted swap (adgen.io.temp_dir_for / replace_dir: .NAME.tmp / .old)
+    owned=RUN_FILES + (".*.tmp", ".*.old"),
+    markers=RUN_MARKERS,
+    messages=RunDirMessages(
+        is_file="--output-dir {path} is a file, not a directory",
+        missing="--resume: {path} does not exist; nothing to resume",
+        foreign="--output-dir {path} is not empty and does not look like an adgen run; refusing to write into it "
+                "(choose a new or empty directory)",
+        finished="--output-dir {path} already holds a training run ({found}). "
+                 "Pass --overwrite to replace it, --resume to continue it, or choose another --output-dir",
+        leftovers="--overwrite: {path} also holds files that are not from an adgen run ({leftovers}); "
+                  "remove them or choose another --output-dir",
+    ),
+)
 
 
 def prepare_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -> Path:
     """Make sure output_dir can take this run; with overwrite, clear a previous adgen run first."""
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise AdgenError(f"--output-dir {out} is a file, not a directory")
-    if resume:
-        if not out.is_dir():
-            raise AdgenError(f"--resume: {out} does not exist; nothing to resume")
-        return out
-    if out.is_dir() and any(out.iterdir()):
-        if not holds_run(out):
-            raise AdgenError(
-                f"--output-dir {out} is not empty and does not look like an adgen run; refusing to write into it "
-                "(choose a new or empty directory)"
-            )
-        if not overwrite:
-            raise AdgenError(
-                f"--output-dir {out} already holds a training run ({', '.join(m for m in RUN_MARKERS if (out / m).exists())}). "
-                "Pass --overwrite to replace it, --resume to continue it, or choose another --output-dir"
-            )
-        for child in out.iterdir():
-            if child.name in RUN_FILES or _is_partial(child.name):
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        leftovers = [c.name for c in out.iterdir()]
-        if leftovers:
-            raise AdgenError(
-                f"--overwrite: {out} also holds files that are not from an adgen run ({', '.join(leftovers[:5])}); "
-                "remove them or choose another --output-dir"
-            )
-    out.mkdir(parents=True, exist_ok=True)
+    TRAINING_RUN.prepare(out, overwrite=overwrite, resume=resume)
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
     return out
