@@ -154,3 +154,31 @@ def test_a_person_gets_a_slot_at_once_while_batch_rows_fill_the_rest(tiny_llama3
     assert most_batch_rows <= 3  # the reserved slot stayed free of batch rows
     fourth_row = sorted(t for k, t in firsts.items() if k != "类型#上衣")[3]
     assert firsts["类型#上衣"] < fourth_row
+
+
+def test_one_job_at_a_time_on_model_generate_stops_when_its_clients_leave(tiny_llama3_dir):
+    """`continuous=False` (model.generate batches): a running group whose clients all left stops within a few
+    forward passes through HFGenerator.generate's cancel event, and the next request is answered."""
+    from adgen.generation import load_generator
+
+    gen = load_generator(str(tiny_llama3_dir), continuous=False)
+    sched = Scheduler(gen, continuous=False)
+    long = DecodingConfig(max_new_tokens=1500, loop_detection=False, end_after_chars=0, banned_strings=())
+    prompt = [[{"role": "user", "content": "类型#裙"}]]
+
+    async def run():
+        task = asyncio.create_task(sched.complete(prompt, long))
+        while sched.stats()["model_forward_calls"] < 5:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while sched.stats()["cancelled"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    calls = sched.stats()["model_forward_calls"]
+    assert sched.stats()["cancelled"] == 1 and calls < 200, calls  # not the 1500 steps it asked for
+    out = asyncio.run(sched.complete(prompt, DecodingConfig(max_new_tokens=3)))
+    assert out[0].completion_tokens >= 1
+    sched.close()

@@ -111,6 +111,7 @@ class HFGenerator:
         config: DecodingConfig | None = None,
         *,
         progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Generation]:
         """One `Generation` per prompt, in the order given.
 
@@ -120,7 +121,8 @@ class HFGenerator:
         `engine.supports_engine`), or `continuous=False`: prompts sorted by length (longest first) and
         cut into left-padded batches of `batch_size` for `model.generate`.
         With `config.seed`, sampling is reproducible for the same call. `progress(k)` is called as
-        prompts finish, with how many.
+        prompts finish, with how many. `cancel` set from another thread stops every prompt after its current
+        step (their generations end early: a caller that cancels discards them).
         """
         prompts = check_prompts(prompts)
         config = self.resolve(config)
@@ -129,7 +131,7 @@ class HFGenerator:
         encoded = [self.prompt_ids(p) for p in prompts]
         results: list[Generation | None] = [None] * len(encoded)
         if self.uses_engine:
-            for i, g in self._continuous(encoded, config):
+            for i, g in self._continuous(encoded, config, cancel):
                 results[i] = g
                 if progress is not None:
                     progress(1)
@@ -137,8 +139,10 @@ class HFGenerator:
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         with self.seeded(config):
             for start in range(0, len(order), self.batch_size):
+                if cancel is not None and cancel.is_set():
+                    break  # (the prompts not started stay None: a caller that cancels discards the results)
                 idx = order[start : start + self.batch_size]
-                outs = self._generate_batch([encoded[i] for i in idx], config)
+                outs = self._generate_batch([encoded[i] for i in idx], config, cancel)
                 for i, out in zip(idx, outs):
                     results[i] = out
                 if progress is not None:
@@ -160,12 +164,14 @@ class HFGenerator:
         return DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=slots or self.batch_size,
                             capacity=capacity)
 
-    def _continuous(self, encoded: list[list[int]], config: DecodingConfig) -> Iterator[tuple[int, Generation]]:
+    def _continuous(self, encoded: list[list[int]], config: DecodingConfig,
+                    cancel: threading.Event | None = None) -> Iterator[tuple[int, Generation]]:
         # one engine (and prefix cache) per call: the adapter may be switched between calls
         engine = self.decode_engine()
         # each request samples from its own RNG: a seeded call gives prompt k the seed + k (as the server's
         # choice k), so repeated prompts (-n candidates) differ and the call stays reproducible
-        requests = [Request(ids, config if config.greedy or config.seed is None else replace(config, seed=config.seed + k))
+        requests = [Request(ids, config if config.greedy or config.seed is None else replace(config, seed=config.seed + k),
+                            cancel=cancel or threading.Event())
                     for k, ids in enumerate(encoded)]
         index = {id(r): i for i, r in enumerate(requests)}
         with self.lock:
@@ -173,9 +179,10 @@ class HFGenerator:
                 yield index[id(request)], request.result  # type: ignore[misc]
         self.last_engine_stats = engine.stats()
 
-    def _generate_batch(self, batch: list[list[int]], config: DecodingConfig) -> list[Generation]:
+    def _generate_batch(self, batch: list[list[int]], config: DecodingConfig,
+                        cancel: threading.Event | None = None) -> list[Generation]:
         return generate_padded(self.model, self.tokenizer, batch, config, device=self.device,
-                               stop_ids=self.stop_token_ids, pad_id=self.pad_token_id, lock=self.lock)
+                               stop_ids=self.stop_token_ids, pad_id=self.pad_token_id, lock=self.lock, cancel=cancel)
 
     def generation_config(self, config: DecodingConfig) -> GenerationConfig:
         """What `model.generate` gets for `config` (resolved): this model's stop ids, nothing of its own defaults."""

@@ -62,14 +62,18 @@ def repeat_control(tokenizer, config: DecodingConfig, stop_ids: Sequence[int], b
 
 
 def generate_padded(model, tokenizer, batch: list[list[int]], config: DecodingConfig, *, device: torch.device,
-                    stop_ids: Sequence[int], pad_id: int, lock: threading.RLock) -> list[Generation]:
-    """One left-padded `model.generate` call over `batch` (prompt ids), under `lock`; a `Generation` per row."""
+                    stop_ids: Sequence[int], pad_id: int, lock: threading.RLock,
+                    cancel: threading.Event | None = None) -> list[Generation]:
+    """One left-padded `model.generate` call over `batch` (prompt ids), under `lock`; a `Generation` per row.
+    `cancel` set (from any thread) stops every row after the current step."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], dtype=torch.long, device=device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long,
                              device=device)
     stop_strings = StopStringCriteria(tokenizer, config.stop, width) if config.stop else None
     criteria: list = [stop_strings] if stop_strings else []
+    if cancel is not None:
+        criteria.append(CancelCriteria(cancel))
     repeats = repeat_control(tokenizer, config, stop_ids, len(batch), width)
     if repeats is not None:
         criteria += repeats.criteria()
@@ -115,3 +119,13 @@ class StopStringCriteria(StoppingCriteria):
                 self.hit[row] = find_stop(decode(self.tokenizer, tail), self.stops) != -1
             done.append(self.hit[row])
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class CancelCriteria(StoppingCriteria):
+    """Stops every row once `event` is set (a stream closed, or cancelled from another thread)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

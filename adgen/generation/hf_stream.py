@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from adgen.generation.config import DecodingConfig, FinishReason, Generation
-from adgen.generation.hf_padded import generation_config, repeat_control, seeded
+from adgen.generation.hf_padded import CancelCriteria, generation_config, repeat_control, seeded
 from adgen.generation.hf_processors import BatchRepeatControl
 from adgen.generation.pieces import StreamPieces
 from adgen.generation.text import finished_generation
@@ -176,13 +176,3 @@ class QueueStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass  # the worker thread signals the end itself (also on errors)
-
-
-class CancelCriteria(StoppingCriteria):
-    """Stops every row once `event` is set (a stream closed, or cancelled from another thread)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
