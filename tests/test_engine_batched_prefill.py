@@ -142,10 +142,12 @@ def test_one_forward_per_prefix_length(gen):
 
 
 def test_auto_keeps_one_at_a_time_on_the_cpu(gen):
-    assert DecodeEngine(gen.model, gen.tokenizer, gen.stop_token_ids).batch_prefill is False
-    assert _engine(gen, "auto").batch_prefill is False and _engine(gen, True).batch_prefill is True
-    with pytest.raises(ValueError):
-        _engine(gen, "yes")
+    assert DecodeEngine(gen.model, gen.tokenizer, gen.stop_token_ids).batch_prefill_min == 0  # never
+    assert _engine(gen, "auto").batch_prefill_min == 0 and _engine(gen, True).batch_prefill_min == 1
+    assert _engine(gen, 4).batch_prefill_min == 4  # a server under load: once 4 requests wait
+    for bad in ("yes", 1.5, -2):
+        with pytest.raises(ValueError):
+            _engine(gen, bad)
     config = gen.resolve(DecodingConfig(max_new_tokens=4, **PLAIN))
     engine = DecodeEngine(gen.model, gen.tokenizer, gen.stop_token_ids, slots=6)
     engine.run(_requests(gen, config, PROMPTS6[:2]))
@@ -194,3 +196,11 @@ def test_requests_for_different_adapters_prefill_per_adapter(tiny_llama3_dir, ti
     ref = run(False)
     assert run(True) == ref
     assert len({tuple(t) for t in ref[:3]}) == 3  # the adapters really differ
+
+
+def test_a_queue_length_threshold_batches_only_under_load(gen):
+    """batch_prefill=N (a server on a CPU): fewer than N waiting are prefilled one by one (exactly as alone),
+    N or more in one forward."""
+    assert len(SHARED) == 5
+    assert _prefill_forwards(gen, 6, SHARED, warm=True) == 5  # 5 waiting < 6: one forward each
+    assert _prefill_forwards(gen, 5, SHARED, warm=True) == 1  # 5 waiting >= 5: one forward for all

@@ -680,7 +680,7 @@ def test_shutdown_cancels_running_and_waiting_streams_cleanly(tiny_llama3_dir):
     from adgen.serve.scheduler import Scheduler
 
     gen = load_generator(str(tiny_llama3_dir), dtype="fp32", device="cpu", batch_size=1)
-    sched = Scheduler(gen)
+    sched = Scheduler(gen, live_reserve=0)  # one slot in all (no extra slot kept for live requests)
     long = DecodingConfig(max_new_tokens=1500, dry_multiplier=0.0, loop_detection=False)
 
     async def scenario():

@@ -25,7 +25,7 @@ def job(name: str, priority: str = "live", choices: int = 1, config=GREEDY, stre
 
 # ---- the policy alone ----------------------------------------------------------------------------
 def test_live_jobs_go_to_the_engine_at_once_batch_jobs_only_into_spare_room():
-    policy = SchedulingPolicy(max_queue=8, max_batch=8, live_reserve=2)
+    policy = SchedulingPolicy(max_queue=8, max_batch=8, live_reserve=2, batch_jobs_per_step=8)
     batch = [job(f"b{i}", "batch") for i in range(10)]
     for j in batch:
         policy.add(j)
@@ -42,6 +42,20 @@ def test_live_jobs_go_to_the_engine_at_once_batch_jobs_only_into_spare_room():
     # two batch rows ended and no one waits: two more rows, never past the batch's share
     assert policy.admit(EngineRoom(slots=8, running=4, waiting=0, batch_rows=4)) == batch[6:8]
     assert policy.waiting("batch") == 2
+
+
+def test_batch_jobs_are_handed_out_a_few_per_step():
+    """A wave of finished rows is refilled over several steps: a person arriving meanwhile waits behind at most
+    `batch_jobs_per_step` batch prefills in the engine's queue."""
+    policy = SchedulingPolicy(max_queue=8, max_batch=32, live_reserve=8, batch_jobs_per_step=2)
+    batch = [job(f"b{i}", "batch") for i in range(10)]
+    for j in batch:
+        policy.add(j)
+    room = EngineRoom(slots=40, running=0, waiting=0, batch_rows=0)
+    assert policy.admit(room) == batch[:2]
+    person = job("p")
+    policy.add(person)
+    assert policy.admit(EngineRoom(slots=40, running=2, waiting=0, batch_rows=2)) == [person, *batch[2:4]]
 
 
 def test_an_idle_engine_takes_a_batch_job_larger_than_the_batch_share():
@@ -120,8 +134,9 @@ def test_a_group_whose_clients_all_left_stops_early_and_the_worker_goes_on():
 
 # ---- the scheduler on the engine (tiny random Llama-3) -------------------------------------------
 def test_a_person_gets_a_slot_at_once_while_batch_rows_fill_the_rest(tiny_llama3_dir):
-    """4 slots, 1 kept for people: a catalog of 6 rows runs 3 at a time; a live request that arrives while they
-    decode starts at once (its first token before the 4th row starts), and every row gets its own text."""
+    """--batch-size 4 and 1 slot kept for people (on a CPU on top of the 4): a catalog of 8 rows runs 4 at a time;
+    a live request that arrives while they decode starts at once (its first token before the 5th row starts),
+    and every row gets its own text."""
     from adgen.generation import load_generator
 
     gen = load_generator(str(tiny_llama3_dir))
@@ -142,18 +157,18 @@ def test_a_person_gets_a_slot_at_once_while_batch_rows_fill_the_rest(tiny_llama3
 
     async def run():
         rows = [asyncio.create_task(sched.complete([[{"role": "user", "content": f"类型#裙*颜色#{i}"}]], long,
-                                                   priority="batch")) for i in range(6)]
-        while len(firsts) < 3:
+                                                   priority="batch")) for i in range(8)]
+        while len(firsts) < 4:
             await asyncio.sleep(0.005)
         person = await sched.complete([[{"role": "user", "content": "类型#上衣"}]], DecodingConfig(max_new_tokens=5))
         return person, await asyncio.gather(*rows)
 
     person, rows = asyncio.run(run())
     sched.close()
-    assert person[0].completion_tokens >= 1 and len(rows) == 6
-    assert most_batch_rows <= 3  # the reserved slot stayed free of batch rows
-    fourth_row = sorted(t for k, t in firsts.items() if k != "类型#上衣")[3]
-    assert firsts["类型#上衣"] < fourth_row
+    assert person[0].completion_tokens >= 1 and len(rows) == 8
+    assert sched.engine.slots == 5 and most_batch_rows <= 4  # the reserved slot stayed free of batch rows
+    fifth_row = sorted(t for k, t in firsts.items() if k != "类型#上衣")[4]
+    assert firsts["类型#上衣"] < fifth_row
 
 
 def test_one_job_at_a_time_on_model_generate_stops_when_its_clients_leave(tiny_llama3_dir):

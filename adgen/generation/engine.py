@@ -95,22 +95,26 @@ class DecodeEngine:
     `capacity`: a fixed KV cache of `slots x capacity` tokens, allocated now and never grown (a GPU
     server's budget, adgen.generation.kv_budget); None: the cache grows with the longest request.
     `batch_prefill`: prefill the requests admitted in one step in one padded forward ("auto": when the
-    model is on CUDA; True / False force it; see the module docstring).
+    model is on CUDA; True / False force it; an integer N: when at least N requests wait, as a server under
+    load on a CPU wants; see the module docstring).
     """
 
     def __init__(self, model, tokenizer, stop_ids: Sequence[int], *, slots: int = 16,
                  prefix_cache: PrefixCache | None = None, capacity: int | None = None,
-                 batch_prefill: bool | str = "auto") -> None:
+                 batch_prefill: bool | str | int = "auto") -> None:
         shape = kv_shape(model.config) if getattr(model, "config", None) is not None else None
         if shape is None or not supports_engine(model):
             raise ValueError("this model needs model.generate (see adgen.generation.engine.supports_engine)")
-        if batch_prefill not in ("auto", True, False):
-            raise ValueError(f"batch_prefill must be 'auto', True or False, not {batch_prefill!r}")
+        if batch_prefill not in ("auto", True, False) and not (type(batch_prefill) is int and batch_prefill >= 2):
+            raise ValueError(f"batch_prefill must be 'auto', True, False or a queue length >= 2, not {batch_prefill!r}")
         self.model = model
         # requests admitted together prefilled in one padded forward (per prefix length and adapter): on a
         # GPU one forward instead of one per request. "auto": on CUDA only -- other GEMM shapes change last
         # bits, and on the CPU the engine keeps its exact equality with one-request-at-a-time generation
-        self.batch_prefill = (next(model.parameters()).device.type == "cuda") if batch_prefill == "auto" else batch_prefill
+        if batch_prefill == "auto":
+            batch_prefill = next(model.parameters()).device.type == "cuda"
+        # the fewest waiting requests prefilled together (0: never; 1: always)
+        self.batch_prefill_min = int(batch_prefill) if type(batch_prefill) is int else (1 if batch_prefill else 0)
         self.tokenizer = tokenizer
         self.stop_ids = [int(i) for i in stop_ids]
         self.slots = max(1, int(slots))
@@ -262,7 +266,7 @@ class DecodeEngine:
     # ---- admission: waiting requests into free slots ----------------------------------------------
     def _admit_waiting(self, finished: list[Request]) -> None:
         """Waiting requests into free slots; one whose own prefill or settings fail ends alone."""
-        if self.batch_prefill:
+        if self.batch_prefill_min and len(self._waiting) >= self.batch_prefill_min:
             while self._waiting and len(self._running) < self.slots:
                 # a request that ends on its first token frees its slot for the next waiting one: loop
                 batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.slots - len(self._running)))]

@@ -158,11 +158,13 @@ class HFGenerator:
         config = self.resolve(config)
         yield from self._continuous([self.prompt_ids(p) for p in check_prompts(prompts)], config)
 
-    def decode_engine(self, slots: int | None = None, *, capacity: int | None = None) -> DecodeEngine:
+    def decode_engine(self, slots: int | None = None, *, capacity: int | None = None,
+                      batch_prefill: bool | str | int = "auto") -> DecodeEngine:
         """A continuous-batching engine over this generator's model (`uses_engine` must be true).
-        `capacity`: a KV cache of `slots x capacity` tokens fixed now (a GPU server's budget)."""
+        `capacity`: a KV cache of `slots x capacity` tokens fixed now (a GPU server's budget);
+        `batch_prefill`: see DecodeEngine."""
         return DecodeEngine(self.model, self.tokenizer, self.stop_token_ids, slots=slots or self.batch_size,
-                            capacity=capacity)
+                            capacity=capacity, batch_prefill=batch_prefill)
 
     def _continuous(self, encoded: list[list[int]], config: DecodingConfig,
                     cancel: threading.Event | None = None) -> Iterator[tuple[int, Generation]]:

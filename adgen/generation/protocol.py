@@ -61,9 +61,10 @@ class Generator(Protocol):
 class EngineGenerator(Generator, Protocol):
     """A `Generator` whose `uses_engine` is True: it hands out adgen's continuous-batching engine."""
 
-    def decode_engine(self, slots: int | None = None, *, capacity: int | None = None) -> DecodeEngine:
+    def decode_engine(self, slots: int | None = None, *, capacity: int | None = None,
+                      batch_prefill: bool | str | int = "auto") -> DecodeEngine:
         """A `DecodeEngine` over this generator's model (`slots` default: `batch_size`). `capacity`: a KV cache
-        of `slots x capacity` tokens fixed now (a GPU server's budget)."""
+        of `slots x capacity` tokens fixed now (a GPU server's budget); `batch_prefill`: see DecodeEngine."""
 
 
 def check_prompts(prompts) -> list:

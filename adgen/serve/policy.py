@@ -5,7 +5,9 @@ The rules, in one place:
 - Continuous batching: every live job goes to the engine as soon as it arrives (the engine's own queue keeps
   their order when its slots are full). A batch job goes only into room nobody live needs: while no request
   waits in the engine, and while the batch's rows leave `live_reserve` of the engine's slots free, so a person
-  arriving while a catalog runs gets a slot at once instead of waiting for a catalog row to end.
+  arriving while a catalog runs gets a slot at once instead of waiting for a catalog row to end; and at most
+  `batch_jobs_per_step` batch jobs per decision, so that person's prefill queues behind a few batch prefills,
+  not behind a wave of them.
 - One job at a time (backends without the engine): the next job is the oldest live one, else the oldest batch
   one; waiting non-streaming jobs with the same decoding and adapter join it up to `max_batch` prompts.
 - The queue limit (`max_queue`) counts live work; batch work is fed in by its own runner, a few rows at a time.
@@ -37,10 +39,13 @@ class EngineRoom:
 
 
 class SchedulingPolicy:
-    def __init__(self, *, max_queue: int, max_batch: int, live_reserve: int = 0) -> None:
+    def __init__(self, *, max_queue: int, max_batch: int, live_reserve: int = 0, batch_jobs_per_step: int = 2) -> None:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.live_reserve = live_reserve
+        # batch jobs handed to the engine per decision: a wave of finished rows is refilled over a few steps, so a
+        # person arriving then waits behind at most this many batch prefills, not a whole wave of them
+        self.batch_jobs_per_step = batch_jobs_per_step
         self._waiting: dict[Priority, deque[Job]] = {p: deque() for p in PRIORITIES}
 
     # ---- the queue ------------------------------------------------------------------------------
@@ -86,13 +91,15 @@ class SchedulingPolicy:
         queued_rows = room.waiting + sum(len(j.distinct_choices()) for j in jobs if not j.cancel.is_set())
         free = room.slots - room.running - queued_rows
         budget = room.slots - self.live_reserve - room.batch_rows
-        while batch:
+        taken = 0
+        while batch and taken < self.batch_jobs_per_step:
             job = batch[0]
             need = 0 if job.cancel.is_set() else len(job.distinct_choices())
             idle = room.running == 0 and queued_rows == 0 and room.batch_rows == 0
             if need and not idle and (need > free or need > budget):
                 break  # (an idle engine takes one batch job of any size: it must not wait forever)
             jobs.append(batch.popleft())
+            taken += 1
             free -= need
             budget -= need
             queued_rows += need

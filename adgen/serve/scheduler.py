@@ -42,6 +42,10 @@ from adgen.serve.settings import Limits
 
 log = logging.getLogger(__name__)
 
+# On a CPU, waiting requests are prefilled in one padded forward once this many wait (fewer: one by one, so a lone
+# request's text stays bit-identical to `adgen generate`'s; under load the last bits may differ, as in vLLM).
+SERVE_BATCH_PREFILL_MIN = 4
+
 __all__ = ["Abandoned", "Completion", "Job", "QueueFull", "Scheduler", "StreamHandle"]
 
 
@@ -55,14 +59,14 @@ class Scheduler:
         self.max_batch = max_batch or generator.batch_size
         self.kv_plan = None  # adgen.generation.kv_budget.KVPlan on a GPU: the cache's size, fixed at start
         self.engine = None
+        # slots kept from batch rows for people arriving while a catalog runs; on a CPU they are slots on top of
+        # --batch-size (a decode step of a few more rows costs little more), so a batch still fills --batch-size
+        reserve = max(1, self.max_batch // 4) if live_reserve is None else live_reserve
         if continuous and generator.uses_engine:
-            self.engine, self.kv_plan = _make_engine(generator, self.max_batch, limits, gpu_memory_utilization)
+            self.engine, self.kv_plan = _make_engine(generator, self.max_batch, reserve, limits, gpu_memory_utilization)
             self.executor: EngineExecutor | JobExecutor = EngineExecutor(generator, self.engine, self)
         else:
             self.executor = JobExecutor(generator, self)
-        slots = self.engine.slots if self.engine is not None else self.max_batch
-        # slots kept from batch rows for people arriving while a catalog runs
-        reserve = max(1, slots // 4) if live_reserve is None else live_reserve
         self.policy = SchedulingPolicy(max_queue=max_queue, max_batch=self.max_batch, live_reserve=reserve)
         self._cv = threading.Condition()  # the one lock (see the module's docstring)
         self._closing = False
@@ -282,13 +286,15 @@ class Scheduler:
             self._hook.remove()
 
 
-def _make_engine(generator, max_batch: int, limits, utilization: float):
+def _make_engine(generator, max_batch: int, live_reserve: int, limits, utilization: float):
     """(the continuous-batching engine, its KV plan). On a GPU the cache is sized once from the memory left
     (adgen.generation.kv_budget): as many slots as fit of the longest request the limits allow, never more
-    than `max_batch`; requests beyond them wait in the queue. Elsewhere: `max_batch` slots, grown on demand."""
+    than `max_batch`; requests beyond them wait in the queue. Elsewhere: `max_batch` + `live_reserve` slots,
+    grown on demand, and waiting requests prefilled together once SERVE_BATCH_PREFILL_MIN of them wait (a CPU
+    under load: 32 arrivals prefilled one by one put the last first token seconds behind)."""
     device = torch.device(generator.device)
     if device.type != "cuda":
-        return generator.decode_engine(max_batch), None
+        return generator.decode_engine(max_batch + live_reserve, batch_prefill=SERVE_BATCH_PREFILL_MIN), None
     limits = limits or Limits()
     max_len = limits.max_prompt_tokens + limits.max_tokens + 1  # the engine's need: prompt + limit + 1
     model = generator.model
