@@ -6,7 +6,7 @@
    step time is measured on this machine: a CPU without fast bf16 trains ~2-4x slower than one with it);
 4. evaluate the fine-tuned model on the same records;
 5. compare: a table printed and written as comparison.md + comparison.png;
-6. the `adgen serve` command that serves the result.
+6. the `adgen serve` command that serves the result beside its base model (the web UI's compare view).
 
 Data: `--data-dir` (a folder with dev.json and train.json); without one, a small built-in sample
 written for this project (original text, not AdGen) keeps the demo working anywhere — it then trains
@@ -17,6 +17,7 @@ Everything lands in `--output-dir` (default runs/demo); a second run replaces it
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,7 @@ from adgen.train.config import load_train_config
 from adgen.train.trainer import release_memory
 
 __all__ = ["DEMO_RECIPE", "DemoConfig", "builtin_sample_path", "demo_data_paths", "demo_train_config", "run_demo",
-           "training_minutes"]
+           "serve_command", "training_minutes"]
 
 
 def builtin_sample_path() -> Path:
@@ -81,6 +82,12 @@ def training_minutes(cfg: DemoConfig, elapsed_s: float, zero_shot_eval_s: float,
     per_step = zero_shot_eval_s / max(1, min(cfg.zero_shot_max_new_tokens, cfg.max_new_tokens or 10**9))
     reserve = 0.75 * per_step * tuned_max_new_tokens + 45.0
     return max(1.0, (cfg.minutes * 60 - elapsed_s - reserve) / 60)
+
+
+def serve_command(tuned_model: str, base_model: str) -> str:
+    """The command that serves the fine-tuned model with the model it started from beside it: a full / top-layers
+    fine-tune has no adapter to switch off, so the UI's compare view needs the base loaded too (`--base`)."""
+    return shlex.join(["adgen", "serve", "--model", tuned_model, "--base", base_model])
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
@@ -128,7 +135,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     _print_examples(console, dev, zero.rows, tuned.rows)
 
     timings["total_s"] = time.perf_counter() - t_start
-    serve = f"adgen serve --model {tuned_model}"
+    serve = serve_command(tuned_model, cfg.model)
     summary = {
         "data": source, "model": cfg.model, "eval_records": len(dev), "train_records": s["train_examples"],
         "zero_shot": zero.metrics["metrics"], "fine_tuned": tuned.metrics["metrics"],
@@ -141,7 +148,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(
         f"in {timings['total_s'] / 60:.1f} min: comparison {comparison.table_path} and {comparison.chart_path}, "
         f"fine-tuned model {tuned_model}, predictions in {out}/eval-*/\n"
-        f"try it:  {serve}   (then open http://127.0.0.1:8000/ui, or POST /v1/chat/completions)",
+        f"try it:  {serve}   (then open http://127.0.0.1:8000/ui and tick 对比基座模型 to see the base model's copy "
+        f"beside it, or POST /v1/chat/completions)",
         markup=False, highlight=False,
     )
     return summary

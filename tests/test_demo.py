@@ -9,7 +9,7 @@ from adgen.cli import main
 from adgen.demo import DemoConfig, builtin_sample_path, run_demo
 
 
-def _check_journey(out, summary, eval_records):
+def _check_journey(out, summary, eval_records, base_model):
     assert summary["eval_records"] == eval_records
     for run in ("zero_shot", "fine_tuned"):
         assert {"rouge-1", "rouge-2", "rouge-l", "bleu-4"} <= set(summary[run])
@@ -22,7 +22,8 @@ def _check_journey(out, summary, eval_records):
     md = (out / "comparison.md").read_text()
     assert "zero-shot" in md and "fine-tuned" in md and "ROUGE-1" in md
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert summary["serve_command"] == f"adgen serve --model {out / 'train' / 'model'}"
+    # a whole model has no adapter to switch off: the command serves its base beside it for the UI's compare view
+    assert summary["serve_command"] == f"adgen serve --model {out / 'train' / 'model'} --base {base_model}"
     assert json.loads((out / "summary.json").read_text())["serve_command"] == summary["serve_command"]
 
 
@@ -34,10 +35,11 @@ def test_demo_runs_the_journey_on_a_data_dir(tiny_chatml_dir, adgen_dev_path, tm
                    eval_samples=3, train_samples=16, max_new_tokens=8, progress=False),
         console=console,
     )
-    _check_journey(out, summary, 3)
+    _check_journey(out, summary, 3, tiny_chatml_dir)
     assert summary["train_records"] == 16
     text = console.export_text()
-    assert "zero-shot vs fine-tuned" in text and "adgen serve" in text
+    assert "zero-shot vs fine-tuned" in text
+    assert summary["serve_command"] in " ".join(text.split())  # the printed command (wrapped by the console)
 
 
 @pytest.mark.slow
@@ -48,7 +50,7 @@ def test_demo_with_the_builtin_model_and_sample_needs_no_data(tmp_path, capsys):
                  "--no-progress"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    _check_journey(out, summary, 2)
+    _check_journey(out, summary, 2, "smollm2-135m")
     assert summary["data"] == "the built-in sample" and summary["train_records"] == 8
     assert builtin_sample_path().is_file()
 

@@ -1,13 +1,15 @@
 """The web UI in real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 
 The server runs the tiny random Llama-3 with a random LoRA adapter, so the "compare with the base
-model" switch is live. Every request the page makes is checked: nothing may leave 127.0.0.1 (no
+model" switch is live; a second server runs what `adgen demo`'s printed command serves: a whole
+fine-tuned model (no adapter) beside its base model (`--base`). Every request the page makes is checked: nothing may leave 127.0.0.1 (no
 CDN, fonts, analytics). A screenshot is saved (ADGEN_SCREENSHOT_DIR, default: the test's tmp dir).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,6 +18,7 @@ import pytest
 
 from adgen.serve.server import ServerThread, build
 from adgen.serve.settings import Limits, ServeSettings
+from tuned_copy import build_tuned_copy
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -58,7 +61,7 @@ def browser():
 
 
 @pytest.fixture()
-def page(browser, ui_server):
+def page(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1300}, locale="zh-CN")
     pg = context.new_page()
     pg.external_requests = []
@@ -242,6 +245,64 @@ def test_ui_closing_the_page_stops_the_model(page, ui_server):
     start_long_generation(page, ui_server)
     page.close(run_before_unload=True)
     wait_cancelled(ui_server, before, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tiny_llama3_dir, tmp_path_factory):
+    """What the command `adgen demo` prints serves: its fine-tuned model (a whole model directory: the top
+    layers' own weights changed, no adapter) with the model it started from beside it (`--base`)."""
+    from adgen.cli import build_parser
+    from adgen.commands.serve import settings_from_args
+    from adgen.demo import serve_command
+
+    tuned = build_tuned_copy(tiny_llama3_dir, tmp_path_factory.mktemp("demo-model"))
+    argv = shlex.split(serve_command(str(tuned), str(tiny_llama3_dir)))
+    state, app = build(settings_from_args(build_parser().parse_args(argv[1:])))
+    with ServerThread(app, state=state) as srv:
+        srv.state = state
+        yield srv
+
+
+def test_ui_compares_a_whole_fine_tune_with_its_base(page, demo_server, tiny_llama3_dir, tmp_path):
+    import httpx
+
+    from adgen.generation import load_generator
+    from adgen.generation.config import DecodingConfig
+
+    state, content, max_tokens = demo_server.state, "类型#裙*颜色#黑色*风格#简约", 48
+    page.goto(demo_server.url + "/ui/", wait_until="domcontentloaded")
+    field(page, "raw-content").wait_for(state="visible", timeout=30_000)
+    field(page, "raw-content").fill(content)
+    page.get_by_text("解码设置 decoding").click()
+    set_slider(page, "max-tokens", str(max_tokens))
+    compare = page.locator("#compare-base input[type=checkbox]")
+    assert compare.is_enabled()
+    compare.check()
+    page.locator("#output-base").wait_for(state="visible")
+    page.locator("#generate-btn").click()
+    page.locator("#status").get_by_text("完成").wait_for(timeout=120_000)
+
+    tuned_text, base_text = field(page, "output-main").input_value(), field(page, "output-base").input_value()
+    assert tuned_text and base_text, "a pane stayed empty"
+    assert tuned_text != base_text, "both panes show the same text: the base pane is not the base model"
+    # the base pane is the base model's own copy: loaded alone, it writes the same (greedy)
+    alone = load_generator(str(tiny_llama3_dir)).generate([state.adcopy_messages(content)],
+                                                         DecodingConfig(max_new_tokens=max_tokens))[0]
+    assert base_text == as_textarea(alone.text)
+    # and the main pane is the fine-tune's: the API under the served id
+    api = httpx.post(demo_server.url + "/v1/adcopy", json={"attributes": content, "max_tokens": max_tokens},
+                     timeout=60).json()
+    assert api["model"] == state.model_id and tuned_text == as_textarea(api["text"])
+    assert f"微调模型 {state.model_id}" in page.locator("#output-main").inner_text()
+    assert f"基座模型 {state.base_id}" in page.locator("#output-base").inner_text()
+    assert "覆盖率" in page.locator("#figures-base").inner_text()
+
+    out_dir = Path(os.environ.get("ADGEN_SCREENSHOT_DIR", tmp_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shot = out_dir / "webui-base.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert page.external_requests == [] and page.console_errors == []
 
 
 def test_ui_compare_disabled_without_adapter(tiny_llama3_dir):

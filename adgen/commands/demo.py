@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         help="the whole journey on built-in defaults: zero-shot eval, short fine-tune, eval, comparison (~10 min on CPU)",
         description="Inspect the data, evaluate the built-in model zero-shot on a few dev records, fine-tune it "
         "briefly (the top layers' own weights, recipe demo-smollm2-135m), evaluate again, and write the comparison "
-        "(markdown + PNG) and the command to serve the result. No hub, no GPU needed.",
+        "(markdown + PNG) and the command that serves the result beside its base model (the web UI compares the "
+        "two). No hub, no GPU needed.",
     )
     p.add_argument("--data-dir", help="folder with dev.json and train.json, e.g. ../shared/adgen; "
                    "default: a small built-in sample")

@@ -27,6 +27,12 @@ def register(subparsers) -> None:
                    help="PEFT (LoRA) adapter directory; repeat to serve several (the request's `model` field picks "
                         "one by NAME, or the base model): requests for different adapters decode in one batch. "
                         "The first one is the default; the UI compares it with the base model")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="the base model of a whole fine-tuned --model (a full or top-layers fine-tune, e.g. "
+                        "`adgen demo`'s), served beside it under its own name: the UI's compare view and the API's "
+                        "`model` field run it. Loads both models (twice the weights' memory: fine for SmolLM2; on a "
+                        "GPU the two KV caches share --gpu-memory-utilization). Not with --adapter, whose base "
+                        "is --model itself")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -101,11 +107,12 @@ def settings_from_args(args: argparse.Namespace):
     names = [n for n, _ in adapters[1:]]
     if len(set(names)) != len(names):
         raise ConfigError("each further --adapter needs a distinct name: --adapter NAME=PATH")
-    return ServeSettings(
+    settings = ServeSettings(
         model=args.model,
         adapter=adapters[0][1] if adapters else None,
         adapter_name=adapters[0][0] if adapters else None,
         extra_adapters=dict(adapters[1:]),
+        base=args.base,
         host=args.host,
         port=args.port,
         api_key=args.api_key,
@@ -123,6 +130,8 @@ def settings_from_args(args: argparse.Namespace):
         limits=limits,
         state_dir=args.state_dir,
     )
+    settings.validate()  # e.g. --base with --adapter: refused before anything loads
+    return settings
 
 
 def _named_adapter(spec: str) -> tuple[str | None, str]:
@@ -151,7 +160,8 @@ def run(args) -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(
         f"adgen serve: loading {settings.model}"
-        + "".join(f" + adapter {p}" for p in [settings.adapter, *settings.extra_adapters.values()] if p),
+        + "".join(f" + adapter {p}" for p in [settings.adapter, *settings.extra_adapters.values()] if p)
+        + (f" and the base model {settings.base}" if settings.base else ""),
         file=sys.stderr,
     )
     print(

@@ -1,6 +1,6 @@
-"""What the API and the web UI share: the loaded model, its names, prompt building and checks.
+"""What the API and the web UI share: the loaded model (and the `--base` model), its names, prompt building and checks.
 
-`ServeState.load(settings)` loads the generator once; `ServeState(generator, settings)` wraps one
+`ServeState.load(settings)` loads the generator(s) once; `ServeState(generator, settings)` wraps one
 that is already loaded (tests, notebooks).
 """
 
@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from adgen.errors import ConfigError, ModelError
 from adgen.generation.config import DecodingConfig, DecodingFieldError
 from adgen.generation.decoding_fields import field_named
 from adgen.serve.decoding_schema import DecodingRequest
 from adgen.serve.jobs import RawPrompt, encode_prompt
+from adgen.serve.routing import ModelRouter, first_of_two_utilization
 from adgen.serve.scheduler import Scheduler
 from adgen.serve.security import ApiError
 from adgen.serve.settings import Limits, ServeSettings
@@ -37,43 +39,80 @@ def display_name(spec: str | None) -> str | None:
     return s  # built-in alias or hub id
 
 
+def served_name(settings: ServeSettings) -> str:
+    """The served model's name: --served-model-name, else its directory's or alias's name."""
+    return settings.served_model_name or display_name(settings.model) or "model"
+
+
+def base_model_id(settings: ServeSettings) -> str:
+    """The `--base` model's id in /v1/models and the `model` field; never the served model's."""
+    base_id = display_name(settings.base) or "base"
+    if base_id == served_name(settings):
+        raise ConfigError(f"--model and --base are both named '{base_id}' on this server: pass --served-model-name "
+                          f"to tell them apart")
+    return base_id
+
+
 class ServeState:
-    def __init__(self, generator, settings: ServeSettings, *, vocab=None, examples: list[str] | None = None) -> None:
+    def __init__(self, generator, settings: ServeSettings, *, base_generator=None, vocab=None,
+                 examples: list[str] | None = None) -> None:
+        """`base_generator`: the `--base` model, served beside `generator` under its own id (adgen.serve.routing)."""
         settings.validate()
         self.generator = generator
+        self.base_generator = base_generator
         self.settings = settings
         self.limits: Limits = settings.limits
         self.started = time.time()
         from adgen.serve.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
-        self.scheduler = Scheduler(generator, max_queue=settings.limits.max_queue, max_batch=settings.batch_size,
-                                   continuous=settings.continuous_batching, metrics=self.metrics,
-                                   limits=settings.limits, gpu_memory_utilization=settings.gpu_memory_utilization)
-        self.metrics.watch(self.scheduler)
-        base = settings.served_model_name or display_name(settings.model) or "model"
-        self.base_id = base
+        self.model_name = served_name(settings)
+        self.base_id = base_model_id(settings) if base_generator is not None else self.model_name
         self.adapter_name = settings.adapter_name or display_name(settings.adapter)
+        base = self.model_name
         self.model_id = (settings.adapter_name or f"{base}+{self.adapter_name}") if self.adapter_name else base
         self.extra_adapters = list(settings.extra_adapters)  # further LoRA adapters, served by name
+        self.scheduler = self._schedulers(generator, base_generator)
+        self.metrics.watch(self.scheduler)
         self._vocab = vocab
         self.examples = examples if examples is not None else load_examples(settings.examples)
+
+    def _schedulers(self, generator, base_generator) -> ModelRouter:
+        """One scheduler per model; with a base model on the same GPU the two KV caches share the budget."""
+        settings = self.settings
+
+        def scheduler(gen, utilization: float) -> Scheduler:
+            return Scheduler(gen, max_queue=settings.limits.max_queue, max_batch=settings.batch_size,
+                             continuous=settings.continuous_batching, metrics=self.metrics, limits=settings.limits,
+                             gpu_memory_utilization=utilization)
+
+        utilization = settings.gpu_memory_utilization
+        if base_generator is None:
+            return ModelRouter(scheduler(generator, utilization))
+        tuned = scheduler(generator, first_of_two_utilization(utilization, generator.device))
+        try:
+            return ModelRouter(tuned, scheduler(base_generator, utilization))
+        except BaseException:  # e.g. no room left for the base model's KV cache: stop the first worker too
+            tuned.close()
+            raise
 
     @classmethod
     def load(cls, settings: ServeSettings) -> "ServeState":
         from adgen.generation import load_generator
 
-        generator = load_generator(
-            settings.model,
-            adapter=settings.adapter,
-            backend="hf",
-            dtype=settings.dtype,
-            device=settings.device,
-            batch_size=settings.batch_size,
-        )
+        settings.validate()  # refused settings load nothing
+        if settings.base is not None:
+            base_model_id(settings)  # a name clash too
+
+        def load(spec: str, adapter: str | None = None):
+            return load_generator(spec, adapter=adapter, backend="hf", dtype=settings.dtype, device=settings.device,
+                                  batch_size=settings.batch_size)
+
+        generator = load(settings.model, settings.adapter)
         for name, path in settings.extra_adapters.items():
             load_named_adapter(generator, name, path)
-        state = cls(generator, settings)
+        base_generator = load(settings.base) if settings.base is not None else None
+        state = cls(generator, settings, base_generator=base_generator)
         _ = state.vocab  # load it now: a bad --vocab file is a startup error, not a failed request
         return state
 
@@ -86,8 +125,13 @@ class ServeState:
         return self.adapter_name is not None
 
     @property
+    def has_base_model(self) -> bool:
+        """A second, whole model (`--base`) answers for the base id, rather than the adapter switched off."""
+        return self.base_generator is not None
+
+    @property
     def can_compare(self) -> bool:
-        return self.scheduler.can_disable_adapter
+        return self.has_base_model or self.scheduler.tuned.can_disable_adapter
 
     def model_ids(self) -> list[str]:
         return [self.model_id, *self.extra_adapters] + ([self.base_id] if self.can_compare else [])
@@ -125,9 +169,9 @@ class ServeState:
             device = str(gen.device)
         except Exception:
             device = "unknown"
-        return {
+        health = {
             "status": "ok",
-            "model": self.base_id,
+            "model": self.model_name,
             "adapter": self.adapter_name,
             "model_id": self.model_id,
             "device": device,
@@ -135,6 +179,9 @@ class ServeState:
             "uptime_s": round(time.time() - self.started, 3),
             **self.scheduler.stats(),
         }
+        if self.scheduler.base is not None:  # the --base model's own queue and counters
+            health["base_model"] = {"model_id": self.base_id, **self.scheduler.base.stats()}
+        return health
 
     # ---- prompts ------------------------------------------------------------------------------
     def adcopy_messages(self, content: str, style: str | None = None, length: int | None = None) -> list[dict]:
@@ -241,8 +288,6 @@ def _check_length(n: int, limit: int, unit: str, param: str) -> None:
 
 def load_named_adapter(generator, name: str, path: str) -> None:
     """Load a further LoRA adapter next to the default one (`--adapter NAME=PATH`)."""
-    from adgen.errors import ConfigError, ModelError
-
     model = generator.model
     if not hasattr(model, "load_adapter") or generator.adapter is None:
         raise ConfigError("further adapters need a first (default) one: --adapter PATH --adapter NAME=PATH")

@@ -50,6 +50,9 @@ class ServeSettings:
     adapter: str | None = None  # the default adapter (PEFT name "default")
     adapter_name: str | None = None  # its name in /v1/models (None: "<model>+<adapter dir>")
     extra_adapters: dict[str, str] = field(default_factory=dict)  # further LoRA adapters: name -> path
+    # a second, whole model served beside `model` (what a full / top-layers fine-tune started from): the compare
+    # view's "before" and the API's base model id (adgen.serve.routing)
+    base: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -72,6 +75,11 @@ class ServeSettings:
 
     def validate(self) -> None:
         self.limits.validate()
+        if self.base is not None and self.adapter is not None:
+            # with an adapter the base model is already loaded (the adapter switched off): a second copy would
+            # double the memory for the same comparison, and "the base" would name two models
+            raise ConfigError("--base is for a whole fine-tuned model; with --adapter the base model is --model "
+                              "itself (the adapter switched off): drop --base")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be a fraction in (0, 1], not {u!r} (e.g. 0.9)")

@@ -4,8 +4,9 @@
   AdGen content string that overrides the form;
 - style / length hints and decoding controls;
 - example products from the AdGen dev set (click to fill the form);
-- "compare with the base model": the same prompt with the adapter switched off, side by side
-  (disabled, with the reason, when no adapter is loaded);
+- "compare with the base model": the same prompt with the adapter switched off, or on the `--base` model
+  (a whole fine-tuned model beside the one it started from), side by side (disabled, with the reason, when
+  there is nothing to compare with);
 - the faithfulness figures of each answer (coverage, missing values, contradictions, invented values).
 
 Generation goes through the same scheduler as the API (same queue, same limits). Nothing here
@@ -113,12 +114,7 @@ def build_ui(state: ServeState):
 
     limits = state.limits
     compare_ok = state.can_compare
-    if compare_ok:
-        compare_info = f"同一提示词，关闭 adapter（{state.adapter_name}）后的基座模型输出并排显示"
-    elif state.has_adapter:
-        compare_info = "此后端不能临时关闭 adapter，无法对比"
-    else:
-        compare_info = "未加载 adapter（adgen serve --adapter DIR），没有可对比的基座模型"
+    texts = compare_texts(state)
 
     with gr.Blocks(title="adgen · 广告文案生成", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -144,7 +140,7 @@ def build_ui(state: ServeState):
                     length = gr.Slider(0, 300, value=0, step=10, label="篇幅提示（字，0 = 不提示）",
                                        elem_id="length-hint")
                 decoding = _decoding_panel(gr, state)
-                compare = gr.Checkbox(value=False, label="对比基座模型（关闭 adapter）", info=compare_info,
+                compare = gr.Checkbox(value=False, label=texts.toggle, info=texts.info,
                                       interactive=compare_ok, elem_id="compare-base")
                 with gr.Row():
                     go = gr.Button("生成 Generate", variant="primary", elem_id="generate-btn")
@@ -152,13 +148,12 @@ def build_ui(state: ServeState):
             with gr.Column(scale=7):
                 with gr.Row(equal_height=False):
                     with gr.Column(min_width=240):
-                        out_label = f"微调模型 {state.model_id}" if state.has_adapter else f"模型 {state.model_id}"
-                        out_main = gr.Textbox(label=out_label, lines=10, interactive=False, elem_id="output-main",
-                                              buttons=["copy"])
+                        out_main = gr.Textbox(label=texts.main_pane, lines=10, interactive=False,
+                                              elem_id="output-main", buttons=["copy"])
                         fig_main = gr.Markdown(elem_id="figures-main", elem_classes="adgen-figures")
                     with gr.Column(visible=False, min_width=240) as base_col:
-                        out_base = gr.Textbox(label=f"基座模型 {state.base_id}（adapter off）", lines=10,
-                                              interactive=False, elem_id="output-base", buttons=["copy"])
+                        out_base = gr.Textbox(label=texts.base_pane, lines=10, interactive=False,
+                                              elem_id="output-base", buttons=["copy"])
                         fig_base = gr.Markdown(elem_id="figures-base", elem_classes="adgen-figures")
                 status = gr.Markdown(elem_id="status")
 
@@ -199,6 +194,32 @@ def build_ui(state: ServeState):
         demo.unload(cancel_session)
     demo.queue(max_size=min(64, limits.max_queue))
     return demo
+
+
+@dataclass(frozen=True)
+class CompareTexts:
+    """What the compare switch and the two answer panes say: the base is the adapter switched off, or the
+    `--base` model beside a whole fine-tuned one."""
+
+    toggle: str
+    info: str
+    main_pane: str
+    base_pane: str
+
+
+def compare_texts(state: ServeState) -> CompareTexts:
+    tuned = f"微调模型 {state.model_id}"
+    if state.has_base_model:
+        return CompareTexts("对比基座模型", f"同一提示词，基座模型（{state.base_id}，adgen serve --base）的输出并排显示",
+                            tuned, f"基座模型 {state.base_id}")
+    if state.can_compare:
+        info = f"同一提示词，关闭 adapter（{state.adapter_name}）后的基座模型输出并排显示"
+    elif state.has_adapter:
+        info = "此后端不能临时关闭 adapter，无法对比"
+    else:
+        info = "未加载 adapter（adgen serve --adapter DIR）或基座模型（--base MODEL），没有可对比的基座模型"
+    return CompareTexts("对比基座模型（关闭 adapter）", info, tuned if state.has_adapter else f"模型 {state.model_id}",
+                        f"基座模型 {state.base_id}（adapter off）")
 
 
 @dataclass(frozen=True)
