@@ -120,7 +120,7 @@ def _completion_call(state: ServeState, req: CompletionRequest) -> _Call:
 def _adcopy_call(state: ServeState, req: AdcopyRequest) -> tuple[_Call, dict[str, Any], list]:
     use_adapter = req.use_adapter and state.use_adapter_for(req.model)
     if not req.use_adapter and not state.can_compare:
-        raise ApiError(400, "use_adapter=false needs a server started with an adapter", param="use_adapter")
+        raise ApiError(400, "use_adapter=false needs a server started with an adapter or --base", param="use_adapter")
     content, pairs = state.content_of(req.attributes)
     messages = state.adcopy_messages(content, req.style, req.length)
     config = state.decoding_config(req)
