@@ -50,11 +50,7 @@ def add_generation_routes(app: FastAPI, state: ServeState) -> None:
         req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await request.body())
         if not req.stream:
             return await chat_body(state, req, live_submit(state, request))
-        call = _chat_call(state, req)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _open_stream(state, call.prompts, call.config, call.use_adapter)
-        return _sse_response(_choices_sse(events, call.head("chat.completion.chunk"), req.n, include_usage,
-                                          call.prompt_tokens, chat=True))
+        return _choices_stream(state, req, _chat_call(state, req), req.n, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -62,10 +58,7 @@ def add_generation_routes(app: FastAPI, state: ServeState) -> None:
         if not req.stream:
             return await completion_body(state, req, live_submit(state, request))
         call = _completion_call(state, req)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _open_stream(state, call.prompts, call.config, call.use_adapter)
-        return _sse_response(_choices_sse(events, call.head("text_completion"), len(call.prompts), include_usage,
-                                          call.prompt_tokens, chat=False, echo=call.echo))
+        return _choices_stream(state, req, call, len(call.prompts), chat=False)
 
     @app.post("/v1/adcopy")
     async def adcopy(request: Request):
@@ -241,6 +234,14 @@ def _finish(reason: str | None) -> dict[str, Any]:
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _choices_stream(state: ServeState, req, call: _Call, n: int, *, chat: bool) -> StreamingResponse:
+    """A streamed chat completion or text completion: queued now (a full queue is a 429 before any byte)."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    events = _open_stream(state, call.prompts, call.config, call.use_adapter)
+    head = call.head("chat.completion.chunk" if chat else "text_completion")
+    return _sse_response(_choices_sse(events, head, n, include_usage, call.prompt_tokens, chat=chat, echo=call.echo))
 
 
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
