@@ -170,9 +170,9 @@ def test_batches_are_length_sorted(tiny_gen, monkeypatch):
     widths = []
     orig = tiny_gen._generate_batch
 
-    def spy(batch, config):
+    def spy(batch, config, cancel=None):
         widths.append([len(x) for x in batch])
-        return orig(batch, config)
+        return orig(batch, config, cancel)
 
     monkeypatch.setattr(tiny_gen, "_generate_batch", spy)
     tiny_gen.generate(PROMPTS, DecodingConfig(max_new_tokens=1))
