@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv for adgen. Usage: bash scripts/setup.sh [--test]
-#   --test  also installs the test tools (pytest, openai client, Playwright + Debian chromium).
+#   --test  also installs the test tools (pytest, openai client, Playwright + Debian chromium) and builds
+#           llama.cpp's server / quantizer / tokenizer into .venv/llama.cpp (scripts/build_llama_cpp.sh: ~5 minutes
+#           on 2 cores the first time, skipped on a rerun) for tests/test_llama_cpp.py.
 # PyTorch goes in first and pinned, so that nothing later pulls another build:
 # on a CPU-only machine with a local CPU wheel (find-links) `torch==2.13.0` takes it in seconds;
 # on a GPU machine the same spec gets the CUDA build from the registry.
@@ -16,6 +18,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+LLAMA_BUILD_PID=""
+LLAMA_BUILD_LOG=.venv/llama.cpp-build.log
+if [ $WITH_TEST = 1 ]; then
+  # llama.cpp itself, for the tests that load adgen's GGUF exports in it (kept in .venv: a rerun skips the build).
+  # Built in the background while pip and apt download (they wait on the network, the compiler on the cores).
+  echo "[setup] building llama.cpp in the background (log: $LLAMA_BUILD_LOG)"
+  bash scripts/build_llama_cpp.sh >"$LLAMA_BUILD_LOG" 2>&1 &
+  LLAMA_BUILD_PID=$!
+fi
 if ! $VPY -c "import torch" 2>/dev/null; then
   echo "[setup] installing PyTorch (${ADGEN_TORCH_SPEC:-torch==2.13.0})"
   # shellcheck disable=SC2086
@@ -36,6 +47,10 @@ if [ $WITH_TEST = 1 ] && { [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null |
   else
     echo "[setup] chromium missing and apt-get unavailable (not root?): install it for the browser test" >&2
   fi
+fi
+if [ -n "$LLAMA_BUILD_PID" ]; then
+  wait "$LLAMA_BUILD_PID" || { tail -30 "$LLAMA_BUILD_LOG" >&2; echo "[setup] llama.cpp build failed: see above" >&2; exit 1; }
+  cat "$LLAMA_BUILD_LOG"
 fi
 # Which GPU is here and whether torch can use it; fails (naming ADGEN_TORCH_SPEC) when a GPU is present but the
 # installed torch build cannot use it, instead of a setup that "succeeds" and then trains on the CPU.

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 import pytest
 import torch
+from gguf_helpers import chat_ids, modelfile_parts, read_gguf, render_ollama
 
 from adgen.errors import AdgenError
 
@@ -71,62 +71,6 @@ def _load_gguf_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _read(path):
-    """(metadata, {tensor name: ggml type name}, {tensor name: float32 array}).
-
-    transformers' own GGUF header reader: gguf.GGUFReader builds a numpy view per string and needs ~15 s
-    for a 128k-token vocabulary with its 280k merges; this one reads only what is asked for.
-    """
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-    from transformers.integrations.gguf.reader import (
-        GgufHeader,
-        load_gguf_state_dict,
-        read_gguf_metadata,
-    )
-
-    meta, _ = read_gguf_metadata(str(path), string_arrays=("tokenizer.ggml.tokens",))
-    header = GgufHeader.from_file(str(path))
-    types = {info.name: GGMLQuantizationType(info.ggml_type) for info in header.tensors}
-    lazy = load_gguf_state_dict(header)
-
-    def tensor(name: str) -> np.ndarray:
-        raw = lazy[name][...].numpy()
-        return dequantize(raw.view(np.uint8), types[name]).reshape(next(i.shape for i in header.tensors if i.name == name))
-
-    return meta, {n: t.name for n, t in types.items()}, tensor
-
-
-def _chat_ids(tokenizer, content: str, response: str = "") -> list[int]:
-    from adgen.data.chat import DEFAULT_SYSTEM_PROMPT
-
-    text = tokenizer.apply_chat_template(
-        [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": content}],
-        tokenize=False, add_generation_prompt=True,
-    )
-    return tokenizer(text + response, add_special_tokens=False)["input_ids"]
-
-
-def _render_ollama(template: str, messages: list[dict]) -> str:
-    """The subset of Go text/template our TEMPLATEs use: `{{ range .Messages }}..{{ .Role }}..{{ .Content }}..{{ end }}`."""
-    head, rest = template.split("{{ range .Messages }}")
-    body, tail = rest.split("{{ end }}")
-    assert "{{" not in head + tail
-    return head + "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
-                          for m in messages) + tail
-
-
-def _modelfile_parts(text: str) -> dict:
-    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
-    system = re.search(r'^SYSTEM """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
-    return {
-        "from": re.findall(r"^FROM (.+)$", text, re.MULTILINE),
-        "template": template.group(1) if template else None,
-        "stops": re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE),
-        "system": system.group(1) if system else None,
-    }
-
-
 # ---------------------------------------------------------------------------------------------- round trips
 
 
@@ -146,7 +90,7 @@ def test_f16_round_trip_with_adapter(tiny_llama3_dir, tiny_llama3_lora_dir, llam
     assert f"wrote {gguf}" in out and "f16" in out and "21 tensors" in out  # embd + 2 * 9 + output_norm + output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adgen.Modelfile", "adgen.gguf", "merged"]  # no temp files
 
-    meta, types, _ = _read(gguf)
+    meta, types, _ = read_gguf(gguf)
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 1  # MOSTLY_F16
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
     assert meta["tokenizer.chat_template"] == llama3_tokenizer.chat_template
@@ -162,7 +106,7 @@ def test_f16_round_trip_with_adapter(tiny_llama3_dir, tiny_llama3_lora_dir, llam
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
     assert "blk.0.ffn_gate.weight" in types and "blk.1.attn_output.weight" in types
 
-    ids = torch.tensor([_chat_ids(llama3_tokenizer, PROMPT_ZH)])
+    ids = torch.tensor([chat_ids(llama3_tokenizer, PROMPT_ZH)])
     expected = _logits(AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval(), ids)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32)
     with_adapter = _logits(PeftModel.from_pretrained(base, str(tiny_llama3_lora_dir)).eval(), ids)
@@ -210,7 +154,7 @@ def test_q8_0_cli_merges_in_a_temp_dir(tiny_llama3_dir, tiny_llama3_lora_dir, tm
     os.umask(umask)
     for path in gguf.parent.iterdir():  # as open() would create them, not mkstemp's 0600
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-    meta, types, tensor = _read(gguf)
+    meta, types, tensor = read_gguf(gguf)
     assert meta["general.file_type"] == 7 and meta["general.quantization_version"] == 2  # MOSTLY_Q8_0
     assert {t for n, t in types.items() if n.endswith("norm.weight")} == {"F32"}
     assert {t for n, t in types.items() if not n.endswith("norm.weight")} == {"Q8_0"}
@@ -233,7 +177,7 @@ def test_q8_0_cli_merges_in_a_temp_dir(tiny_llama3_dir, tiny_llama3_lora_dir, tm
     # no adapter: the base model itself
     assert main(["export", "--model", str(tiny_llama3_dir), "--gguf", str(gguf), "--overwrite"]) == 0
     base_q = AutoModelForCausalLM.from_pretrained(str(tiny_llama3_dir), dtype=torch.float32).state_dict()
-    _, types, tensor = _read(gguf)
+    _, types, tensor = read_gguf(gguf)
     assert types["blk.0.attn_v.weight"] == "F16"
     np.testing.assert_allclose(tensor("blk.0.attn_v.weight"), base_q["model.layers.0.self_attn.v_proj.weight"].numpy(),
                                atol=1e-4, rtol=1e-3)
@@ -249,13 +193,13 @@ def test_smollm2_f16_and_q8_0(smollm2_dir, smollm2_tokenizer, adgen_dev_path, tm
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
     record = json.loads(adgen_dev_path.read_text(encoding="utf-8").splitlines()[0])
-    ids = _chat_ids(smollm2_tokenizer, record["content"], record["summary"])[:100]  # the prompt + part of a reply
+    ids = chat_ids(smollm2_tokenizer, record["content"], record["summary"])[:100]  # the prompt + part of a reply
     ids_t = torch.tensor([ids])
     expected = _logits(model, ids_t)
 
     f16 = export_gguf(model, smollm2_tokenizer, tmp_path / "smollm2-f16.gguf", progress=False)
     assert f16.chat_format == "chatml" and f16.quant == "f16"
-    meta, types, _ = _read(f16.path)
+    meta, types, _ = read_gguf(f16.path)
     assert "output.weight" not in types and types["token_embd.weight"] == "F16"  # tied: llama.cpp reuses it
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.add_bos_token"] is False
     loaded = _load_gguf(f16.path)
@@ -272,7 +216,7 @@ def test_smollm2_f16_and_q8_0(smollm2_dir, smollm2_tokenizer, adgen_dev_path, tm
 
     q8 = export_gguf(model, smollm2_tokenizer, tmp_path / "smollm2-q8_0.gguf", quant="q8_0", progress=False)
     assert q8.size_bytes < 0.6 * f16.size_bytes
-    _, types, _ = _read(q8.path)
+    _, types, _ = read_gguf(q8.path)
     assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_norm.weight"] == "F32"
     got = _logits(_load_gguf(q8.path), ids_t)
     agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
@@ -290,13 +234,13 @@ def test_modelfile_llama3(tmp_path, llama3_tokenizer):
 
     path = write_modelfile(tmp_path / "ad.gguf", llama3_tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT)
     assert path == tmp_path / "ad.Modelfile"
-    parts = _modelfile_parts(path.read_text(encoding="utf-8"))
+    parts = modelfile_parts(path.read_text(encoding="utf-8"))
     assert parts["from"] == ["./ad.gguf"]
     assert parts["stops"] == ["<|eot_id|>", "<|end_of_text|>"]
     assert parts["system"] == DEFAULT_SYSTEM_PROMPT
     messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": PROMPT_ZH}]
     # The template reproduces the tokenizer's chat template, BOS included (this tokenizer adds none itself).
-    assert _render_ollama(parts["template"], messages) == llama3_tokenizer.apply_chat_template(
+    assert render_ollama(parts["template"], messages) == llama3_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -309,11 +253,11 @@ def test_modelfile_chatml(tmp_path, tiny_chatml_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_chatml_dir))
     assert detect_chat_format(tok) == "chatml"
     text = write_modelfile(tmp_path / "smol.gguf", tok, system_prompt=DEFAULT_SYSTEM_PROMPT).read_text(encoding="utf-8")
-    parts = _modelfile_parts(text)
+    parts = modelfile_parts(text)
     assert parts["from"] == ["./smol.gguf"] and parts["stops"] == ["<|im_end|>"]
     assert "<|eot_id|>" not in text and parts["system"] == DEFAULT_SYSTEM_PROMPT
     messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": PROMPT_ZH}]
-    assert _render_ollama(parts["template"], messages) == tok.apply_chat_template(
+    assert render_ollama(parts["template"], messages) == tok.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -360,6 +304,7 @@ def test_bad_input_gives_clear_errors(tiny_llama3_dir, tmp_path, capsys, llama3_
     assert main(model + ["--gguf", str(tmp_path / "x.gguf"), "--quant", "q4_k"]) == 2
     err = capsys.readouterr().err
     assert "--quant q4_k" in err and "--quant f16" in err and "q8_0" in err and "llama-quantize" in err
+    assert "q4_k_m" in err and "build_llama_cpp.sh" in err  # the types adgen makes through llama.cpp
     assert main(model) == 2
     err = capsys.readouterr().err
     assert "-o DIR" in err and "--gguf" in err

@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--output", "-o", default=None, dest="output", help="directory for the merged model")
     p.add_argument("--gguf", default=None, metavar="FILE.gguf",
                    help="write a GGUF file (merged in fp32) and FILE.Modelfile for `ollama create NAME -f FILE.Modelfile`")
-    p.add_argument("--quant", default="f16", metavar="{f16,q8_0}",
-                   help="GGUF weight type: f16 (default) or q8_0; norms stay f32")
+    p.add_argument("--quant", default="f16", metavar="{f16,q8_0,q4_k_m,q5_k_m,q6_k}",
+                   help="GGUF weight type: f16 (default) or q8_0, written directly (norms stay f32); q4_k_m, q5_k_m, "
+                        "q6_k: quantized from f16 by llama.cpp's llama-quantize (`bash scripts/build_llama_cpp.sh`)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="weights of the merged model at -o (auto: fp32 bases stay fp32, others bf16); "
                         "the GGUF is always merged in fp32")
@@ -53,8 +54,8 @@ def run(args) -> int:
         from adgen.export.gguf import preflight
 
         if args.quantize:
-            raise AdgenError(f"--quantize {args.quantize} does not apply to GGUF export: use --quant q8_0 "
-                             "(or export f16 and run llama.cpp's llama-quantize)")
+            raise AdgenError(f"--quantize {args.quantize} does not apply to GGUF export: use --quant q8_0, "
+                             "or --quant q4_k_m (llama.cpp's 4-bit type)")
         if not args.model and not args.adapter:
             raise AdgenError("--gguf needs --model (and optionally --adapter to merge in)")
         base = args.model or read_adapter_config(args.adapter).get("base_model_name_or_path")

@@ -14,7 +14,8 @@ supported. Layout facts followed here, as llama.cpp's converter does them:
   ffn_up,ffn_down}`, `output_norm`, `output` (left out when the embeddings are tied);
 * the q and k projections are permuted per head from Hugging Face's "rotate half" rotary layout into
   llama.cpp's interleaved pairs (transformers' GGUF loader undoes exactly this);
-* norms (and every 1-D tensor) stay F32; 2-D weights are F16, or Q8_0 with `quant="q8_0"`;
+* norms (and every 1-D tensor) stay F32; 2-D weights are F16, or Q8_0 with `quant="q8_0"`; the k-quants
+  (`q4_k_m`, `q5_k_m`, `q6_k`) are made from an f16 file by llama.cpp's own `llama-quantize` (llama_cpp.py);
 * the tokenizer is stored as `tokenizer.ggml.model = "gpt2"` with the token list, token types,
   merges, special ids, the pre-tokenizer name llama.cpp uses to split text, and the chat template.
 
@@ -30,12 +31,15 @@ rotary permutation, stored types), `gguf_tokenizer` (the tokenizer keys, the cha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -45,23 +49,26 @@ from adgen.errors import AdgenError
 from adgen.export.checkpoint import stored_dtype
 from adgen.export.gguf_tensors import Quant, encode_tensor, plan_tensors, rope_params, rope_type, tensor_nbytes
 from adgen.export.gguf_tokenizer import ChatFormat, add_tokenizer_metadata, detect_chat_format, detect_pre_tokenizer
+from adgen.export.llama_cpp import BUILD_COMMAND, LLAMA_QUANTIZE_TYPES, find_tool, quantize_gguf
 from adgen.export.merge import merge_adapter
 from adgen.export.modelfile import modelfile_path, modelfile_text, write_modelfile
 from adgen.io import atomic_output
 from adgen.models import load_model, load_tokenizer, resolve_model
 
 __all__ = [
-    "QUANTS", "SUPPORTED_ARCHITECTURES", "ChatFormat", "GGUFExport", "Quant", "check_architecture", "check_gguf_path",
-    "check_quant", "detect_chat_format", "detect_pre_tokenizer", "export_gguf", "load_for_gguf", "modelfile_path",
-    "modelfile_text", "preflight", "write_modelfile",
+    "DIRECT_QUANTS", "QUANTS", "SUPPORTED_ARCHITECTURES", "ChatFormat", "GGUFExport", "Quant", "check_architecture",
+    "check_gguf_path", "check_quant", "detect_chat_format", "detect_pre_tokenizer", "export_gguf", "load_for_gguf",
+    "modelfile_path", "modelfile_text", "preflight", "write_modelfile",
 ]
 
-QUANTS: tuple[str, ...] = ("f16", "q8_0")
+# Written by adgen itself (gguf_tensors), and made by llama.cpp's llama-quantize from an f16 file.
+DIRECT_QUANTS: tuple[str, ...] = ("f16", "q8_0")
+QUANTS: tuple[str, ...] = DIRECT_QUANTS + tuple(LLAMA_QUANTIZE_TYPES)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM",)
 
 _OTHER_QUANTS_HINT = (
-    "for other llama.cpp types (Q4_K_M, Q5_K_M, ...) export f16 and run llama.cpp's "
-    "`llama-quantize out.gguf out-q4_k_m.gguf Q4_K_M`"
+    "for other llama.cpp types (Q5_0, IQ4_XS, ...) export f16 and run llama.cpp's "
+    "`llama-quantize out.gguf out-iq4_xs.gguf IQ4_XS`"
 )
 
 
@@ -85,14 +92,16 @@ class GGUFExport:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def check_quant(quant: str) -> Quant:
+def check_quant(quant: str) -> str:
+    """The --quant value, lower-cased, when adgen writes it (f16 / q8_0 itself, the k-quants through llama.cpp)."""
     q = str(quant).lower()
     if q not in QUANTS:
         raise AdgenError(
-            f"--quant {quant}: not supported for GGUF export; use --quant f16 (default, near-lossless) or "
-            f"--quant q8_0 (half the size); {_OTHER_QUANTS_HINT}"
+            f"--quant {quant}: not supported for GGUF export; use --quant f16 (default, near-lossless), "
+            f"--quant q8_0 (half the size), or {' / '.join(LLAMA_QUANTIZE_TYPES)} (made by llama.cpp's "
+            f"llama-quantize: `{BUILD_COMMAND}` builds it); {_OTHER_QUANTS_HINT}"
         )
-    return q  # type: ignore[return-value]
+    return q
 
 
 def check_gguf_path(path: str | Path, *, overwrite: bool = False) -> Path:
@@ -135,8 +144,10 @@ def check_architecture(config) -> None:
 
 
 def preflight(out_path: str | Path, *, quant: str = "f16", overwrite: bool = False, base_model: str | None = None) -> Path:
-    """Cheap checks before any merging: quant name, output path, and the base model's architecture."""
-    check_quant(quant)
+    """Cheap checks before any merging: quant name (and llama-quantize where it needs it), output path, and the
+    base model's architecture."""
+    if check_quant(quant) in LLAMA_QUANTIZE_TYPES:
+        find_tool("llama-quantize")
     out = check_gguf_path(out_path, overwrite=overwrite)
     if base_model:
         resolved = resolve_model(base_model)
@@ -220,6 +231,41 @@ def _add_metadata(writer, model, tokenizer, quant: Quant, chat_template: Any, na
     add_tokenizer_metadata(writer, tokenizer, vocab_size, chat_template)
 
 
+def _write_gguf(path: Path, model, tokenizer, quant: Quant, chat_template: Any, name: str, progress: bool) -> int:
+    """Write the GGUF file at `path` (f16 or q8_0, streaming one tensor at a time); returns the tensor count."""
+    import gguf  # llama.cpp's writer: imported where a GGUF file is written (as in gguf_tensors.py)
+
+    plans = plan_tensors(model, quant)
+    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+    writer = gguf.GGUFWriter(path, arch="llama")
+    try:
+        _add_metadata(writer, model, tokenizer, quant, chat_template, name)
+        for plan in plans:
+            shape, nbytes = tensor_nbytes(plan.shape, plan.qtype)
+            is_block = plan.qtype not in (F32, F16)
+            dtype = np.uint8 if is_block else (np.float32 if plan.qtype == F32 else np.float16)
+            writer.add_tensor_info(plan.name, shape, np.dtype(dtype), nbytes, raw_dtype=plan.qtype if is_block else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for plan in tqdm(plans, desc=f"GGUF {quant}", unit="tensor", disable=not progress):
+            writer.write_tensor_data(encode_tensor(plan.load(), plan.qtype))
+    finally:
+        writer.close()
+    return len(plans)
+
+
+@contextmanager
+def _temp_file_beside(path: Path, tag: str) -> Iterator[Path]:
+    """A temporary file name in `path`'s folder (same disk as the result), removed when the block ends."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{tag}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 def export_gguf(
     model,
     tokenizer,
@@ -235,42 +281,31 @@ def export_gguf(
 ) -> GGUFExport:
     """Write `model` (a LlamaForCausalLM, fp32 for best fidelity) and `tokenizer` to `out_path` as GGUF.
 
-    quant: "f16" (2-D weights in float16) or "q8_0" (2-D weights in Q8_0); 1-D tensors stay F32.
+    quant: "f16" (2-D weights in float16) or "q8_0" (2-D weights in Q8_0), written here, 1-D tensors in F32; or
+    "q4_k_m" / "q5_k_m" / "q6_k": an f16 file written to a temporary file beside `out_path`, then quantized by
+    llama.cpp's llama-quantize (found by `adgen.export.llama_cpp.find_tool`) and deleted.
     chat_template: stored as tokenizer.chat_template (default: the tokenizer's own).
     system_prompt: the Modelfile's SYSTEM (default: adgen's built-in Chinese ad-copy prompt; "" for none).
     name: general.name in the file (default: the file name's stem).
     The file appears atomically (`adgen.io.atomic_output`: a temporary file in the same directory, fsynced,
     then renamed).
     """
-    import gguf  # llama.cpp's writer: imported where a GGUF file is written (as in gguf_tensors.py)
-
     q = check_quant(quant)
     out = check_gguf_path(out_path, overwrite=overwrite)
     check_architecture(model.config)
+    quantize_tool = find_tool("llama-quantize") if q in LLAMA_QUANTIZE_TYPES else None  # before any writing
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
     if system_prompt is None:
         system_prompt = DEFAULT_SYSTEM_PROMPT
 
-    plans = plan_tensors(model, q)
-    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
     with atomic_output(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
-        try:
-            _add_metadata(writer, model, tokenizer, q, chat_template, name or out.stem)
-            for plan in plans:
-                shape, nbytes = tensor_nbytes(plan.shape, plan.qtype)
-                is_block = plan.qtype not in (F32, F16)
-                dtype = np.uint8 if is_block else (np.float32 if plan.qtype == F32 else np.float16)
-                writer.add_tensor_info(plan.name, shape, np.dtype(dtype), nbytes,
-                                       raw_dtype=plan.qtype if is_block else None)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for plan in tqdm(plans, desc=f"GGUF {q}", unit="tensor", disable=not progress):
-                writer.write_tensor_data(encode_tensor(plan.load(), plan.qtype))
-        finally:
-            writer.close()
+        if quantize_tool is None:
+            n_tensors = _write_gguf(tmp, model, tokenizer, cast(Quant, q), chat_template, name or out.stem, progress)
+        else:
+            with _temp_file_beside(out, "f16") as f16:
+                n_tensors = _write_gguf(f16, model, tokenizer, "f16", chat_template, name or out.stem, progress)
+                quantize_gguf(f16, tmp, q, tool=quantize_tool)
     mf = write_modelfile(out, tokenizer, chat_template=chat_template, system_prompt=system_prompt) if modelfile else None
-    return GGUFExport(path=out, modelfile=mf, quant=q, n_tensors=len(plans), size_bytes=out.stat().st_size,
+    return GGUFExport(path=out, modelfile=mf, quant=q, n_tensors=n_tensors, size_bytes=out.stat().st_size,
                       chat_format=detect_chat_format(tokenizer, chat_template))
