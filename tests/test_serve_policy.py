@@ -55,7 +55,12 @@ def test_batch_jobs_are_handed_out_a_few_per_step():
     assert policy.admit(room) == batch[:2]
     person = job("p")
     policy.add(person)
-    assert policy.admit(EngineRoom(slots=40, running=2, waiting=0, batch_rows=2)) == [person, *batch[2:4]]
+    # while that person's request is running (or waiting), one batch prefill per step: each step they wait out
+    # before their first token, and each step of their decoding, carries at most one batch prefill
+    assert policy.admit(EngineRoom(slots=40, running=2, waiting=0, batch_rows=2)) == [person, batch[2]]
+    assert policy.admit(EngineRoom(slots=40, running=4, waiting=0, batch_rows=3)) == [batch[3]]
+    # the person's request ended: back to `batch_jobs_per_step`
+    assert policy.admit(EngineRoom(slots=40, running=4, waiting=0, batch_rows=4)) == batch[4:6]
 
 
 def test_an_idle_engine_takes_a_batch_job_larger_than_the_batch_share():

@@ -7,7 +7,9 @@ The rules, in one place:
   waits in the engine, and while the batch's rows leave `live_reserve` of the engine's slots free, so a person
   arriving while a catalog runs gets a slot at once instead of waiting for a catalog row to end; and at most
   `batch_jobs_per_step` batch jobs per decision, so that person's prefill queues behind a few batch prefills,
-  not behind a wave of them.
+  not behind a wave of them; while live requests run or wait, `batch_jobs_beside_live` (1): every decode step
+  then carries at most one batch prefill, so the step a person waits out before their own prefill stays short
+  (a batch row decodes for tens of steps, so one new row per step still keeps the batch's share of slots full).
 - One job at a time (backends without the engine): the next job is the oldest live one, else the oldest batch
   one; waiting non-streaming jobs with the same decoding and adapter join it up to `max_batch` prompts.
 - The queue limit (`max_queue`) counts live work; batch work is fed in by its own runner, a few rows at a time.
@@ -39,13 +41,15 @@ class EngineRoom:
 
 
 class SchedulingPolicy:
-    def __init__(self, *, max_queue: int, max_batch: int, live_reserve: int = 0, batch_jobs_per_step: int = 2) -> None:
+    def __init__(self, *, max_queue: int, max_batch: int, live_reserve: int = 0, batch_jobs_per_step: int = 2,
+                 batch_jobs_beside_live: int = 1) -> None:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.live_reserve = live_reserve
         # batch jobs handed to the engine per decision: a wave of finished rows is refilled over a few steps, so a
         # person arriving then waits behind at most this many batch prefills, not a whole wave of them
         self.batch_jobs_per_step = batch_jobs_per_step
+        self.batch_jobs_beside_live = min(batch_jobs_beside_live, batch_jobs_per_step)
         self._waiting: dict[Priority, deque[Job]] = {p: deque() for p in PRIORITIES}
 
     # ---- the queue ------------------------------------------------------------------------------
@@ -91,8 +95,10 @@ class SchedulingPolicy:
         queued_rows = room.waiting + sum(len(j.distinct_choices()) for j in jobs if not j.cancel.is_set())
         free = room.slots - room.running - queued_rows
         budget = room.slots - self.live_reserve - room.batch_rows
+        live_rows = room.running + queued_rows - room.batch_rows
+        per_step = self.batch_jobs_beside_live if live_rows > 0 else self.batch_jobs_per_step
         taken = 0
-        while batch and taken < self.batch_jobs_per_step:
+        while batch and taken < per_step:
             job = batch[0]
             need = 0 if job.cancel.is_set() else len(job.distinct_choices())
             idle = room.running == 0 and queued_rows == 0 and room.batch_rows == 0
