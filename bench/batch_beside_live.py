@@ -46,14 +46,14 @@ def dev_contents(n: int) -> list[str]:
     return [rows[i % len(rows)] for i in range(n)]
 
 
-def generate_alone(model: str, contents: list[str], max_tokens: int, batch_size: int, work: Path) -> float:
+def generate_alone(model: str, contents: list[str], max_tokens: int, batch_size: int, work: Path, dtype: str) -> float:
     """rows/s of `adgen generate --input` (the CLI's bulk path) on these rows, as its summary line says
     (generation time only: the model's loading is not counted, as the batch's rows/s does not count it)."""
     src, out = work / "rows.jsonl", work / "generated.jsonl"
     src.write_text("".join(json.dumps({"content": c}, ensure_ascii=False) + "\n" for c in contents), encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "adgen", "generate", "--model", model, "--input", str(src),
                            "--output", str(out), "--max-new-tokens", str(max_tokens), "--batch-size", str(batch_size),
-                           "--no-progress"], check=True, cwd=str(REPO), stdout=subprocess.DEVNULL,
+                           "--dtype", dtype, "--no-progress"], check=True, cwd=str(REPO), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     return float(re.search(r"([0-9.]+) samples/s", done.stderr).group(1))
 
@@ -112,6 +112,23 @@ def summary(values: list[float]) -> dict:
             "mean": round(statistics.fmean(values), 3) if values else None}
 
 
+def streams_only(args: argparse.Namespace) -> int:
+    """Part 4 alone: --streams concurrent streams on an idle server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(args.model, KEY, 300, ["--batch-size", str(args.batch_size), "--state-dir", f"{tmp}/state",
+                                              "--dtype", args.dtype, *args.serve_arg])
+        try:
+            model = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
+            _problems, load = check(asyncio.run(run_load(server.url, KEY, model, args.streams, args.max_tokens,
+                                                         timeout=300)), max_differ_share=1.0)
+        finally:
+            server.stop()
+    print(json.dumps({"machine": cpu_kind(), "model": args.model, "dtype": args.dtype, "serve_args": args.serve_arg,
+                      f"ttft_{args.streams}_streams": {k: load.get(k) for k in
+                                                       ("ttft_p50_s", "ttft_p95_s", "latency_p95_s", "completed")}}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -122,14 +139,18 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--streams", type=int, default=32, help="concurrent streams of part 4")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `adgen serve` argument (repeatable)")
+    ap.add_argument("--dtype", default="auto", help="the model's dtype, for `adgen generate` and `adgen serve` alike")
+    ap.add_argument("--streams-only", action="store_true", help="only part 4 (a quick look at TTFT under a burst)")
     args = ap.parse_args()
+    if args.streams_only:
+        return streams_only(args)
     contents = dev_contents(args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        alone = generate_alone(args.model, contents, args.max_tokens, args.batch_size, work)
+        alone = generate_alone(args.model, contents, args.max_tokens, args.batch_size, work, args.dtype)
         print(f"generate alone: {alone:.3f} rows/s", file=sys.stderr)
         server = Server(args.model, KEY, 300, ["--batch-size", str(args.batch_size), "--state-dir", str(work / "state"),
-                                              *args.serve_arg])
+                                              "--dtype", args.dtype, *args.serve_arg])
         try:
             model = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
             live = asyncio.run(live_alone(server.url, model, args.live, args.max_tokens, args.live_seconds))
@@ -143,7 +164,7 @@ def main() -> int:
             server.stop()
     live_p95, both_p95 = pct(live, 0.95), pct(both["live_ttfts"], 0.95)
     print(json.dumps({
-        "machine": cpu_kind(), "model": args.model, "rows": args.rows, "max_tokens": args.max_tokens,
+        "machine": cpu_kind(), "model": args.model, "dtype": args.dtype, "rows": args.rows, "max_tokens": args.max_tokens,
         "live_clients": args.live, "batch_size": args.batch_size, "serve_args": args.serve_arg,
         "generate_alone_rows_per_s": round(alone, 3), "batch_rows_per_s": round(both["rows_per_s"], 3),
         "batch_status": both["status"], "batch_counts": both["counts"], "batch_wall_s": both["wall_s"],

@@ -35,7 +35,7 @@ KEY = "bench-key"
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -45,7 +45,8 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
         if proc.poll() is not None:
             raise SystemExit(proc.stderr.read().decode()[-2000:])
         time.sleep(0.3)
-    raise SystemExit("the server did not start in 300 s")
+    proc.kill()
+    raise SystemExit("the server did not start in 600 s")
 
 
 def main(argv: list[str] | None = None) -> int:

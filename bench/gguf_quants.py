@@ -35,6 +35,7 @@ from adgen.export.gguf import QUANTS, export_gguf, load_for_gguf  # noqa: E402
 from adgen.export.llama_cpp import find_tool  # noqa: E402
 from adgen.export.llama_server import LlamaServer  # noqa: E402
 from adgen.generation.config import max_new_tokens_for  # noqa: E402
+from adgen.io import atomic_write_text  # noqa: E402
 from adgen.metrics import score_predictions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,18 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = args.max_tokens or max_new_tokens_for(tokenizer)
     print(f"CPU: {cpu_kind()} ({cpu_flags()}), {os.cpu_count()} cores; llama.cpp {find_tool('llama-server')}; "
           f"{len(records)} records, up to {max_tokens} tokens, greedy", flush=True)
-    results = []
     for quant in quants:
         exported = export_gguf(model, tokenizer, out / f"model-{quant}.gguf", quant=quant, overwrite=True,
                                progress=False)
         row = {"quant": quant, "file": exported.path.name, "size_mib": exported.size_bytes / 2**20,
                **measure(exported.path, formatter, records, max_tokens)}
         print(json.dumps(row, ensure_ascii=False), flush=True)
-        results.append(row)
-    summary = {"model": args.model, "adapter": args.adapter, "records": len(records), "max_tokens": max_tokens,
-               "cpu": cpu_flags(), "cores": os.cpu_count(), "results": results}
-    summary["results"] = merged_results(out / "quants.json", summary)
-    (out / "quants.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        # saved after each type: a run stopped half-way keeps the types it measured
+        summary = {"model": args.model, "adapter": args.adapter, "records": len(records), "max_tokens": max_tokens,
+                   "cpu": cpu_flags(), "cores": os.cpu_count(), "results": [row]}
+        summary["results"] = merged_results(out / "quants.json", summary)
+        atomic_write_text(out / "quants.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    summary = json.loads((out / "quants.json").read_text(encoding="utf-8"))
     text = table(summary["results"], args)
     (out / "quants.md").write_text(text, encoding="utf-8")
     print(text)

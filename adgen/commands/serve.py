@@ -46,7 +46,9 @@ def register(subparsers) -> None:
                    help="allow browser calls from this origin (repeatable; CORS is off by default)")
     p.add_argument("--served-model-name", default=None, help="model id shown in /v1/models (default: the model's name)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), bf16, fp32, fp16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPUs that run it natively and on CPUs with AVX512-BF16 / AMX, else fp32), "
+                        "bf16, fp32, fp16")
     p.add_argument("--batch-size", type=int, default=32,
                    help="most requests decoding together (continuous batching's slots; one batch without it)")
     p.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
@@ -83,6 +85,7 @@ def register(subparsers) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from adgen.errors import ConfigError
+    from adgen.models import serving_dtype
     from adgen.serve.settings import Limits, ServeSettings
 
     limits = Limits(
@@ -120,7 +123,7 @@ def settings_from_args(args: argparse.Namespace):
         cors_origins=list(args.cors_origin),
         served_model_name=args.served_model_name,
         device=args.device,
-        dtype=args.dtype,
+        dtype=serving_dtype(args.dtype, args.device),
         batch_size=args.batch_size,
         continuous_batching=args.continuous_batching,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -28,7 +28,6 @@ over fp32-stored weights, as in HF Trainer's bf16=True, re-casts every weight on
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model, prep
 from transformers import AutoModelForCausalLM
 
 from adgen.errors import AdgenError, ConfigError, ModelError
-from adgen.models import cuda_bf16_native, cuda_index, quantization_config
+from adgen.models import cpu_has_fast_bf16, cuda_bf16_native, cuda_index, quantization_config
 from adgen.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def resolve_precision(cfg: TrainConfig, device) -> Precision:
             # bf16 only where the CPU runs it natively (elsewhere emulated, ~100x slower than fp32). Measured
             # with AVX512-BF16: LoRA bf16 1.5x fp32 (docs/TRAINING.md); full FT (fp32 master weights + bf16
             # autocast) ~285 vs ~210 tokens/s on SmolLM2 (configs/smollm2-135m-adgen.yaml)
-            name = "bf16" if _cpu_has_fast_bf16() else "fp32"
+            name = "bf16" if cpu_has_fast_bf16() else "fp32"
         else:
             name = "fp32"
     if name == "fp16" and device_type == "cpu":
@@ -113,15 +112,6 @@ def resolve_precision(cfg: TrainConfig, device) -> Precision:
     if name == "bf16":
         return Precision(name, "float32" if full else "bfloat16", "bf16", "bfloat16")
     return Precision("fp16", "float32" if full else "float16", "fp16", "float16")
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively (elsewhere they are emulated and slower than fp32)."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return platform.machine().lower() in ("arm64", "aarch64")  # Apple / Graviton: bf16 in hardware
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
 def check_4bit_support(device) -> None:
