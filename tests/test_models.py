@@ -407,3 +407,14 @@ def test_serve_loads_bf16_on_a_cpu_with_native_bf16_and_fp32_where_it_is_emulate
         assert models.select_dtype(want) == (torch.bfloat16 if fast else torch.float32)
         explicit = parser.parse_args(["serve", "--model", "m", "--device", "cpu", "--dtype", "fp32"])
         assert serve.settings_from_args(explicit).dtype == "fp32"
+
+
+def test_serve_flag_turns_the_training_page_off():
+    import argparse
+
+    from adgen.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers(dest="command"))
+    assert serve.settings_from_args(parser.parse_args(["serve", "--model", "m"])).ui_training is True
+    assert serve.settings_from_args(parser.parse_args(["serve", "--model", "m", "--no-ui-training"])).ui_training is False

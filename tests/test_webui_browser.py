@@ -12,27 +12,15 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from adgen.serve.server import ServerThread, build
 from adgen.serve.settings import Limits, ServeSettings
+from browser_helpers import CHROMIUM, as_textarea, browser, field, page  # noqa: F401 (fixtures)
 from tuned_copy import build_tuned_copy
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
@@ -47,46 +35,6 @@ def ui_server(tiny_llama3_dir, tiny_llama3_lora_dir):
     with ServerThread(app, state=state) as srv:
         srv.state = state
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    assert Path(CHROMIUM).exists(), "Debian chromium is missing: apt-get install chromium (scripts/setup.sh --test)"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1300}, locale="zh-CN")
-    pg = context.new_page()
-    pg.external_requests = []
-
-    def guard(route):
-        host = urlparse(route.request.url).hostname
-        if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
-            return route.continue_()
-        pg.external_requests.append(route.request.url)
-        return route.abort()
-
-    pg.route("**/*", guard)
-    pg.console_errors = []
-    pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
-    yield pg
-    context.close()
-
-
-def as_textarea(text: str) -> str:
-    """What a <textarea> shows for `text`: browsers normalise CR LF and lone CR to LF."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def field(page, elem_id):
-    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
 
 
 def test_ui_generates_streams_and_compares(page, ui_server, tmp_path):
@@ -257,9 +205,10 @@ def demo_server(tiny_llama3_dir, tmp_path_factory):
 
     tuned = build_tuned_copy(tiny_llama3_dir, tmp_path_factory.mktemp("demo-model"))
     argv = shlex.split(serve_command(str(tuned), str(tiny_llama3_dir)))
-    state, app = build(settings_from_args(build_parser().parse_args(argv[1:])))
+    settings = settings_from_args(build_parser().parse_args(argv[1:]))
+    state, app = build(settings)
     with ServerThread(app, state=state) as srv:
-        srv.state = state
+        srv.state, srv.settings = state, settings
         yield srv
 
 
@@ -285,9 +234,10 @@ def test_ui_compares_a_whole_fine_tune_with_its_base(page, demo_server, tiny_lla
     tuned_text, base_text = field(page, "output-main").input_value(), field(page, "output-base").input_value()
     assert tuned_text and base_text, "a pane stayed empty"
     assert tuned_text != base_text, "both panes show the same text: the base pane is not the base model"
-    # the base pane is the base model's own copy: loaded alone, it writes the same (greedy)
-    alone = load_generator(str(tiny_llama3_dir)).generate([state.adcopy_messages(content)],
-                                                         DecodingConfig(max_new_tokens=max_tokens))[0]
+    # the base pane is the base model's own copy: loaded alone (in the dtype the server chose: bf16 on a CPU with
+    # native bf16), it writes the same (greedy)
+    alone = load_generator(str(tiny_llama3_dir), dtype=demo_server.settings.dtype).generate(
+        [state.adcopy_messages(content)], DecodingConfig(max_new_tokens=max_tokens))[0]
     assert base_text == as_textarea(alone.text)
     # and the main pane is the fine-tune's: the API under the served id
     api = httpx.post(demo_server.url + "/v1/adcopy", json={"attributes": content, "max_tokens": max_tokens},

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                         "--batch-size slots as fit requests of --max-prompt-tokens + --max-tokens-limit; more "
                         "requests wait in the queue. /health and the startup line report the size")
     p.add_argument("--no-ui", action="store_true", help="API only, no web UI at /ui")
+    p.add_argument("--no-ui-training", dest="ui_training", action="store_false",
+                   help="no training page in the web UI (it starts `adgen train` processes and reads data files by "
+                        "server path, for whoever can log into the UI)")
     p.add_argument("--vocab", default=None, help="attribute vocabulary JSON for the faithfulness figures (default: built-in)")
     p.add_argument("--examples", default=None, help="AdGen file whose first contents are the UI's example products")
     g = p.add_argument_group("limits (per request; 4xx above them)")
@@ -128,6 +131,7 @@ def settings_from_args(args: argparse.Namespace):
         continuous_batching=args.continuous_batching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         ui=not args.no_ui,
+        ui_training=args.ui_training,
         vocab=args.vocab,
         examples=args.examples,
         limits=limits,

@@ -10,6 +10,7 @@ import threading
 import time
 
 from adgen.serve.settings import ServeSettings, check_bind
+from adgen.serve.training_jobs import TrainingJobs
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ def build(settings: ServeSettings, state=None):
 
     check_bind(settings.host, settings.resolved_api_key(), settings.insecure)
     state = state or ServeState.load(settings)
+    if settings.ui and settings.ui_training and state.training is None:
+        # the web UI's training page: its runs beside the Batch API's files
+        state.training = TrainingJobs(settings.resolved_state_dir() / "ui-runs")
     return state, create_app(state)
 
 

@@ -17,6 +17,7 @@ from adgen.generation.config import DecodingConfig, DecodingFieldError
 from adgen.generation.decoding_fields import field_named
 from adgen.serve.decoding_schema import DecodingRequest
 from adgen.serve.jobs import RawPrompt, encode_prompt
+from adgen.serve.live_adapters import ForwardGate, can_load_adapters, load_adapter_live
 from adgen.serve.routing import ModelRouter, first_of_two_utilization
 from adgen.serve.scheduler import Scheduler
 from adgen.serve.security import ApiError
@@ -72,6 +73,9 @@ class ServeState:
         base = self.model_name
         self.model_id = (settings.adapter_name or f"{base}+{self.adapter_name}") if self.adapter_name else base
         self.extra_adapters = list(settings.extra_adapters)  # further LoRA adapters, served by name
+        # adapters loaded while serving (the training page's result) wait for the running forward to end
+        self.adapter_gate = ForwardGate(generator.model) if can_load_adapters(generator) else None
+        self.training = None  # the web UI's training runs (adgen.serve.training_jobs.TrainingJobs; server.build)
         self.scheduler = self._schedulers(generator, base_generator)
         self.metrics.watch(self.scheduler)
         self._vocab = vocab
@@ -117,6 +121,8 @@ class ServeState:
         return state
 
     def close(self) -> None:
+        if self.training is not None:
+            self.training.close()  # a running training checkpoints and stops
         self.scheduler.close()
 
     # ---- names --------------------------------------------------------------------------------
@@ -133,8 +139,18 @@ class ServeState:
     def can_compare(self) -> bool:
         return self.has_base_model or self.scheduler.tuned.can_disable_adapter
 
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at `path` as `name` from now on (loaded between two forwards; running requests
+        go on)."""
+        load_adapter_live(self.generator, self.adapter_gate, name, path)
+        self.extra_adapters.append(name)
+
+    def tuned_ids(self) -> list[str]:
+        """The ids a request may name for the served model with an adapter on (the default one first)."""
+        return [self.model_id, *self.extra_adapters]
+
     def model_ids(self) -> list[str]:
-        return [self.model_id, *self.extra_adapters] + ([self.base_id] if self.can_compare else [])
+        return self.tuned_ids() + ([self.base_id] if self.can_compare else [])
 
     def use_adapter_for(self, model: str | None) -> bool | str:
         """The `model` field picks the default adapter (the served id: True), a further adapter (its name)

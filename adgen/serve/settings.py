@@ -67,6 +67,9 @@ class ServeSettings:
     # the KV cache is sized from it at start (adgen.generation.kv_budget), as vLLM's setting of that name
     gpu_memory_utilization: float = 0.9
     ui: bool = True
+    # the web UI's training page (runs `adgen train` processes on this machine, reads data paths on it): off for a
+    # server whose UI users should only generate
+    ui_training: bool = True
     vocab: str | None = None  # attribute vocabulary file for the faithfulness figures
     examples: str | None = None  # AdGen file whose contents become the UI's example products
     limits: Limits = field(default_factory=Limits)

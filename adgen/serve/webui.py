@@ -23,8 +23,11 @@ from typing import Any
 
 from adgen.generation.config import DecodingConfig
 from adgen.generation.decoding_fields import DecodingField, field_named, without_unused_sampling
+from adgen.serve.chat_ui import build_chat_page, chat_choices
 from adgen.serve.security import check_ui_login
 from adgen.serve.service import ServeState
+from adgen.serve.training_ui import CSS as TRAINING_CSS
+from adgen.serve.training_ui import build_training_page, wire_loading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -121,54 +124,67 @@ def build_ui(state: ServeState):
             f"# adgen 广告文案生成\n模型 **{state.model_id}** · 设备 {state.health()['device']}",
             elem_id="adgen-title",
         )
-        with gr.Row():
-            with gr.Column(scale=4, min_width=360):
-                category = gr.Textbox(label="类型 category", placeholder="如：裙 / 上衣 / 裤", elem_id="attr-category")
-                keys, values = [], []
-                for i in range(N_ROWS):
-                    with gr.Row(elem_classes="adgen-attr-row"):
-                        keys.append(gr.Textbox(show_label=False, placeholder=f"属性 {i + 1}（如：颜色）",
-                                               container=False, elem_id=f"attr-key-{i}", scale=2))
-                        values.append(gr.Textbox(show_label=False, placeholder="取值（多个用，分隔）",
-                                                 container=False, elem_id=f"attr-value-{i}", scale=3))
-                raw = gr.Textbox(label="或：AdGen 属性串（填写后优先于上面的表单）",
-                                 placeholder="类型#裙*颜色#黑色*风格#简约", elem_id="raw-content",
-                                 max_length=limits.max_prompt_chars)
+        with gr.Tabs():
+            with gr.Tab("生成 Generate", id="tab-generate"):
                 with gr.Row():
-                    style = gr.Textbox(label="风格提示 style（可选）", placeholder="如：活泼 / 文艺 / 高端",
-                                       max_length=64, elem_id="style-hint")
-                    length = gr.Slider(0, 300, value=0, step=10, label="篇幅提示（字，0 = 不提示）",
-                                       elem_id="length-hint")
-                decoding = _decoding_panel(gr, state)
-                compare = gr.Checkbox(value=False, label=texts.toggle, info=texts.info,
-                                      interactive=compare_ok, elem_id="compare-base")
-                with gr.Row():
-                    go = gr.Button("生成 Generate", variant="primary", elem_id="generate-btn")
-                    stop = gr.Button("停止 Stop", elem_id="stop-btn")
-            with gr.Column(scale=7):
-                with gr.Row(equal_height=False):
-                    with gr.Column(min_width=240):
-                        out_main = gr.Textbox(label=texts.main_pane, lines=10, interactive=False,
-                                              elem_id="output-main", buttons=["copy"])
-                        fig_main = gr.Markdown(elem_id="figures-main", elem_classes="adgen-figures")
-                    with gr.Column(visible=False, min_width=240) as base_col:
-                        out_base = gr.Textbox(label=texts.base_pane, lines=10, interactive=False,
-                                              elem_id="output-base", buttons=["copy"])
-                        fig_base = gr.Markdown(elem_id="figures-base", elem_classes="adgen-figures")
-                status = gr.Markdown(elem_id="status")
+                    with gr.Column(scale=4, min_width=360):
+                        category = gr.Textbox(label="类型 category", placeholder="如：裙 / 上衣 / 裤", elem_id="attr-category")
+                        keys, values = [], []
+                        for i in range(N_ROWS):
+                            with gr.Row(elem_classes="adgen-attr-row"):
+                                keys.append(gr.Textbox(show_label=False, placeholder=f"属性 {i + 1}（如：颜色）",
+                                                       container=False, elem_id=f"attr-key-{i}", scale=2))
+                                values.append(gr.Textbox(show_label=False, placeholder="取值（多个用，分隔）",
+                                                         container=False, elem_id=f"attr-value-{i}", scale=3))
+                        raw = gr.Textbox(label="或：AdGen 属性串（填写后优先于上面的表单）",
+                                         placeholder="类型#裙*颜色#黑色*风格#简约", elem_id="raw-content",
+                                         max_length=limits.max_prompt_chars)
+                        with gr.Row():
+                            style = gr.Textbox(label="风格提示 style（可选）", placeholder="如：活泼 / 文艺 / 高端",
+                                               max_length=64, elem_id="style-hint")
+                            length = gr.Slider(0, 300, value=0, step=10, label="篇幅提示（字，0 = 不提示）",
+                                               elem_id="length-hint")
+                        decoding = _decoding_panel(gr, state)
+                        model = gr.Dropdown(state.tuned_ids(), value=state.model_id, label="模型 model",
+                                            info="默认 adapter，或训练页载入的 adapter", elem_id="model-select")
+                        compare = gr.Checkbox(value=False, label=texts.toggle, info=texts.info,
+                                              interactive=compare_ok, elem_id="compare-base")
+                        with gr.Row():
+                            go = gr.Button("生成 Generate", variant="primary", elem_id="generate-btn")
+                            stop = gr.Button("停止 Stop", elem_id="stop-btn")
+                    with gr.Column(scale=7):
+                        with gr.Row(equal_height=False):
+                            with gr.Column(min_width=240):
+                                out_main = gr.Textbox(label=texts.main_pane, lines=10, interactive=False,
+                                                      elem_id="output-main", buttons=["copy"])
+                                fig_main = gr.Markdown(elem_id="figures-main", elem_classes="adgen-figures")
+                            with gr.Column(visible=False, min_width=240) as base_col:
+                                out_base = gr.Textbox(label=texts.base_pane, lines=10, interactive=False,
+                                                      elem_id="output-base", buttons=["copy"])
+                                fig_base = gr.Markdown(elem_id="figures-base", elem_classes="adgen-figures")
+                        status = gr.Markdown(elem_id="status")
 
-        example_rows, labels = [], []
-        for content in state.examples:
-            try:
-                cat, rows = content_to_form(content)
-            except ValueError:
-                continue
-            example_rows.append([cat, *[x for kv in rows for x in kv], ""])
-            labels.append(content)
-        form_inputs = [category, *[x for kv in zip(keys, values) for x in kv], raw]
-        if example_rows:
-            gr.Examples(example_rows, inputs=form_inputs, label="示例商品（AdGen dev）",
-                        example_labels=labels, examples_per_page=len(labels))
+                example_rows, labels = [], []
+                for content in state.examples:
+                    try:
+                        cat, rows = content_to_form(content)
+                    except ValueError:
+                        continue
+                    example_rows.append([cat, *[x for kv in rows for x in kv], ""])
+                    labels.append(content)
+                form_inputs = [category, *[x for kv in zip(keys, values) for x in kv], raw]
+                if example_rows:
+                    gr.Examples(example_rows, inputs=form_inputs, label="示例商品（AdGen dev）",
+                                example_labels=labels, examples_per_page=len(labels))
+
+            if state.training is not None:
+                with gr.Tab("训练 Train", id="tab-train"):
+                    training = build_training_page(gr, state, state.training)
+            with gr.Tab("对话 Chat", id="tab-chat"):
+                chat_model = build_chat_page(gr, state)
+        if state.training is not None:
+            wire_loading(gr, state, state.training, training, [model, chat_model])
+        _wire_model_selectors(gr, demo, state, model, chat_model, out_main, texts)
 
         compare.change(lambda on: gr.update(visible=bool(on)), inputs=compare, outputs=base_col,
                        api_visibility="private", queue=False)
@@ -182,7 +198,7 @@ def build_ui(state: ServeState):
         generate = _generate_handler(gr, state, running, cancel_session, compare_ok)
         event = go.click(
             generate,
-            inputs=[*form_inputs, style, length, *decoding, compare],
+            inputs=[*form_inputs, style, length, *decoding, model, compare],
             outputs=[out_main, fig_main, out_base, fig_base, status],
             api_visibility="private",
             concurrency_limit=8,
@@ -194,6 +210,16 @@ def build_ui(state: ServeState):
         demo.unload(cancel_session)
     demo.queue(max_size=min(64, limits.max_queue))
     return demo
+
+
+def _wire_model_selectors(gr, demo, state: ServeState, model, chat_model, out_main, texts: "CompareTexts") -> None:
+    """The Generate tab's model choice names its pane; a page opened before an adapter was loaded (in another tab,
+    by another user) lists it once reloaded."""
+    model.change(lambda m: gr.update(label=texts.main_pane if m == state.model_id else f"微调模型 {m}"), model,
+                 out_main, api_visibility="private", queue=False)
+    demo.load(lambda: (gr.update(choices=state.tuned_ids(), value=state.model_id),
+                       gr.update(choices=chat_choices(state), value=state.model_id)),
+              None, [model, chat_model], api_visibility="private", queue=False)
 
 
 @dataclass(frozen=True)
@@ -279,17 +305,18 @@ def _generate_handler(gr, state: ServeState, running: dict, cancel_session, comp
 
     async def generate(request: gr.Request, *args):
         (cat, *kv), rest = args[: 1 + 2 * N_ROWS], args[1 + 2 * N_ROWS :]
-        raw_s, style_s, length_v, *panel, cmp = rest
+        raw_s, style_s, length_v, *panel, model_id, cmp = rest
         rows = list(zip(kv[0::2], kv[1::2]))
         try:
             content, pairs = form_to_content(cat, rows, raw_s)
             messages = state.adcopy_messages(content, style_s, int(length_v or 0) or None)
             state.check_prompt(messages, param="attributes")
             config = _ui_config(state, {c.field: v for c, v in zip(PANEL, panel)})
+            chosen = state.use_adapter_for(model_id)  # True: the default adapter; a name: a loaded one
         except Exception as e:  # ValueError, ApiError: shown, never raised into Gradio
             yield "", "", "", "", f"⚠️ {getattr(e, 'message', None) or e}"
             return
-        runs = [True] + ([False] if cmp and compare_ok else [])
+        runs = [chosen] + ([False] if cmp and compare_ok else [])
         handles = []
         try:
             for use_adapter in runs:
@@ -353,5 +380,5 @@ def mount_ui(app, state: ServeState) -> None:
         mcp_server=False,
         pwa=False,
         theme=gr.themes.Default(),  # local fonts only: nothing is fetched from a CDN
-        css=CSS,
+        css=CSS + TRAINING_CSS,
     )

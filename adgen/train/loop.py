@@ -9,16 +9,20 @@ the same step, and a resumed run the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
 
+from adgen.errors import AdgenError
 from adgen.io import atomic_write_json
 from adgen.train import checkpoint as ckpt_mod
 from adgen.train import memory, metrics_log
@@ -123,15 +127,55 @@ def log_step(s: TrainSetup, progress: Progress, figures: dict[str, Any], bar: tq
 
 
 def maybe_checkpoint(s: TrainSetup, progress: Progress) -> None:
+    cfg, step = s.cfg, progress.step
+    if cfg.save_every and (step % cfg.save_every == 0 or step == s.opt.schedule.total_steps):
+        checkpoint_now(s, progress)
+
+
+def checkpoint_now(s: TrainSetup, progress: Progress) -> None:
     cfg, run, opt, step = s.cfg, s.run, s.opt, progress.step
-    if cfg.save_every and (step % cfg.save_every == 0 or step == opt.schedule.total_steps):
-        state = progress.trainer_state(examples_per_step=opt.order.examples_per_step, world=run.world,
-                                       config=asdict(cfg))
-        path = ckpt_mod.save_checkpoint(
-            run.accelerator, run.out, step, model=s.net.model, wrapped=opt.wrapped, optimizer=opt.optimizer,
-            scheduler=opt.schedule.scheduler, trainer_state=state, keep=cfg.keep_checkpoints, is_peft=cfg.is_peft,
-        )
-        progress.last_checkpoint = str(path)
+    state = progress.trainer_state(examples_per_step=opt.order.examples_per_step, world=run.world, config=asdict(cfg))
+    path = ckpt_mod.save_checkpoint(
+        run.accelerator, run.out, step, model=s.net.model, wrapped=opt.wrapped, optimizer=opt.optimizer,
+        scheduler=opt.schedule.scheduler, trainer_state=state, keep=cfg.keep_checkpoints, is_peft=cfg.is_peft,
+    )
+    progress.last_checkpoint = str(path)
+
+
+class TrainingStopped(AdgenError):
+    """SIGTERM (the web UI's Stop, `kill PID`): the run checkpointed its last step and stopped; --resume continues."""
+
+
+class StopSignal:
+    """SIGTERM while `fit` runs sets a flag; the loop checkpoints after the current step and stops. Only a single
+    process on its main thread: ranks of a launched run would stop at different steps (they keep the default)."""
+
+    def __init__(self, run) -> None:
+        self.requested = False
+        self._previous = None
+        if run.world == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def stop_cleanly(s: TrainSetup, progress: Progress) -> None:
+    """After a stop signal: a checkpoint of this step (unless one was just written), the summary, then stop."""
+    if progress.last_checkpoint is None or Path(progress.last_checkpoint).name != f"step-{progress.step}":
+        checkpoint_now(s, progress)
+    progress.status = "stopped"
+    if s.run.main:
+        summary = {**summary_base(s), "status": "stopped", "steps": progress.step,
+                   "last_checkpoint": progress.last_checkpoint}
+        atomic_write_json(s.run.out / "summary.json", summary)
+    metrics_log.rewrite(s.run, progress.metrics)
+    raise TrainingStopped(f"stopped on request (SIGTERM) at step {progress.step}; checkpoint {progress.last_checkpoint}. "
+                          f"Continue with: adgen train --resume --output-dir {s.run.out}")
 
 
 def fit(s: TrainSetup, progress: Progress) -> None:
@@ -145,6 +189,7 @@ def fit(s: TrainSetup, progress: Progress) -> None:
         metrics_log.append_row(run, progress.metrics, {"step": 0, "eval_loss": evaluate_loss(s)})
         run.say(f"[adgen] step 0: eval loss {progress.metrics[-1]['eval_loss']:.4f}")
     budget = TimeBudget(cfg, schedule, progress.start_step)
+    stop = StopSignal(run)
     try:
         while progress.step < schedule.total_steps:
             progress.step += 1
@@ -159,6 +204,9 @@ def fit(s: TrainSetup, progress: Progress) -> None:
             log_step(s, progress, figures, bar)
             maybe_evaluate(s, progress)
             maybe_checkpoint(s, progress)
+            if stop.requested:
+                bar.close()
+                stop_cleanly(s, progress)
     except TrainingDiverged:
         bar.close()
         if run.main:
@@ -167,4 +215,6 @@ def fit(s: TrainSetup, progress: Progress) -> None:
             atomic_write_json(run.out / "summary.json", summary)
         metrics_log.rewrite(run, progress.metrics)
         raise
+    finally:
+        stop.restore()
     bar.close()
