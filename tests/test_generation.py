@@ -144,7 +144,8 @@ def test_generate_rejects_a_bare_prompt(tiny_gen):
 
 # ---- batching -------------------------------------------------------------------------------
 def test_batched_equals_one_at_a_time(tiny_gen):
-    cfg = DecodingConfig(max_new_tokens=16)
+    cfg = DecodingConfig(max_new_tokens=16, coverage_bonus_per_char=0, coverage_hold_chars=0,
+                         word_repeat_penalty=0)  # batching, not shaping, is under test
     lengths = {len(tiny_gen.prompt_ids(p)) for p in PROMPTS}
     assert len(lengths) == len(PROMPTS)  # really different lengths: padding is exercised
     singles = [tiny_gen.generate([p], cfg)[0] for p in PROMPTS]
@@ -248,7 +249,8 @@ def test_length_finish_when_model_never_stops(tiny_llama3_dir, tok):
 
 def test_rows_stop_independently_in_a_batch(tiny_gen, tok):
     """One row hits a stop string early; the other runs on. Neither is disturbed by the other."""
-    cfg = DecodingConfig(max_new_tokens=12)
+    cfg = DecodingConfig(max_new_tokens=12, coverage_bonus_per_char=0, coverage_hold_chars=0,
+                         word_repeat_penalty=0)  # stop strings, not shaping, are under test
     full = tiny_gen.generate(PROMPTS[:2], cfg)
     stop = tok.decode(full[0].token_ids[4:6])
     assert stop.strip() and stop not in full[1].text and full[0].text.find(stop) > 0

@@ -198,7 +198,8 @@ def test_max_new_tokens_is_sized_from_the_tokenizer(tok, smollm2_tokenizer):
 
 # ---- the ending: room to end, then an end at a sentence end --------------------------------------
 COMMA, PERIOD = 3922, 1811  # "，" "。" in the Llama-3 vocabulary
-ENDING_ONLY = dict(dry_multiplier=0.0, loop_detection=False, end_after_chars=8, end_bias_per_char=1.0)
+ENDING_ONLY = dict(dry_multiplier=0.0, loop_detection=False, end_after_chars=8, end_bias_per_char=1.0,
+                   word_repeat_penalty=0.0, coverage_bonus_per_char=0.0, coverage_hold_chars=0)
 
 
 def test_ending_bias_grows_past_the_length_and_waits_for_whole_characters(tok):

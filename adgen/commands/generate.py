@@ -120,9 +120,11 @@ def register(subparsers) -> None:
     add_decoding_arguments(p)
     c = p.add_argument_group("candidates and output")
     c.add_argument("-n", type=int, default=1, metavar="K", help="make K candidates per input (needs sampling)")
-    c.add_argument("--best-of", choices=["first", "coverage"], default="first",
-                   help="which candidate to keep as `predict`: the first, or the best attribute coverage")
-    c.add_argument("--vocab", default=None, metavar="FILE", help="attribute vocabulary for --best-of coverage (default: built-in)")
+    c.add_argument("--best-of", choices=["first", "coverage", "mbr"], default="first",
+                   help="which candidate to keep as `predict`: the first, the best attribute coverage, or mbr (of those "
+                        "that ended, cover the most and break no term: the highest mean ROUGE-L against the others)")
+    c.add_argument("--vocab", default=None, metavar="FILE",
+                   help="attribute vocabulary for --best-of coverage / mbr (default: built-in)")
     c.add_argument("--stream", action="store_true", help="with --content: print the text as it is generated")
     c.add_argument("--json", action="store_true", help="with --content: print one JSON object")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
         data = read_data(args.input, args, require_summary=False)
     vocab = None
-    if args.best_of == "coverage" and args.vocab:
+    if args.best_of in ("coverage", "mbr") and args.vocab:
         from adgen.metrics import AttributeVocab
 
         vocab = AttributeVocab.load(args.vocab)

@@ -25,11 +25,12 @@ from adgen.data.attributes import attributes_of
 from adgen.errors import AdgenError
 from adgen.generation.config import GENERATION_BATCH_SIZE, DecodingConfig, Generation
 from adgen.generation.resumable import JsonlAppender, progress_bar, record_key, scan_output
+from adgen.generation.selection import mbr_pick
 from adgen.metrics import AttributeVocab, faithfulness
 
 log = logging.getLogger(__name__)
 
-BEST_OF = ("first", "coverage")
+BEST_OF = ("first", "coverage", "mbr")
 
 
 @dataclass
@@ -99,13 +100,16 @@ def pick_best(
     """Index of the candidate to keep, and its faithfulness figures (None for best_of="first").
 
     "coverage": the highest attribute coverage; ties go to fewer contradictions, then fewer
-    hallucinated attributes, then the earlier candidate.
+    hallucinated attributes, then the earlier candidate. "mbr": minimum-Bayes-risk selection by the field's
+    ROUGE-L after filtering by ending, coverage and compliance (adgen.generation.selection).
     """
     if best_of == "first":
         return 0, None
-    if best_of != "coverage":
+    if best_of not in BEST_OF:
         raise AdgenError(f"unknown --best-of '{best_of}' (use {' or '.join(BEST_OF)})")
     vocab = vocab or AttributeVocab.default()
+    if best_of == "mbr":
+        return mbr_pick(attributes, candidates, vocab)
     scores = [faithfulness(attributes, c.text, vocab) for c in candidates]
 
     def rank(i: int):

@@ -42,7 +42,8 @@ def default_banned_strings() -> tuple[str, ...]:
 
 # The adgen-specific shaping switched off (the fields `DecodingConfig.plain` sets).
 PLAIN_FIELDS = {"dry_multiplier": 0.0, "no_repeat_char_ngram": 0, "loop_detection": False, "end_after_chars": 0,
-                "banned_strings": ()}
+                "banned_strings": (), "coverage_bonus_per_char": 0.0, "coverage_hold_chars": 0,
+                "word_repeat_penalty": 0.0}
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,18 @@ class DecodingConfig:
     # terms (adgen/resources/compliance/ad_law_terms.json); an empty list drops them
     banned_strings: tuple[str, ...] = field(default_factory=lambda: default_banned_strings(),
                                             metadata=spec(max_items=16, item_chars=(1, 64), adds_to_default=True))
+    # coverage: the tokens that start an input attribute value not yet named in the text gain this many logits
+    # per character written (0 = off; the attributes are the prompt's final "类型#裙*颜色#黑色" turn)
+    coverage_bonus_per_char: float = field(default=0.05, metadata=spec(ge=0.0, le=10.0))
+    # the most that coverage bonus grows to (logits)
+    coverage_bonus_max: float = field(default=3.0, metadata=spec(ge=0.0, le=30.0))
+    # while an input attribute value is not named, the text may not end before this many characters (0 = off)
+    coverage_hold_chars: int = field(default=130, metadata=spec(ge=0, le=4096))
+    # a content word (jieba; not an input value, not a function word) used word_repeat_limit times or more costs
+    # this many logits, times the uses past the limit, where it would start again (0 = off)
+    word_repeat_penalty: float = field(default=1.5, metadata=spec(ge=0.0, le=30.0))
+    # uses of a content word that cost nothing
+    word_repeat_limit: int = field(default=2, metadata=spec(ge=1, le=64))
 
     def __post_init__(self) -> None:
         # Accept a list (or a single string) for `stop`, keep a hashable tuple.
@@ -197,6 +210,13 @@ class DecodingConfig:
                                      f"must be >= 0 (logits per character; 0 = off), not {self.end_bias_per_char}")
         if any(not isinstance(b, str) or not b for b in self.banned_strings):
             raise DecodingFieldError("banned_strings", f"must be non-empty strings, not {list(self.banned_strings)!r}")
+        for name in ("coverage_bonus_per_char", "coverage_bonus_max", "word_repeat_penalty"):
+            if not getattr(self, name) >= 0:
+                raise DecodingFieldError(name, f"must be >= 0 (logits; 0 = off), not {getattr(self, name)}")
+        for name, low in (("coverage_hold_chars", 0), ("word_repeat_limit", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DecodingFieldError(name, f"must be an integer >= {low}, not {value!r}")
         if not isinstance(self.loop_detection, bool):
             raise DecodingFieldError("loop_detection", f"must be true or false, not {self.loop_detection!r}")
 
@@ -206,9 +226,20 @@ class DecodingConfig:
         return self.end_after_chars > 0 and self.end_bias_per_char > 0
 
     @property
+    def covers_attributes(self) -> bool:
+        """The coverage bonus or the held-back ending is on (adgen.generation.coverage)."""
+        return (self.coverage_bonus_per_char > 0 and self.coverage_bonus_max > 0) or self.coverage_hold_chars > 0
+
+    @property
+    def controls_words(self) -> bool:
+        """The word-level repetition penalty is on (adgen.generation.word_repetition)."""
+        return self.word_repeat_penalty > 0
+
+    @property
     def shapes_logits(self) -> bool:
-        """The character-level DRY, n-gram ban or ending bonus changes the logits."""
-        return self.dry_multiplier > 0 or self.no_repeat_char_ngram > 0 or self.ends_copy or bool(self.banned_strings)
+        """The character-level DRY, n-gram ban, ending bonus, coverage or word penalty changes the logits."""
+        return (self.dry_multiplier > 0 or self.no_repeat_char_ngram > 0 or self.ends_copy or bool(self.banned_strings)
+                or self.covers_attributes or self.controls_words)
 
     @property
     def controls_repetition(self) -> bool:
@@ -259,6 +290,11 @@ class DecodingConfig:
             s += f", ending after {self.end_after_chars} chars (+{self.end_bias_per_char}/char)"
         if self.banned_strings:
             s += f", never writes {summarize_strings(self.banned_strings)}"
+        if self.covers_attributes:
+            s += (f", coverage +{self.coverage_bonus_per_char}/char (max {self.coverage_bonus_max}), "
+                  f"ending held to {self.coverage_hold_chars} chars")
+        if self.controls_words:
+            s += f", word repeats past {self.word_repeat_limit} -{self.word_repeat_penalty}"
         if self.loop_detection:
             s += ", loop detection"
         return s

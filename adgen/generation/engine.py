@@ -53,7 +53,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from adgen.generation.config import Generation
-from adgen.generation.hf_processors import apply_shaping, row_shaping, sampling_processors
+from adgen.generation.coverage import attributes_for
+from adgen.generation.hf_processors import apply_shaping, row_shaping, sampling_warpers
+from adgen.generation.hf_processors import token_processors as sampling_processors  # the engine's name (tests patch it)
 from adgen.generation.kv_budget import kv_shape
 from adgen.generation.prefill import PrefixCache, Prefiller, adapter_kwargs
 from adgen.generation.prefill import cache_kwarg as _cache_kwarg  # noqa: F401  (its old name, for callers)
@@ -293,11 +295,13 @@ class DecodeEngine:
     def _running_state(self, request: Request, device) -> RunningRequest:
         """A newly prefilled request's decoding state: repetition control, processors, seeded generator."""
         config = request.config
+        table = token_table(self.tokenizer)
         return RunningRequest(
             request=request, length=len(request.prompt_ids), limit=self._limit(request), tokenizer=self.tokenizer,
             stop_ids=self.stop_ids,
-            repeat=RepeatState(token_table(self.tokenizer), config, self.stop_ids) if config.controls_repetition else None,
-            processors=sampling_processors(config), rng=_rng(config, device),
+            repeat=RepeatState(table, config, self.stop_ids, attributes_for(table, config, request.prompt_ids))
+            if config.controls_repetition else None,
+            processors=sampling_processors(config), warpers=sampling_warpers(config), rng=_rng(config, device),
         )
 
     def _admit(self, request: Request, slot: int) -> RunningRequest | None:
@@ -432,20 +436,27 @@ class DecodeEngine:
 
     def _shape_scores(self, seqs: list[RunningRequest], scores: torch.Tensor, first_slot: int,
                       failed: dict[int, BaseException]) -> None:
-        """The character-level repetition control (all rows at once), then each row's own processors."""
+        """Each row's token processors, the character-level control (all rows at once), each row's warpers:
+        `model.generate`'s order (its processors, the custom ones, then the warpers)."""
+        self._row_processors(seqs, scores, first_slot, failed, "processors")
         shaping = []
         for i, seq in enumerate(seqs):
-            if seq.repeat is not None and seq.request.config.shapes_logits:
+            if seq.repeat is not None and seq.request.config.shapes_logits and i not in failed:
                 try:
                     shaping.append(row_shaping(i, seq.repeat, scores.shape[-1]))
                 except Exception as e:
                     failed[i] = e
         apply_shaping(scores, shaping)
+        self._row_processors(seqs, scores, first_slot, failed, "warpers")
+
+    def _row_processors(self, seqs: list[RunningRequest], scores: torch.Tensor, first_slot: int,
+                        failed: dict[int, BaseException], kind: str) -> None:
         tokens = self._cache.tokens  # type: ignore[union-attr]
         for i, seq in enumerate(seqs):
-            if seq.processors is not None and i not in failed:
+            procs = getattr(seq, kind)
+            if procs is not None and i not in failed:
                 try:
                     history = tokens[first_slot + i : first_slot + i + 1, : seq.length]  # prompt + generated
-                    scores[i : i + 1] = seq.processors(history, scores[i : i + 1])
+                    scores[i : i + 1] = procs(history, scores[i : i + 1])
                 except Exception as e:
                     failed[i] = e

@@ -53,12 +53,12 @@ def seeded(config: DecodingConfig, device: torch.device, lock: threading.RLock) 
         yield
 
 
-def repeat_control(tokenizer, config: DecodingConfig, stop_ids: Sequence[int], batch_size: int,
+def repeat_control(tokenizer, config: DecodingConfig, stop_ids: Sequence[int], prompts: Sequence[Sequence[int]],
                    prompt_width: int) -> BatchRepeatControl | None:
-    """The character-level repetition control for one left-padded batch (None when it is off)."""
+    """The character-level repetition control for one left-padded batch of `prompts` (None when it is off)."""
     if not config.controls_repetition:
         return None
-    return BatchRepeatControl(tokenizer, config, stop_ids, batch_size, prompt_width)
+    return BatchRepeatControl(tokenizer, config, stop_ids, prompts, prompt_width)
 
 
 def generate_padded(model, tokenizer, batch: list[list[int]], config: DecodingConfig, *, device: torch.device,
@@ -74,7 +74,7 @@ def generate_padded(model, tokenizer, batch: list[list[int]], config: DecodingCo
     criteria: list = [stop_strings] if stop_strings else []
     if cancel is not None:
         criteria.append(CancelCriteria(cancel))
-    repeats = repeat_control(tokenizer, config, stop_ids, len(batch), width)
+    repeats = repeat_control(tokenizer, config, stop_ids, batch, width)
     if repeats is not None:
         criteria += repeats.criteria()
     with lock, torch.inference_mode():

@@ -7,7 +7,8 @@ top-p, so greedy and sampled decoding alike) and a StoppingCriteria (loop detect
 runs rows started at different steps keeps a `RepeatState` per request instead and calls
 `apply_penalties` on its own logits (or, to keep one row's error its own, `row_shaping` per row in Python
 and `apply_shaping` once for the batch: a few tensor ops and one host -> device copy per step).
-`sampling_processors(config)`: transformers' processors / warpers for the settings that need them.
+`token_processors(config)` / `sampling_warpers(config)`: transformers' processors (before the shaping, as in
+`model.generate`) and warpers (after it) for the settings that need them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from adgen.generation.coverage import attributes_for
 from adgen.generation.repetition import RepeatState, token_table
 
 
@@ -94,13 +96,20 @@ def apply_penalties(scores, rows: Sequence[tuple[int, RepeatState]]) -> None:
     apply_shaping(scores, [row_shaping(row, state, scores.shape[-1]) for row, state in rows])
 
 
-def sampling_processors(config):
-    """transformers' processors for the settings that need the token ids or shape sampling (None: none)."""
+def token_processors(config):
+    """transformers' processors that read the token ids (repetition penalty, n-gram ban), or None. Run before the
+    character-level shaping, as `model.generate` orders them (its own processors, then the custom ones)."""
     procs = []
     if config.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size:
         procs.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    return LogitsProcessorList(procs) if procs else None
+
+
+def sampling_warpers(config):
+    """transformers' warpers for a sampled request (temperature, top-k, top-p), or None. Run after the shaping."""
+    procs = []
     if not config.greedy:
         if config.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(config.temperature))
@@ -114,11 +123,13 @@ def sampling_processors(config):
 class BatchRepeatControl:
     """The repetition control of one left-padded `model.generate` batch: a `RepeatState` per row."""
 
-    def __init__(self, tokenizer, config, stop_ids: Sequence[int], batch_size: int, prompt_width: int):
+    def __init__(self, tokenizer, config, stop_ids: Sequence[int], prompts: Sequence[Sequence[int]], prompt_width: int):
+        """`prompts`: each row's prompt ids (unpadded), where its attributes come from."""
         table = token_table(tokenizer)
         self.config = config
         self.prompt_width = prompt_width
-        self.states = [RepeatState(table, config, stop_ids) for _ in range(batch_size)]
+        self.states = [RepeatState(table, config, stop_ids, attributes_for(table, config, ids)) for ids in prompts]
+        batch_size = len(prompts)
         self._seen = [0] * batch_size
 
     def sync(self, input_ids) -> None:

@@ -52,7 +52,8 @@ class TextStream(AbstractContextManager):
         self.token_ids: list[int] = []
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._repeats = repeat_control(generator.tokenizer, config, generator.stop_token_ids, 1, len(self.prompt_ids))
+        self._repeats = repeat_control(generator.tokenizer, config, generator.stop_token_ids, [self.prompt_ids],
+                                       len(self.prompt_ids))
         self._it = self._run()
 
     # iterator protocol

@@ -42,6 +42,8 @@ import weakref
 from typing import Sequence
 
 from adgen.generation.config import DecodingConfig
+from adgen.generation.coverage import Attributes, CoverageState
+from adgen.generation.word_repetition import WordCounts, word_penalties
 
 # Loop detection: a unit of P characters repeated REPEATS(P) times at the end of the completion, and at
 # least LOOP_MIN_CHARS characters of repeated text in all. Units longer than LOOP_MAX_PERIOD are not looked for.
@@ -54,6 +56,9 @@ CLAUSE_END = "，"
 SENTENCE_END = "。"
 SENTENCE_ENDS = frozenset("。！？")  # Chinese copy only: English text is never cut short
 END_BIAS_CAP = 30.0  # logits: beyond this the bonus decides anyway
+# Coverage's hold on the ending (adgen.generation.coverage): the end-of-turn ids lose this much. Not a ban: a model
+# all but certain the copy is over (a margin past 10 logits) still ends rather than write text it has no word for.
+HOLD_PENALTY = 10.0
 
 
 def loop_repeats(period: int) -> int:
@@ -275,6 +280,18 @@ class TokenTable:
                                       or (rest.startswith(data) and len(data) > before_last)]
         return ids
 
+    def writing_on(self, word: str, k: int) -> list[int]:
+        """Tokens that, at a character boundary after `word[:k]`, write on with `word`: a prefix of the rest (a
+        lead byte of its next character included) or all of it and more -- not another word that shares its next
+        character ("黑白" does not write on with 黑色). Like `writing`, from the next character's tokens only."""
+        cache = self.__dict__.setdefault("_writing_on", {})
+        ids = cache.get((word, k))
+        if ids is None:
+            rest = word[k:].encode("utf-8")
+            ids = cache[(word, k)] = [i for i in self.heading_for(word[k])
+                                      if rest.startswith(data := self.bytes[i]) or data.startswith(rest)]
+        return ids
+
     def heading_for(self, char: str) -> list[int]:
         """Tokens that, at a character boundary, write `char` first or start writing it."""
         ids = list(self.by_first_char.get(char, ()))
@@ -306,7 +323,8 @@ class RepeatState:
     `looped` says whether the completion ends in a loop (`trim_loop` cuts it).
     """
 
-    def __init__(self, table: TokenTable, config: DecodingConfig, stop_ids: Sequence[int] = ()) -> None:
+    def __init__(self, table: TokenTable, config: DecodingConfig, stop_ids: Sequence[int] = (),
+                 attributes: Attributes | None = None) -> None:
         self.table = table
         self.config = config
         self.stop_ids = set(int(i) for i in stop_ids)
@@ -317,6 +335,10 @@ class RepeatState:
         self.finished = False
         self.looped = False
         self._z: list[int] | None = None
+        # the request's input attributes (adgen.generation.coverage.prompt_attributes): values to name, words
+        # the copy may repeat
+        self.coverage = CoverageState(table, config, attributes)
+        self.words = WordCounts([v for _, v in attributes or ()])
 
     def push(self, ids: Sequence[int]) -> None:
         for tok in ids:
@@ -349,7 +371,15 @@ class RepeatState:
         if self.finished or self.pending or not config.ends_copy:
             return 0.0
         past = len(self.text) - config.end_after_chars + 1
-        return 0.0 if past <= 0 else min(END_BIAS_CAP, past * config.end_bias_per_char)
+        if past <= 0 or self.holds_end:
+            return 0.0
+        return min(END_BIAS_CAP, past * config.end_bias_per_char)
+
+    @property
+    def holds_end(self) -> bool:
+        """The text may not end yet: an input attribute value is not named and the text is short of the cap."""
+        self.coverage.update(self.text)
+        return self.coverage.holds_end(self.text)
 
     @property
     def at_sentence_end(self) -> bool:
@@ -369,12 +399,20 @@ class RepeatState:
         for j in range(1, min(words.longest, len(self.text)) + 1):
             for word, k in words.by_prefix.get(self.text[-j:], ()):
                 out.update(dict.fromkeys(self.table.completing(word, k), float("inf")))
-        if not self.text:
-            return out
-        for char, penalty in dangerous_chars(self.text, self.config, self._matches()).items():
-            for tok in self.table.heading_for(char):
+        if self.holds_end:
+            out.update(dict.fromkeys(self.stop_ids, HOLD_PENALTY))
+        if self.text:
+            for char, penalty in dangerous_chars(self.text, self.config, self._matches()).items():
+                for tok in self.table.heading_for(char):
+                    if penalty > out.get(tok, 0.0):
+                        out[tok] = penalty
+            for tok, penalty in word_penalties(self.words, self.text, self.table, self.config).items():
                 if penalty > out.get(tok, 0.0):
                     out[tok] = penalty
+        # the bonus adds to what a token loses (DRY on a value's start), never lifts a ban
+        for tok, bonus in self.coverage.bonuses(self.text).items():
+            if out.get(tok, 0.0) != float("inf"):
+                out[tok] = out.get(tok, 0.0) - bonus
         return out
 
 

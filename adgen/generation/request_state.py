@@ -61,7 +61,8 @@ class RunningRequest:
     tokenizer: object
     stop_ids: Sequence[int]
     repeat: RepeatState | None
-    processors: object  # transformers LogitsProcessorList for this request's settings (or None)
+    processors: object  # transformers LogitsProcessorList reading the token ids (or None): before the shaping
+    warpers: object  # transformers' temperature / top-k / top-p for a sampled request (or None): after it
     rng: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     stop_hit: bool = False

@@ -231,7 +231,8 @@ VLLM_AROUND = ("do_sample", "loop_detection")
 # Character-level shaping, which needs adgen's per-request state inside sampling: hf backend only, vllm decodes
 # without it (a warning says so when one is on).
 VLLM_WITHOUT = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers", "no_repeat_char_ngram",
-                "end_after_chars", "end_bias_per_char", "banned_strings")
+                "end_after_chars", "end_bias_per_char", "banned_strings", "coverage_bonus_per_char", "coverage_bonus_max",
+                "coverage_hold_chars", "word_repeat_penalty", "word_repeat_limit")
 # Refused when set (no vLLM equivalent): the field -> what to use instead.
 VLLM_REFUSED = {"no_repeat_ngram_size": "repetition_penalty"}
 

@@ -233,13 +233,24 @@ def _supported(mention: str, input_values: Iterable[str]) -> bool:
     return any(mention == v or mention in v or (is_matchable(v) and v in mention) for v in input_values)
 
 
+def coverage_values(attributes: Attributes) -> list[str]:
+    """The distinct input values coverage counts, lower-cased, in input order (类型 left out; 颜色#纯色*图案#纯色
+    asks for "纯色" once). The decoder's coverage bonus (adgen.generation.coverage) uses the same list."""
+    return list(dict.fromkeys(v.lower() for k, v in attributes if k not in COVERAGE_SKIP_KEYS))
+
+
+def missing_values(values: Sequence[str], text: str) -> list[str]:
+    """The `values` (from `coverage_values`) that `text` does not name: a value is named where it is a
+    substring of the lower-cased text."""
+    lowered = text.lower()
+    return [v for v in values if v not in lowered]
+
+
 def faithfulness(attributes: Attributes, text: str, vocab: AttributeVocab) -> dict[str, Any]:
     """Coverage, contradictions and hallucinated attributes of `text` for one input (see module doc)."""
     pairs = list(dict.fromkeys((k, v.lower()) for k, v in attributes))
-    lowered = text.lower()
-    # Distinct values: 颜色#纯色*图案#纯色 asks for "纯色" once, not twice.
-    counted = list(dict.fromkeys(v for k, v in pairs if k not in COVERAGE_SKIP_KEYS))
-    missing = [v for v in counted if v not in lowered]
+    counted = coverage_values(attributes)
+    missing = missing_values(counted, text)
     by_key: dict[str, list[str]] = {}
     for k, v in pairs:
         by_key.setdefault(k, []).append(v)

@@ -270,6 +270,9 @@ PANEL = (
     PanelControl("no_repeat_char_ngram", "禁止重复的字数 N（0 = 关闭）"),
     PanelControl("end_after_chars", "收尾字数（0 = 关闭）", (0, 300, 10)),
     PanelControl("loop_detection", "循环检测：文本开始循环时停止并删去重复部分"),
+    PanelControl("coverage_bonus_per_char", "属性覆盖加分 / 字（0 = 关闭）", (0.0, 0.5, 0.01)),
+    PanelControl("coverage_hold_chars", "未写全属性时推迟结束的字数（0 = 关闭）", (0, 300, 10)),
+    PanelControl("word_repeat_penalty", "词语重复惩罚（0 = 关闭）", (0.0, 5.0, 0.1)),
 )
 UNSET = -1  # a number box's value for an optional field left unset (seed: none)
 
