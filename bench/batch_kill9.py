@@ -38,7 +38,8 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {KEY}"},
+                         timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         model = client.models.list().data[0].id
         ids = [f"sku-{i:05d}" for i in range(args.rows)]
         lines = [{"custom_id": cid, "method": "POST", "url": "/v1/adcopy",
-                  "body": {"model": model, "content": contents[i % len(contents)], "max_tokens": args.max_tokens}}
+                  "body": {"model": model, "attributes": contents[i % len(contents)], "max_tokens": args.max_tokens}}
                  for i, cid in enumerate(ids)]
         data = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode("utf-8")
         f = client.files.create(file=("catalog.jsonl", data), purpose="batch")
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 if batch.status in ("completed", "failed", "cancelled", "expired"):
                     break
                 time.sleep(1)
+            if batch.output_file_id is None:
+                raise SystemExit(f"batch {batch.status}, counts {batch.request_counts}, errors: "
+                                 + client.files.content(batch.error_file_id).text[:1000])
             out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines() if x.strip()]
         finally:
             proc.send_signal(signal.SIGTERM)
