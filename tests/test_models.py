@@ -388,18 +388,26 @@ def test_a_cache_entry_is_published_once_when_processes_convert_at_once(tmp_path
     assert (final / "config.json").read_text() == "fixed" and sorted(p.name for p in final.parent.iterdir()) == ["model-1"]
 
 
+def _serve_parser():
+    """`adgen serve`'s own argument parser (its flags as the CLI registers them)."""
+    import argparse
+
+    from adgen.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
 def test_serve_loads_bf16_on_a_cpu_with_native_bf16_and_fp32_where_it_is_emulated(monkeypatch):
     """`adgen serve --dtype auto`: bf16 where the CPU runs it natively (a 32-prompt burst prefills ~2x faster,
     BENCHMARKS.md), fp32 where bf16 would be emulated; an explicit --dtype is kept."""
-    import argparse
-
     import torch
 
     import adgen.models as models
     from adgen.commands import serve
 
-    parser = argparse.ArgumentParser()
-    serve.register(parser.add_subparsers(dest="command"))
+    parser = _serve_parser()
     for fast, want in ((True, "bf16"), (False, "auto")):
         monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda fast=fast: fast)
         args = parser.parse_args(["serve", "--model", "m", "--device", "cpu"])
@@ -410,11 +418,8 @@ def test_serve_loads_bf16_on_a_cpu_with_native_bf16_and_fp32_where_it_is_emulate
 
 
 def test_serve_flag_turns_the_training_page_off():
-    import argparse
-
     from adgen.commands import serve
 
-    parser = argparse.ArgumentParser()
-    serve.register(parser.add_subparsers(dest="command"))
+    parser = _serve_parser()
     assert serve.settings_from_args(parser.parse_args(["serve", "--model", "m"])).ui_training is True
     assert serve.settings_from_args(parser.parse_args(["serve", "--model", "m", "--no-ui-training"])).ui_training is False
