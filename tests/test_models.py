@@ -423,3 +423,16 @@ def test_serve_flag_turns_the_training_page_off():
     parser = _serve_parser()
     assert serve.settings_from_args(parser.parse_args(["serve", "--model", "m"])).ui_training is True
     assert serve.settings_from_args(parser.parse_args(["serve", "--model", "m", "--no-ui-training"])).ui_training is False
+
+
+def test_serve_dtype_on_a_gpu_is_left_to_select_dtype(monkeypatch):
+    """On a GPU (faked: CI has none) `serving_dtype` leaves "auto" alone, so select_dtype keeps deciding there
+    (bf16 on sm80+, fp32 on GPUs that only emulate it), whatever the host CPU's flags."""
+    import torch
+
+    import adgen.models as models
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(models, "select_device", lambda device=None: torch.device("cuda"))
+    assert models.serving_dtype("auto", "cuda") == "auto"
+    assert models.serving_dtype("fp32", "cuda") == "fp32"
