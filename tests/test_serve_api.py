@@ -468,7 +468,8 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server, http):
             # a long stream occupies the worker, so the requests below queue up and run as one batch
             async def blocker():
                 async with c.stream("POST", "/v1/chat/completions",
-                                    json=chat_body(server, max_tokens=60, stream=True, end_after_chars=0)) as r:
+                                    json=chat_body(server, max_tokens=60, stream=True, end_after_chars=0,
+                                                   loop_detection=False)) as r:
                     return [line async for line in r.aiter_lines()]
 
             task = asyncio.create_task(blocker())
@@ -553,7 +554,7 @@ def test_disconnect_of_a_running_non_streaming_request_stops_its_batch(server, h
     before = http.get("/health").json()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/adcopy", headers=AUTH, timeout=0.5,
-                   json={"attributes": CONTENT, "max_tokens": 1500, "end_after_chars": 0})
+                   json={"attributes": CONTENT, "max_tokens": 1500, "end_after_chars": 0, "loop_detection": False})
     h = wait_idle(http, timeout=5.0)
     assert h["cancelled"] == before["cancelled"] + 1
     calls = h["model_forward_calls"] - before["model_forward_calls"]

@@ -136,14 +136,14 @@ class DecodingConfig:
                                             metadata=spec(max_items=16, item_chars=(1, 64), adds_to_default=True))
     # coverage: the tokens that start an input attribute value not yet named in the text gain this many logits
     # per character written (0 = off; the attributes are the prompt's final "类型#裙*颜色#黑色" turn)
-    coverage_bonus_per_char: float = field(default=0.0, metadata=spec(ge=0.0, le=10.0))
+    coverage_bonus_per_char: float = field(default=0.05, metadata=spec(ge=0.0, le=10.0))
     # the most that coverage bonus grows to (logits)
     coverage_bonus_max: float = field(default=3.0, metadata=spec(ge=0.0, le=30.0))
     # while an input attribute value is not named, the text may not end before this many characters (0 = off)
-    coverage_hold_chars: int = field(default=0, metadata=spec(ge=0, le=4096))
+    coverage_hold_chars: int = field(default=130, metadata=spec(ge=0, le=4096))
     # a content word (jieba; not an input value, not a function word) used word_repeat_limit times or more costs
     # this many logits, times the uses past the limit, where it would start again (0 = off)
-    word_repeat_penalty: float = field(default=0.0, metadata=spec(ge=0.0, le=30.0))
+    word_repeat_penalty: float = field(default=1.5, metadata=spec(ge=0.0, le=30.0))
     # uses of a content word that cost nothing
     word_repeat_limit: int = field(default=2, metadata=spec(ge=1, le=64))
 
