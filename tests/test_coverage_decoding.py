@@ -58,13 +58,34 @@ def test_a_named_value_gets_no_bonus_and_a_started_one_is_finished(tok):
     assert started.penalties()[go_on] == pytest.approx(-3.0)
 
 
-def test_the_bonus_never_bends_a_character(smollm2_tokenizer):
-    """SmolLM2 writes most ideographs as a lead token + a continuation byte: in between nothing changes."""
+def test_inside_a_character_only_a_missing_values_own_bytes_are_helped_on(smollm2_tokenizer):
+    """SmolLM2 writes most ideographs as a lead token + continuation bytes. Inside a character nothing changes,
+    unless the bytes so far begin a missing value's character: 卡 (of 卡通) and 卫 share their first two bytes, and
+    there the byte that finishes 卡 keeps the start's bonus, the one that finishes 卫 gets nothing (without that,
+    the model finished its own 卫 and the next boundary pulled again: "卫卫卫卫" in dev record 3)."""
     tok = smollm2_tokenizer
+    stop = ChatFormatter(tok).stop_token_ids
     ids = tok.encode("这款裙", add_special_tokens=False)
-    state = RepeatState(token_table(tok), COVER, ChatFormatter(tok).stop_token_ids, ATTRS)
+    state = RepeatState(token_table(tok), COVER, stop, ATTRS)
     state.push(ids[:-1])
     assert state.pending and state.penalties() == {}
+    ka, wei = tok.encode("卡", add_special_tokens=False), tok.encode("卫", add_special_tokens=False)
+    assert ka[0] == wei[0] and len(ka) == len(wei) == 2  # the shared lead token, then one byte each
+    state = RepeatState(token_table(tok), COVER, stop, [("类型", "上衣"), ("图案", "卡通")])
+    state.push(tok.encode("这款卫衣", add_special_tokens=False) + ka[:1])
+    assert state.pending
+    pulled = state.penalties()
+    assert pulled[ka[1]] == pytest.approx(-0.1 * len("这款卫衣")) and wei[1] not in pulled
+
+
+def test_a_started_value_is_not_started_again(llama3_tokenizer):
+    """After 碎 (碎花 missing) the token going on with 花 gets the whole bonus, 碎 itself nothing: pulling the
+    value's start again wrote "碎碎碎碎" (dev record 48)."""
+    tok = llama3_tokenizer
+    state = state_after(tok, "这款裙子的碎", attributes=[("类型", "裙"), ("图案", "碎花")])
+    pulled = state.penalties()
+    assert pulled[first_token(tok, "花")] == pytest.approx(-3.0)
+    assert first_token(tok, "碎") not in pulled
 
 
 def test_the_end_is_held_while_a_value_is_missing_until_the_cap(tok):

@@ -140,7 +140,7 @@ class DecodingConfig:
     # the most that coverage bonus grows to (logits)
     coverage_bonus_max: float = field(default=3.0, metadata=spec(ge=0.0, le=30.0))
     # while an input attribute value is not named, the text may not end before this many characters (0 = off)
-    coverage_hold_chars: int = field(default=130, metadata=spec(ge=0, le=4096))
+    coverage_hold_chars: int = field(default=90, metadata=spec(ge=0, le=4096))
     # a content word (jieba; not an input value, not a function word) used word_repeat_limit times or more costs
     # this many logits, times the uses past the limit, where it would start again (0 = off)
     word_repeat_penalty: float = field(default=1.5, metadata=spec(ge=0.0, le=30.0))

@@ -5,8 +5,7 @@ user turn, parsed from the prompt's text -- every backend and the API get them t
 alongside the prompt). "Named" is the coverage metric's notion (`adgen.metrics.faithfulness.coverage_values` /
 `missing_values`: the value is a substring of the lower-cased text; 类型 is left out), imported, not copied.
 
-Per request (`CoverageState`), at a character boundary only (a character is never bent, as in
-adgen.generation.repetition):
+Per request (`CoverageState`), at a character boundary (with the one exception below):
 
 - **bonus**: the tokens that start writing a value still missing (a token that is a prefix of it, a lead byte of
   its first character included, or that writes all of it and more) gain
@@ -14,7 +13,10 @@ adgen.generation.repetition):
   where a new sentence starts, the place a value fits best): early on the model names values where it would
   anyway; the longer one stays missing, the more it is pulled in.
   Where the text already ends with the start of a missing value ("黑" of 黑色), the token that goes on with it
-  gets the full bonus: a value once started is finished rather than bent into a near miss.
+  gets the full bonus, and the value's start is not pulled again (that wrote "碎碎碎" for 碎花): a value once
+  started is finished rather than bent into a near miss. The one decision inside a character: where the bytes
+  so far begin a pulled value's next character (a byte-level tokenizer's shared lead bytes), the tokens that go
+  on with it keep the same bonus (`pending_bonuses`), so the value is written and not its neighbour.
 - **hold**: while a value is missing, the end-of-turn tokens lose `repetition.HOLD_PENALTY` (10) logits (and
   repetition.py's ending bonus waits) until the text is `coverage_hold_chars` characters long; past that it may
   end anyway. Not a ban: a model all but certain the copy is over still ends.
@@ -95,23 +97,41 @@ class CoverageState:
 
     def bonuses(self, text: str) -> dict[int, float]:
         """{token id: logit bonus} for the tokens that start (or go on with) a missing value."""
+        out: dict[int, float] = {}
+        for value, k, bonus in self._pulls(text):
+            _raise(out, self._writing(value, k), bonus)
+        return out
+
+    def pending_bonuses(self, text: str, pending: bytes) -> dict[int, float]:
+        """Inside a character whose first bytes (`pending`) begin writing on with a missing value, the tokens that
+        go on with that value's bytes get the same bonus as its start had. A byte-level tokenizer (SmolLM2) writes
+        most ideographs as 2-3 byte tokens, and the lead bytes the bonus chose are shared (卡 of 卡通 and 卫 share
+        two): left alone the model finishes its own favourite there, and the next boundary pulls again ("卫卫卫卫")."""
+        out: dict[int, float] = {}
+        for value, k, bonus in self._pulls(text):
+            rest = value[k:].encode("utf-8")
+            if len(rest) > len(pending) and rest.startswith(pending):
+                _raise(out, self.table.continuing(rest[len(pending):]), bonus)
+        return out
+
+    def _pulls(self, text: str) -> list[tuple[str, int, float]]:
+        """(missing value, characters of it the text already ends with, bonus) for each value pulled in now."""
         config = self.config
         if not self.missing or config.coverage_bonus_per_char <= 0:
-            return {}
+            return []
         self.update(text)
         # a new sentence is where a value fits best: there the bonus is whole
         grown = (config.coverage_bonus_max if text and text[-1] in SENTENCE_STARTS_AFTER
                  else min(config.coverage_bonus_max, config.coverage_bonus_per_char * len(text)))
-        out: dict[int, float] = {}
         lowered = text.lower()
+        pulls = []
         for value in self.missing:
-            for k in range(len(value) - 1, 0, -1):  # the text ends with the value's start: go on with it
-                if lowered.endswith(value[:k]):
-                    _raise(out, self._writing(value, k), config.coverage_bonus_max)
-                    break
-            if grown > 0:
-                _raise(out, self._writing(value, 0), grown)
-        return out
+            k = _started(lowered, value)
+            if k:  # the text ends with the value's start: go on with it (starting it again would stutter: "碎碎")
+                pulls.append((value, k, config.coverage_bonus_max))
+            elif grown > 0:
+                pulls.append((value, 0, grown))
+        return pulls
 
     def _writing(self, value: str, k: int) -> list[int]:
         """Tokens that write on with `value` after `value[:k]` (a lead byte of its next character included, not
@@ -120,6 +140,14 @@ class CoverageState:
         # the metric compares lower-cased text: "V领" names the value "v领" too
         upper = value[:k] + value[k].upper() + value[k + 1:]
         return ids + self.table.writing_on(upper, k) if upper != value else ids
+
+
+def _started(lowered: str, value: str) -> int:
+    """How many of `value`'s first characters (fewer than all) the lower-cased text ends with (0: none)."""
+    for k in range(len(value) - 1, 0, -1):
+        if lowered.endswith(value[:k]):
+            return k
+    return 0
 
 
 def _raise(out: dict[int, float], ids: Sequence[int], bonus: float) -> None:

@@ -292,6 +292,16 @@ class TokenTable:
                                       if rest.startswith(data := self.bytes[i]) or data.startswith(rest)]
         return ids
 
+    def continuing(self, rest: bytes) -> list[int]:
+        """Tokens that, inside a character, write on with the bytes `rest` (a prefix of them, or all and more)."""
+        index = self.__dict__.get("_inside")
+        if index is None:  # tokens that start inside a character, by their first byte (a few hundred)
+            index = self.__dict__["_inside"] = {}
+            for i, data in enumerate(self.bytes):
+                if data and (data[0] & 0xC0) == 0x80:
+                    index.setdefault(data[0], []).append(i)
+        return [i for i in index.get(rest[0], ()) if rest.startswith(data := self.bytes[i]) or data.startswith(rest)]
+
     def heading_for(self, char: str) -> list[int]:
         """Tokens that, at a character boundary, write `char` first or start writing it."""
         ids = list(self.by_first_char.get(char, ()))
@@ -386,8 +396,10 @@ class RepeatState:
         return bool(self.text) and self.text[-1] in SENTENCE_ENDS
 
     def penalties(self) -> dict[int, float]:
-        if self.finished or self.pending or not self.config.shapes_logits:
+        if self.finished or not self.config.shapes_logits:
             return {}
+        if self.pending:  # inside a character: only a missing value the bytes so far began is helped on
+            return {tok: -bonus for tok, bonus in self.coverage.pending_bonuses(self.text, self.pending).items()}
         out: dict[int, float] = {}
         markup, words = _banned_index(self.config.banned_strings)
         for banned in markup:  # markup ("<UNK>"): never start, nor go on with, it
