@@ -7,6 +7,7 @@ clone; `adgen recipes list`); `--config` takes a path or a recipe's name.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,9 @@ class TrainConfig:
     max_eval_samples: int | None = 200  # eval loss on the first N eval records
     system_prompt: str | None = DEFAULT_PROMPT  # "default", a custom prompt, or null for none
     loss_on: Literal["response", "all"] = "response"  # learn only the copy, or the prompt too
+    # SFT: targets that are the chat format's end-of-turn / stop tokens (<|im_end|>, <|eot_id|>) count this many
+    # times in the loss (1 = plain cross-entropy; > 1 teaches the model to end its copy under plain greedy decoding)
+    end_token_weight: float = 1.0
     max_length: int = 512  # tokens per example (prompt + response); the response is cut past it
 
     # ---- batching / optimisation ------------------------------------------------------------
@@ -192,6 +196,10 @@ class TrainConfig:
             raise ConfigError(f"config key 'dpo_sft_weight' must be >= 0 (0 = pure DPO), got {self.dpo_sft_weight!r}")
         if self.loss_on != "response":
             raise ConfigError("objective=dpo compares the responses' log-probabilities: set loss_on=response")
+        if self.end_token_weight != 1.0:
+            raise ConfigError(f"config key 'end_token_weight' ({self.end_token_weight!r}) weights the SFT loss only; "
+                              "objective=dpo compares whole responses: set end_token_weight=1 here "
+                              "(weigh the SFT run before it)")
 
     @property
     def quantized(self) -> bool:
@@ -243,6 +251,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'epochs' must be > 0, got {self.epochs}")
         if self.lr <= 0:
             raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
+        if not 0 < self.end_token_weight < math.inf:
+            raise ConfigError(f"config key 'end_token_weight' must be a finite number > 0 (1 = every target token counts "
+                              f"the same, e.g. 3 to weigh the end-of-turn token 3x), got {self.end_token_weight!r}")
         if self.max_length < 8:
             raise ConfigError(f"config key 'max_length' is too small ({self.max_length})")
         if self.method == "full" and self.load_in_4bit:

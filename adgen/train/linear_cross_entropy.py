@@ -75,10 +75,11 @@ def _uses_cpu_buffers(device: torch.device) -> bool:
 
 
 def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, cpu_buffers: bool,
-                           want_grad: bool) -> torch.Tensor:
+                           want_grad: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The summed -log p(target) of a chunk's rows, in fp32 math; with `want_grad`, `logits` is overwritten by
-    softmax - one-hot (rounded once to the logits' dtype). On CPU in blocks of `MATH_ROWS` rows (the fp32 copy stays
-    in cache); elsewhere the chunk at once (one kernel per op)."""
+    softmax - one-hot (rounded once to the logits' dtype). With `weights` [rows] (fp32), row i's loss and its
+    softmax - one-hot are scaled by weights[i] (in the math dtype, before that rounding). On CPU in blocks of
+    `MATH_ROWS` rows (the fp32 copy stays in cache); elsewhere the chunk at once (one kernel per op)."""
     math = _math_dtype(logits.dtype)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for lo, hi in _equal_blocks(logits.shape[0], MATH_ROWS if cpu_buffers else logits.shape[0]):
@@ -92,9 +93,15 @@ def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, cpu_buff
             probs = torch.softmax(block, -1, dtype=math)
         rows = torch.arange(t.shape[0], device=t.device)
         picked = probs[rows, t]
-        total -= picked.float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+        log_p = picked.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        if weights is None:
+            total -= log_p.sum()
+        else:
+            total -= (log_p * weights[lo:hi]).sum()
         if want_grad:
             probs[rows, t] = picked - 1  # d(loss) / d(logits) = softmax - one-hot
+            if weights is not None:  # d(w x loss) / d(logits) = w x (softmax - one-hot)
+                probs.mul_(weights[lo:hi, None].to(probs.dtype))
             if probs.data_ptr() != block.data_ptr():
                 block.copy_(probs)
     return total
@@ -102,7 +109,7 @@ def _softmax_minus_one_hot(logits: torch.Tensor, targets: torch.Tensor, cpu_buff
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype, want_hidden_grad, want_weight_grad):
+    def forward(ctx, hidden, weight, targets, row_weights, compute_dtype, want_hidden_grad, want_weight_grad):
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
@@ -115,7 +122,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 logits = torch.mm(h, w.T, out=_logits_buffer(h.shape[0], w.shape[0], compute_dtype, h.device))
             else:
                 logits = h @ w.T
-            total += _softmax_minus_one_hot(logits, targets[start:stop], cpu_buffers, want_grad)
+            chunk_weights = None if row_weights is None else row_weights[start:stop]
+            total += _softmax_minus_one_hot(logits, targets[start:stop], cpu_buffers, want_grad, chunk_weights)
             if grad_hidden is not None:
                 for lo, hi in _equal_blocks(logits.shape[0], GRAD_ROWS):
                     grad_hidden[start + lo : start + hi] = (logits[lo:hi] @ w).to(hidden.dtype)
@@ -130,11 +138,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """sum over N positions of cross_entropy(hidden @ weight.T, targets): hidden [N, H], weight [V, H], targets [N].
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over N positions of cross_entropy(hidden @ weight.T, targets): hidden [N, H], weight [V, H], targets [N];
+    with `row_weights` [N] (fp32, no gradient), of row_weights[i] x the cross-entropy of position i.
 
     The matmuls run in the autocast dtype when autocast is on for hidden's device (as the head's would), else in
     hidden's dtype; the softmax, the loss and softmax - one-hot in fp32 (see MATH_DTYPE); the loss summed in fp32."""
@@ -144,5 +154,5 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     else:
         dtype = hidden.dtype
     grad_on = torch.is_grad_enabled()  # ctx.needs_input_grad stays True under no_grad: evaluation would pay for grads
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, dtype, grad_on and hidden.requires_grad,
-                                        grad_on and weight.requires_grad)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, row_weights, dtype,
+                                        grad_on and hidden.requires_grad, grad_on and weight.requires_grad)

@@ -21,12 +21,19 @@ gathered afterwards: same loss, more memory.
 The trainer normalises by the number of target tokens in the whole optimizer step (over all
 micro-batches and processes), so the loss does not depend on how the step is split into
 micro-batches, rows or processes.
+
+End-of-turn weighting (`TrainConfig.end_token_weight`): while training, the targets that are one of the chat
+format's stop ids (`ChatFormatter.stop_token_ids`: Llama-3's <|eot_id|>, ChatML's <|im_end|>) count
+`end_weight` times in the sum; the normaliser stays the count of target tokens. Weight 1 (the default), eval
+mode (the eval loss stays the references' plain token cross-entropy, comparable across weights) and no stop ids
+all take the unweighted code path, so they give today's loss and gradients bit for bit.
 """
 
 from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +43,25 @@ from adgen.data.chat import IGNORE_INDEX
 from adgen.train.linear_cross_entropy import linear_cross_entropy_sum
 
 
-def chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """sum of CE over rows of logits [N, V] with targets [N] (no -100 expected), in fp32 chunks."""
+def chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum of CE over rows of logits [N, V] with targets [N] (no -100 expected), in fp32 chunks; with `weights`
+    [N] (fp32), the sum of weights[i] x CE of row i."""
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, logits.shape[0], chunk):
         part = logits[start : start + chunk].float()
-        total = total + F.cross_entropy(part, targets[start : start + chunk], reduction="sum")
+        if weights is None:
+            total = total + F.cross_entropy(part, targets[start : start + chunk], reduction="sum")
+        else:
+            rows = F.cross_entropy(part, targets[start : start + chunk], reduction="none")
+            total = total + (rows * weights[start : start + chunk]).sum()
     return total
+
+
+def end_token_weights(targets: torch.Tensor, end_ids: Sequence[int], weight: float) -> torch.Tensor:
+    """[N] fp32 loss weights of targets [N]: `weight` where the target is one of `end_ids`, else 1."""
+    ends = torch.isin(targets, torch.tensor(list(end_ids), dtype=targets.dtype, device=targets.device))
+    return torch.ones(targets.shape, dtype=torch.float32, device=targets.device).masked_fill_(ends, weight)
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -87,13 +106,16 @@ class CausalLMLoss(nn.Module):
     """forward(input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs) -> (loss_sum, n_targets).
 
     `model_kwargs` go to the model's forward as they are: a packed row's flash-attention boundaries
-    (`collate.Batch.loss_kwargs`)."""
+    (`collate.Batch.loss_kwargs`). In train mode, targets in `end_ids` count `end_weight` times in loss_sum
+    (n_targets still counts each target once: the trainer divides by it)."""
 
     def __init__(self, model: nn.Module, *, ce_chunk: int = 2048, select_logits: bool = True,
-                 fused_head: bool = True) -> None:
+                 fused_head: bool = True, end_ids: Sequence[int] = (), end_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.ce_chunk = ce_chunk
+        self.end_ids = tuple(end_ids)
+        self.end_weight = float(end_weight)
         self.select_logits = select_logits and _accepts_logits_to_keep(model)
         self._checked = False
         self.want_fused = fused_head
@@ -105,11 +127,20 @@ class CausalLMLoss(nn.Module):
         return self._fused[0] if self._fused else None
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs):
+        # the normaliser is the number of targets whatever their weights: a weight > 1 makes the end-of-turn
+        # token matter more, it does not shrink every other token's share of the step
         if self.fused_head is not None:
             hidden, tgt = self.target_hidden(input_ids, targets, position_ids, attention_mask, **model_kwargs)
-            return linear_cross_entropy_sum(hidden, self.fused_head.weight, tgt), tgt.numel()
+            return linear_cross_entropy_sum(hidden, self.fused_head.weight, tgt, self.target_weights(tgt)), tgt.numel()
         logits, tgt = self.target_logits(input_ids, targets, position_ids, attention_mask, **model_kwargs)
-        return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk), tgt.numel()
+        return chunked_cross_entropy_sum(logits, tgt, self.ce_chunk, self.target_weights(tgt)), tgt.numel()
+
+    def target_weights(self, tgt: torch.Tensor) -> torch.Tensor | None:
+        """Per-target weights (`end_token_weights`) while training with a weight other than 1; else None: the
+        unweighted path, exactly the loss without weighting (and the eval loss stays plain cross-entropy)."""
+        if not self.training or self.end_weight == 1.0 or not self.end_ids:
+            return None
+        return end_token_weights(tgt, self.end_ids, self.end_weight)
 
     def target_hidden(self, input_ids, targets, position_ids=None, attention_mask=None, **model_kwargs):
         """(last hidden states [N, H], targets [N]) at the N target positions; needs the fused head."""

@@ -102,18 +102,31 @@ class Objective(ABC):
 
 
 class SFTObjective(Objective):
-    """Token cross-entropy of the reference copy."""
+    """Token cross-entropy of the reference copy; the end-of-turn / stop-token targets count `end_token_weight`
+    times (the chat format's stop ids, taken from the formatter the training data is encoded with)."""
+
+    def __init__(self, end_token_weight: float = 1.0) -> None:
+        self.end_token_weight = end_token_weight
+        self.end_ids: tuple[int, ...] = ()  # set by read_train_data (the formatter's stop ids)
 
     def read_train_data(self, cfg: TrainConfig, formatter: ChatFormatter) -> TrainSet:
         records = read_split(cfg.train_data, cfg, cfg.max_samples, "training")
         examples, stats = encode_records(formatter, records)
-        return TrainSet(records, examples, stats, f"train data: {cfg.train_data}")
+        self.end_ids = tuple(formatter.stop_token_ids)
+        described = f"train data: {cfg.train_data}"
+        if self.end_token_weight != 1.0:
+            names = ", ".join(formatter.tokenizer.convert_ids_to_tokens(list(self.end_ids)))
+            described += f" (end-of-turn targets {names} weigh {self.end_token_weight:g}x in the loss)"
+        return TrainSet(records, examples, stats, described)
 
     def example_length(self, example: Example) -> int:
         return len(example.input_ids)
 
     def build_loss(self, model: nn.Module, *, select_logits: bool, fused_head: bool) -> CausalLMLoss:
-        return CausalLMLoss(model, select_logits=select_logits, fused_head=fused_head)
+        if self.end_token_weight != 1.0 and not self.end_ids:
+            raise RuntimeError("SFTObjective.build_loss before read_train_data: the stop ids to weight are unknown")
+        return CausalLMLoss(model, select_logits=select_logits, fused_head=fused_head, end_ids=self.end_ids,
+                            end_weight=self.end_token_weight)
 
     def lm_loss(self, loss_module: CausalLMLoss) -> CausalLMLoss:
         return loss_module
@@ -191,4 +204,5 @@ class DPOObjective(Objective):
 
 
 def make_objective(cfg: TrainConfig) -> Objective:
-    return DPOObjective(cfg) if cfg.objective == "dpo" else SFTObjective()
+    # (DPO refuses end_token_weight != 1 in TrainConfig.validate: its loss compares whole-response log-probabilities)
+    return DPOObjective(cfg) if cfg.objective == "dpo" else SFTObjective(cfg.end_token_weight)
