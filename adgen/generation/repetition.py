@@ -217,8 +217,13 @@ class TokenTable:
         # (a proper prefix of a character) by their bytes
         self.by_first_char: dict[str, list[int]] = {}
         self.by_lead_bytes: dict[bytes, list[int]] = {}
+        # starting inside a character (a continuation byte first, a few hundred tokens): by that first byte
+        self.by_inside_byte: dict[int, list[int]] = {}
         for i, data in enumerate(self.bytes):
-            if not data or (data[0] & 0xC0) == 0x80:  # empty, or starts inside a character
+            if not data:
+                continue
+            if (data[0] & 0xC0) == 0x80:
+                self.by_inside_byte.setdefault(data[0], []).append(i)
                 continue
             first = _first_char(data)
             if first is not None:
@@ -294,13 +299,8 @@ class TokenTable:
 
     def continuing(self, rest: bytes) -> list[int]:
         """Tokens that, inside a character, write on with the bytes `rest` (a prefix of them, or all and more)."""
-        index = self.__dict__.get("_inside")
-        if index is None:  # tokens that start inside a character, by their first byte (a few hundred)
-            index = self.__dict__["_inside"] = {}
-            for i, data in enumerate(self.bytes):
-                if data and (data[0] & 0xC0) == 0x80:
-                    index.setdefault(data[0], []).append(i)
-        return [i for i in index.get(rest[0], ()) if rest.startswith(data := self.bytes[i]) or data.startswith(rest)]
+        return [i for i in self.by_inside_byte.get(rest[0], ())
+                if rest.startswith(data := self.bytes[i]) or data.startswith(rest)]
 
     def heading_for(self, char: str) -> list[int]:
         """Tokens that, at a character boundary, write `char` first or start writing it."""
